@@ -1,0 +1,551 @@
+"""Data for VL-LTR: long-tailed image datasets, class-level text corpora, square-root sampling.
+
+Paper Sec. 4.1 (datasets, text descriptions) and Sec. 4.2 (shot splits); SPEC.md §4.
+
+    python data.py --data shapes_lt            # summary + contact sheet, no download
+    python data.py --data imagenet_lt --data-root data/imagenet
+
+This is the one file that knows about datasets. Every dataset becomes an `LTData`: the class
+names, three `Split`s (train / val / test) and a `Corpus` (per class, a list of sentences).
+The stages (cvlp.py, anss.py, lgr.py, evaluate.py) only use `load_data`, `ImageDataset`,
+`make_sampler`, `make_transform`, `tokenize_corpus` and `shot_split` from here.
+
+shapes_lt is a small procedurally generated long-tailed world (SPEC §4): 100 classes, each a
+colour x shape composition, ImageNet-LT-like train counts 500 -> 5, and a per-class corpus
+of informative and noise sentences with a ground-truth `informative` flag.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+# Per-dataset defaults: where the data lives and what the stages use when not told otherwise.
+DATASETS = {
+    "shapes_lt": dict(root="data/shapes_lt", backbone="shapes-tiny", image_size=32, crop_scale=(0.5, 1.0)),
+    "imagenet_lt": dict(root="data/imagenet", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
+    "places_lt": dict(root="data/places", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
+    "inat2018": dict(root="data/inat", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
+}
+
+# Shot splits by training images per class (SPEC §4). The paper writes many >= 100 and few <= 20,
+# which overlap with medium (20~100); we use the common LTR convention: many > 100, few < 20.
+MANY_ABOVE, FEW_BELOW = 100, 20
+
+
+class DataError(Exception):
+    """Bad input. The message is one line: what is wrong and how to fix it."""
+
+
+def fail(message):
+    """Print a one-line error (no traceback) and exit with status 2. Used by every stage's main()."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Write `path` via a temporary file in the same directory and os.replace: a crash leaves the old file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# The common representation
+
+
+@dataclass
+class Split:
+    images: object          # list of file paths (real datasets) or uint8 array (N, H, W, 3) (shapes_lt)
+    labels: np.ndarray      # (N,) int64 class indices
+    lines: list = None      # "file:line" of each image in its split file, for error messages
+
+
+@dataclass
+class Corpus:
+    sentences: list         # [C][k] str: the class's text corpus, templates first
+    source: list            # [C][k] "template" | "description"
+    informative: list = None  # [C][k] bool ground truth (shapes_lt only; templates count as informative)
+
+
+@dataclass
+class LTData:
+    name: str
+    classnames: list        # [C] str
+    train: Split
+    val: Split
+    test: Split
+    corpus: Corpus
+
+    @property
+    def num_classes(self):
+        return len(self.classnames)
+
+    @property
+    def counts(self):
+        """(C,) training images per class."""
+        return np.bincount(self.train.labels, minlength=self.num_classes)
+
+
+def shot_split(counts):
+    """(C,) training counts -> (C,) array of "many" | "medium" | "few" (paper Sec. 4.2)."""
+    counts = np.asarray(counts)
+    return np.where(counts > MANY_ABOVE, "many", np.where(counts < FEW_BELOW, "few", "medium"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt templates (the 80 CLIP ImageNet templates, shipped by open_clip)
+
+
+def prompt_sentences(classname):
+    """The 80 CLIP prompt sentences for one class, e.g. 'a photo of a goldfish.' (paper Sec. 4.1)."""
+    from open_clip import OPENAI_IMAGENET_TEMPLATES
+    return [t(classname) for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+def build_corpus(classnames, descriptions, informative=None, prompts=True):
+    """Corpus with the 80 prompt sentences prepended to each class's description sentences.
+
+    descriptions: [C][k] str; informative: optional [C][k] bool; prompts=False gives descriptions only.
+    """
+    sentences, source, flags = [], [], []
+    for c, name in enumerate(classnames):
+        p = prompt_sentences(name) if prompts else []
+        sentences.append(p + list(descriptions[c]))
+        source.append(["template"] * len(p) + ["description"] * len(descriptions[c]))
+        if informative is not None:
+            flags.append([True] * len(p) + list(informative[c]))
+    return Corpus(sentences, source, flags if informative is not None else None)
+
+
+def prompt_only(corpus):
+    """The paper's "prompt only" text source (Table 10): keep the template sentences alone."""
+    keep = [[i for i, s in enumerate(src) if s == "template"] for src in corpus.source]
+    pick = lambda lists: [[lst[i] for i in k] for lst, k in zip(lists, keep)]
+    return Corpus(pick(corpus.sentences), pick(corpus.source),
+                  pick(corpus.informative) if corpus.informative is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes_lt: the embedded long-tailed world (SPEC §4)
+
+SHAPES_VERSION = 1   # bump when the generator changes: cached worlds are keyed by version + seed
+SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "crescent", "bar", "heart"]
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (45, 85, 225), "yellow": (235, 215, 40),
+    "purple": (140, 60, 190), "orange": (245, 140, 30), "cyan": (40, 205, 215), "pink": (245, 135, 195),
+    "white": (245, 245, 245), "brown": (125, 75, 35),
+}
+SHAPE_WORDS = {   # varied wording for description sentences
+    "circle": ["circle", "round disc", "perfect circle"], "square": ["square", "block with four equal sides"],
+    "triangle": ["triangle", "three-cornered shape"], "diamond": ["diamond", "rhombus"],
+    "star": ["star", "five-pointed star"], "cross": ["cross", "plus sign"], "ring": ["ring", "hollow circle"],
+    "crescent": ["crescent", "sickle moon"], "bar": ["bar", "long thin strip"], "heart": ["heart", "heart shape"],
+}
+COLOUR_WORDS = {
+    "red": ["red", "scarlet"], "green": ["green", "grass-green"], "blue": ["blue", "deep blue"],
+    "yellow": ["yellow", "lemon-yellow"], "purple": ["purple", "violet"], "orange": ["orange", "tangerine"],
+    "cyan": ["cyan", "turquoise"], "pink": ["pink", "rose-pink"], "white": ["white", "snow-white"],
+    "brown": ["brown", "chocolate-brown"],
+}
+INFORMATIVE = [   # {c}: colour word, {s}: shape word
+    "It is {c} and shaped like a {s}.", "Seen from afar it looks like a {c} {s}.",
+    "Its outline is a {s}.", "The body is coloured {c}.", "Most specimens are {c}.",
+    "Its form is that of a {s}.", "Observers describe a {s} of {c} hue.", "It has the shape of a {s}.",
+    "The typical example is a {c} {s}.", "Its surface is a bright {c}.", "People recognise it by its {s} form.",
+    "In colour it is {c}, in shape a {s}.",
+]
+NOISE = [         # trivia, or attributes of another class ({c}, {s} of some other class)
+    "It was first catalogued in {year}.", "The name was coined in a letter in {year}.",
+    "Collectors in {place} value it highly.", "Several museums hold examples of it.",
+    "It appears in a number of folk tales.", "Its popularity peaked in the {year}s.",
+    "It is often confused with the {c} {s}.", "Unlike it, the {c} {s} is common.",
+    "A festival in {place} is named after it.", "Early accounts compare it to a {c} {s}.",
+]
+PLACES = ["Lisbon", "Kyoto", "Oslo", "Lima", "Cairo", "Perth", "Quebec", "Tartu", "Accra", "Hanoi"]
+
+
+def shapes_classes(seed):
+    """Class c -> (shape index, colour index), head to tail, and the (C,) train counts.
+
+    Counts follow an exponential profile 500 -> 5 (imbalance 100), like ImageNet-LT's Pareto profile.
+    The 10 head classes form a Latin diagonal (shape i, colour i), so every single attribute appears
+    in a head class: tail classes are new combinations of well-known words (SPEC §4).
+    """
+    rng = np.random.default_rng([seed, 0])
+    S, K = len(SHAPES), len(COLOURS)
+    head = [(i, i) for i in range(S)]
+    rest = [(s, k) for s in range(S) for k in range(K) if s != k]
+    rest = [rest[i] for i in rng.permutation(len(rest))]
+    combos = head + rest                                         # C = 100, index = frequency rank
+    C = len(combos)
+    counts = np.round(500 * (5 / 500) ** (np.arange(C) / (C - 1))).astype(np.int64)  # (C,) 500 .. 5
+    return combos, counts
+
+
+def _shape_mask(shape, x, y):
+    """Boolean mask of a unit-size shape on coordinates x, y (in units of the shape radius)."""
+    r, th = np.hypot(x, y), np.arctan2(y, x)
+    if shape == "circle":
+        return r < 0.9
+    if shape == "square":
+        return np.maximum(abs(x), abs(y)) < 0.72
+    if shape == "triangle":   # regular triangle, apex up: r cos(angle to nearest edge normal) < apothem
+        a = np.mod(th + np.pi / 2, 2 * np.pi / 3) - np.pi / 3
+        return r * np.cos(a) < 0.5
+    if shape == "diamond":
+        return abs(x) / 0.65 + abs(y) < 1.0
+    if shape == "star":
+        return r < 0.38 + 0.62 * ((np.cos(5 * (th + np.pi / 2)) + 1) / 2) ** 3
+    if shape == "cross":
+        return ((abs(x) < 0.28) & (abs(y) < 0.95)) | ((abs(y) < 0.28) & (abs(x) < 0.95))
+    if shape == "ring":
+        return (r > 0.55) & (r < 0.95)
+    if shape == "crescent":
+        return (r < 0.95) & (np.hypot(x - 0.45, y) > 0.75)
+    if shape == "bar":
+        return (abs(x) < 1.0) & (abs(y) < 0.26)
+    if shape == "heart":      # classic implicit heart curve, point down (image y grows downwards)
+        X, Y = x * 1.15, -y * 1.15 + 0.15
+        return (X ** 2 + Y ** 2 - 1) ** 3 - X ** 2 * Y ** 3 < 0
+    raise ValueError(shape)
+
+
+def render_shapes(shape_idx, colour_idx, rng, size=32):
+    """(N,) shape and colour indices -> (N, size, size, 3) uint8 images with nuisance variation.
+
+    Nuisance: position, size, rotation (+-15 deg, so a square never becomes a diamond), background
+    colour and gradient, object brightness, pixel noise. Rendered at 2x and averaged (anti-aliasing).
+    """
+    N, ss = len(shape_idx), 2 * size
+    g = (np.arange(ss) + 0.5) / ss * 2 - 1                       # (ss,) in [-1, 1]
+    gy, gx = np.meshgrid(g, g, indexing="ij")                    # (ss, ss)
+    cx, cy = rng.uniform(-0.25, 0.25, (2, N, 1, 1))
+    radius = rng.uniform(0.4, 0.7, (N, 1, 1))
+    rot = np.deg2rad(rng.uniform(-15, 15, (N, 1, 1)))
+    x, y = (gx - cx) / radius, (gy - cy) / radius
+    x, y = x * np.cos(rot) + y * np.sin(rot), -x * np.sin(rot) + y * np.cos(rot)
+    mask = np.zeros((N, ss, ss), bool)
+    for s, name in enumerate(SHAPES):
+        sel = shape_idx == s
+        if sel.any():
+            mask[sel] = _shape_mask(name, x[sel], y[sel])
+    mask = mask.reshape(N, size, 2, size, 2).mean((2, 4))[..., None]   # (N, size, size, 1) coverage
+    palette = np.array(list(COLOURS.values()), np.float32)
+    fg = palette[colour_idx][:, None, None, :] * rng.uniform(0.8, 1.05, (N, 1, 1, 1))
+    bg_base = rng.uniform(40, 150, (N, 1, 1, 1)) + rng.uniform(-25, 25, (N, 1, 1, 3))
+    ramp = np.linspace(-1, 1, size)[None, :, None, None] * rng.uniform(-30, 30, (N, 1, 1, 1))
+    bg = bg_base + np.swapaxes(ramp, 1, 2) if rng.random() < 0.5 else bg_base + ramp
+    img = mask * fg + (1 - mask) * bg + rng.normal(0, 10, (N, size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def shapes_corpus(combos, seed):
+    """Per class a long-tailed number (5..200) of description sentences, about half informative."""
+    rng = np.random.default_rng([seed, 1])
+    colours = list(COLOURS)
+    sentences, flags = [], []
+    for s, k in combos:
+        n = int(round(5 * 40 ** rng.random()))                  # log-uniform 5 .. 200
+        sents, info = [], []
+        for _ in range(n):
+            if rng.random() < 0.5:
+                t = INFORMATIVE[rng.integers(len(INFORMATIVE))]
+                sw, cw = SHAPE_WORDS[SHAPES[s]], COLOUR_WORDS[colours[k]]
+                sents.append(t.format(c=cw[rng.integers(len(cw))], s=sw[rng.integers(len(sw))]))
+                info.append(True)
+            else:
+                t = NOISE[rng.integers(len(NOISE))]
+                s2, k2 = rng.integers(len(SHAPES)), rng.integers(len(COLOURS))
+                while s2 == s or k2 == k:                        # another class's attributes: misleading
+                    s2, k2 = rng.integers(len(SHAPES)), rng.integers(len(COLOURS))
+                sents.append(t.format(c=colours[k2], s=SHAPES[s2], year=int(rng.integers(1650, 1990)),
+                                      place=PLACES[rng.integers(len(PLACES))]))
+                info.append(False)
+        sentences.append(sents)
+        flags.append(info)
+    return sentences, flags
+
+
+def shapes_caption_pairs(n, seed, size=32):
+    """Image-caption pairs of the shapes world, uniform over all 100 compositions, for training the
+    small CLIP stand-in (SPEC §4), like the web pairs CLIP saw. Returns (N, H, W, 3) uint8, [N] str."""
+    rng = np.random.default_rng([seed, 2])
+    colours = list(COLOURS)
+    s_idx, k_idx = rng.integers(len(SHAPES), size=n), rng.integers(len(COLOURS), size=n)
+    images = render_shapes(s_idx, k_idx, rng, size)
+    forms = ["a {c} {s}.", "a photo of a {c} {s}.", "a {s} coloured {c}.", "{c} {s} on a plain background."]
+    captions = [forms[rng.integers(len(forms))].format(c=colours[k], s=SHAPES[s]) for s, k in zip(s_idx, k_idx)]
+    return images, captions
+
+
+def make_shapes_lt(seed=0, n_val=10, n_test=20, size=32):
+    """Generate the whole shapes_lt world in memory (a few seconds on a 2-core CPU)."""
+    combos, counts = shapes_classes(seed)
+    colours = list(COLOURS)
+    classnames = [f"{colours[k]} {SHAPES[s]}" for s, k in combos]
+    shape_of, colour_of = np.array([s for s, _ in combos]), np.array([k for _, k in combos])
+
+    def split(per_class, stream):
+        rng = np.random.default_rng([seed, stream])
+        labels = np.repeat(np.arange(len(combos)), per_class)
+        return Split(render_shapes(shape_of[labels], colour_of[labels], rng, size), labels.astype(np.int64))
+
+    descriptions, flags = shapes_corpus(combos, seed)
+    return LTData("shapes_lt", classnames, split(counts, 10), split(n_val, 11), split(n_test, 12),
+                  build_corpus(classnames, descriptions, flags))
+
+
+def load_shapes_lt(root, seed):
+    """shapes_lt, cached on disk under root, keyed by generator version and seed (never stale)."""
+    path = os.path.join(root, f"shapes_lt_v{SHAPES_VERSION}_seed{seed}.pt")
+    if os.path.exists(path):
+        try:
+            d = torch.load(path, weights_only=True)
+            sp = lambda k: Split(d[k + "_images"].numpy(), d[k + "_labels"].numpy())
+            corpus = Corpus(d["sentences"], d["source"], d["informative"])
+            return LTData("shapes_lt", d["classnames"], sp("train"), sp("val"), sp("test"), corpus)
+        except Exception:
+            print(f"warning: cache {path} unreadable, regenerating", file=sys.stderr)
+    data = make_shapes_lt(seed)
+    blob = {"classnames": data.classnames, "sentences": data.corpus.sentences, "source": data.corpus.source,
+            "informative": data.corpus.informative}
+    for k in ("train", "val", "test"):
+        blob[k + "_images"] = torch.from_numpy(getattr(data, k).images)
+        blob[k + "_labels"] = torch.from_numpy(getattr(data, k).labels)
+    try:
+        atomic_write(path, lambda f: torch.save(blob, f))
+    except OSError as e:   # read-only checkout: fine, the world is regenerated in memory next time
+        print(f"warning: could not cache shapes_lt at {path} ({e.strerror})", file=sys.stderr)
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Real datasets: ImageNet-LT, Places-LT, iNaturalist 2018 in their official on-disk layout (SPEC §4)
+
+# REAL-DATASETS-BEGIN (filled in below)
+
+
+def load_imagenet_lt(root, wiki=True):
+    raise NotImplementedError
+
+
+def load_places_lt(root, wiki=True):
+    raise NotImplementedError
+
+
+def load_inat2018(root, wiki=True):
+    raise NotImplementedError
+
+# REAL-DATASETS-END
+
+
+def load_data(name, root=None, seed=0, text="wiki+prompt"):
+    """The one entry point: dataset name -> LTData. text: "wiki+prompt" (default) or "prompt" only."""
+    if name not in DATASETS:
+        raise DataError(f"unknown --data {name!r}; choose one of: {', '.join(DATASETS)}")
+    root = root or DATASETS[name]["root"]
+    if name == "shapes_lt":
+        data = load_shapes_lt(root, seed)
+    else:
+        data = {"imagenet_lt": load_imagenet_lt, "places_lt": load_places_lt,
+                "inat2018": load_inat2018}[name](root)
+    if text == "prompt":
+        data.corpus = prompt_only(data.corpus)
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Images, transforms and samplers
+
+
+def load_rgb(path, where=None):
+    """Open any image PIL can read (CMYK, grayscale, palette, PNG saved as .JPEG) as RGB."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}" + (f" (listed at {where})" if where else "")
+                        + "; check --data-root or the split file")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path}" + (f" (listed at {where})" if where else "")
+                        + f": {e}; re-download it or remove its line from the split file")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(image tensor, label) pairs of one Split, with a transform from make_transform()."""
+
+    def __init__(self, split, transform):
+        self.split, self.transform = split, transform
+
+    def __len__(self):
+        return len(self.split.labels)
+
+    def __getitem__(self, i):
+        images = self.split.images
+        if isinstance(images, np.ndarray):                       # shapes_lt: (N, H, W, 3) uint8
+            img = torch.from_numpy(images[i]).permute(2, 0, 1)   # (3, H, W)
+        else:
+            img = load_rgb(images[i], self.split.lines[i] if self.split.lines else None)
+        return self.transform(img), int(self.split.labels[i])
+
+
+def make_transform(image_size, mean, std, train, crop_scale=(0.08, 1.0)):
+    """Train: RandomResizedCrop + horizontal flip; eval: resize + centre crop (CLIP's). Both normalise
+    with the CLIP model's mean and std. Accepts PIL images and uint8 (3, H, W) tensors."""
+    from torchvision.transforms import v2
+    bicubic = v2.InterpolationMode.BICUBIC
+    if train:
+        geometry = [v2.RandomResizedCrop(image_size, scale=crop_scale, interpolation=bicubic, antialias=True),
+                    v2.RandomHorizontalFlip()]
+    else:
+        geometry = [v2.Resize(image_size, interpolation=bicubic, antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def make_sampler(labels, kind="sqrt", generator=None):
+    """Square-root sampling (paper Sec. 4.3, SPEC §4): class c is drawn with probability proportional to
+    sqrt(n_c), uniformly inside the class. Per-image weight n_c^-1/2, so class mass n_c * n_c^-1/2 = sqrt(n_c).
+    Epoch length = dataset size. kind="instance": every image equally likely (plain shuffling)."""
+    labels = np.asarray(labels)
+    if kind == "instance":
+        return torch.utils.data.RandomSampler(range(len(labels)), generator=generator)
+    if kind != "sqrt":
+        raise DataError(f"unknown --sampling {kind!r}; choose sqrt or instance")
+    counts = np.bincount(labels)
+    weights = torch.as_tensor(counts[labels], dtype=torch.float64) ** -0.5
+    return torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text: tokenised once, cached
+
+
+def tokenize_corpus(corpus, context_length=77, cache_dir=None):
+    """All sentences, flattened class by class, tokenised once with the open_clip BPE tokenizer.
+
+    Returns {"tokens": (S, L) int32, "label": (S,) int64 class of each sentence,
+             "offsets": (C + 1,) int64, class c owns sentences offsets[c]:offsets[c+1],
+             "truncated": number of sentences longer than the context (cut, EOT kept last)}.
+    Cached under cache_dir, keyed by a hash of the sentences and the context length.
+    """
+    flat = [s for sents in corpus.sentences for s in sents]
+    key = hashlib.sha1(("\n".join(flat) + f"|{context_length}").encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"tokens_{key}.pt") if cache_dir else None
+    if path and os.path.exists(path):
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:
+            pass
+    import open_clip
+    tokenizer = open_clip.get_tokenizer("RN50")
+    sizes = [len(s) for s in corpus.sentences]
+    tokens = [tokenizer(flat[i:i + 4096], context_length=context_length) for i in range(0, len(flat), 4096)]
+    tokens = torch.cat(tokens) if tokens else torch.zeros(0, context_length, dtype=torch.long)
+    eot = tokens.argmax(dim=1)                                   # EOT has the largest id (49407)
+    truncated = int((eot == context_length - 1).sum())         # an EOT in the last slot was (maybe) cut
+    out = {"tokens": tokens.to(torch.int32),
+           "label": torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)),
+           "offsets": torch.tensor([0] + list(np.cumsum(sizes)), dtype=torch.long),
+           "truncated": truncated}
+    if path:
+        try:
+            atomic_write(path, lambda f: torch.save(out, f))
+        except OSError:
+            pass
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary and contact sheet
+
+
+def corpus_stats(corpus, context_length=77):
+    """The paper's Table 7: M_min, M_max, M_mean, M_med sentences per class, L_avg tokens per sentence."""
+    m = np.array([len(s) for s in corpus.sentences])
+    tok = tokenize_corpus(corpus, context_length)["tokens"]
+    lengths = (tok.argmax(dim=1) + 1).float()                    # tokens incl. [SOS] and [EOS]
+    return dict(M_min=int(m.min()), M_max=int(m.max()), M_mean=float(m.mean()), M_med=float(np.median(m)),
+                L_avg=float(lengths.mean()) if len(lengths) else 0.0)
+
+
+def contact_sheet(data, path, per_row=20, cell=48):
+    """One training image per class, head (top left) to tail (bottom right), with its count."""
+    from PIL import ImageDraw
+    counts = data.counts
+    order = np.argsort(-counts, kind="stable")
+    rows = math.ceil(len(order) / per_row)
+    sheet = Image.new("RGB", (per_row * cell, rows * (cell + 12)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    first = {int(c): i for i, c in reversed(list(enumerate(data.train.labels)))}
+    for j, c in enumerate(order):
+        x, y = (j % per_row) * cell, (j // per_row) * (cell + 12)
+        if c in first:
+            images = data.train.images
+            im = Image.fromarray(images[first[c]]) if isinstance(images, np.ndarray) else load_rgb(images[first[c]])
+            sheet.paste(im.resize((cell - 4, cell - 4), Image.NEAREST), (x + 2, y + 2))
+        draw.text((x + 2, y + cell - 2), f"{counts[c]}", fill=(0, 0, 0))
+    atomic_write(path, lambda f: sheet.save(f, format="PNG"))
+    return path
+
+
+def summary(data):
+    """Lines a user wants to see before training: sizes, imbalance, shot splits, corpus statistics."""
+    counts = data.counts
+    shots = shot_split(counts)
+    lines = [f"dataset      {data.name}: {data.num_classes} classes",
+             f"images       train {len(data.train.labels)}, val {len(data.val.labels)}, test {len(data.test.labels)}",
+             f"train/class  max {counts.max()}, min {counts.min()}, imbalance factor {counts.max() / max(counts.min(), 1):.0f}"]
+    for s in ("many", "medium", "few"):
+        sel = shots == s
+        lines.append(f"  {s:<6}     {sel.sum():4d} classes, {counts[sel].sum():7d} train images")
+    st = corpus_stats(data.corpus)
+    src = [x for srcs in data.corpus.source for x in srcs]
+    lines.append(f"corpus       {sum(map(len, data.corpus.sentences))} sentences "
+                 f"({src.count('template')} template, {src.count('description')} description)")
+    lines.append("  (Table 7)  M_min {M_min}  M_max {M_max}  M_mean {M_mean:.0f}  M_med {M_med:.0f}  L_avg {L_avg:.0f}".format(**st))
+    if data.corpus.informative is not None:
+        flags = [f for fl, srcs in zip(data.corpus.informative, data.corpus.source)
+                 for f, s in zip(fl, srcs) if s == "description"]
+        lines.append(f"  informative descriptions: {np.mean(flags):.1%} (ground truth)")
+    return "\n".join(lines)
+
+
+def get_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="shapes_lt", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: DATASETS[data]['root'])")
+    p.add_argument("--seed", type=int, default=0, help="shapes_lt world seed")
+    p.add_argument("--sheet", default=None, help="contact sheet PNG (default: runs/<data>/contact_sheet.png)")
+    return p.parse_args()
+
+
+def main():
+    args = get_args()
+    try:
+        data = load_data(args.data, args.data_root, args.seed)
+        print(summary(data))
+        path = contact_sheet(data, args.sheet or os.path.join("runs", args.data, "contact_sheet.png"))
+        print(f"contact sheet {path}")
+    except DataError as e:
+        fail(e)
+
+
+if __name__ == "__main__":
+    main()
