@@ -1,0 +1,352 @@
+"""Tests for data.py: sampling, shot splits, the shapes_lt world, the real-dataset readers and their errors.
+
+    python -m pytest -q test_data.py        # CPU, no download; the shapes_lt world is generated once
+
+Expected values are written out by hand; real datasets are tiny trees written under tmp_path.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import COLOURS, SHAPES, DataError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb" if isinstance(text, bytes) else "w") as f:
+        f.write(text)
+
+
+def draw_frequencies(sampler, epochs):
+    """Class frequencies of `epochs` passes of a sampler over labels [0]*400 + [1]*100 + [2]*25."""
+    labels = np.repeat([0, 1, 2], [400, 100, 25])
+    drawn = np.concatenate([labels[list(sampler)] for _ in range(epochs)])
+    return np.bincount(drawn, minlength=3) / len(drawn)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and shot splits
+
+
+def test_sqrt_sampler_draws_classes_in_proportion_to_sqrt_count():
+    labels = np.repeat([0, 1, 2], [400, 100, 25])            # sqrt: 20, 10, 5 -> sum 35
+    sampler = data.make_sampler(labels, "sqrt", torch.Generator().manual_seed(0))
+    assert len(sampler) == 525                                # epoch length = dataset size
+    freq = draw_frequencies(sampler, epochs=200)              # 105,000 draws
+    # Binomial std of a frequency near 0.57 over 105,000 draws is sqrt(.57 * .43 / 105000) = 0.0015;
+    # 0.01 is over 6 std, so a correct sampler never fails, and instance sampling (0.76) always does.
+    np.testing.assert_allclose(freq, [20 / 35, 10 / 35, 5 / 35], atol=0.01)
+
+
+def test_instance_sampler_draws_classes_in_proportion_to_count():
+    labels = np.repeat([0, 1, 2], [400, 100, 25])
+    sampler = data.make_sampler(labels, "instance", torch.Generator().manual_seed(0))
+    # Plain shuffling: each epoch is a permutation, so the frequencies are exact.
+    np.testing.assert_allclose(draw_frequencies(sampler, epochs=3), [400 / 525, 100 / 525, 25 / 525])
+
+
+def test_shot_split_boundaries_many_above_100_few_below_20():
+    counts = [500, 101, 100, 50, 20, 19, 5]
+    assert list(data.shot_split(counts)) == ["many", "many", "medium", "medium", "medium", "few", "few"]
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes_lt
+
+
+@pytest.fixture(scope="module")
+def world():
+    return data.make_shapes_lt(0)     # the full world, generated once for this module
+
+
+def small_world(monkeypatch, seed):
+    """make_shapes_lt with 2 train images per class and 1 val / test image: the same seeding code,
+    a fraction of the rendering (the full world takes ~10 s on a 2-core CPU)."""
+    real = data.shapes_classes
+    monkeypatch.setattr(data, "shapes_classes", lambda s: (real(s)[0], np.full(100, 2)))
+    return data.make_shapes_lt(seed, n_val=1, n_test=1)
+
+
+def test_shapes_lt_is_deterministic_per_seed(monkeypatch):
+    a, b, c = small_world(monkeypatch, 0), small_world(monkeypatch, 0), small_world(monkeypatch, 1)
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(getattr(a, split).images, getattr(b, split).images)
+        np.testing.assert_array_equal(getattr(a, split).labels, getattr(b, split).labels)
+    assert a.classnames == b.classnames
+    assert a.corpus.sentences == b.corpus.sentences and a.corpus.informative == b.corpus.informative
+    assert a.classnames != c.classnames                       # another seed, another world
+    assert not np.array_equal(a.train.images, c.train.images)
+    assert a.corpus.sentences != c.corpus.sentences
+
+
+def test_shapes_lt_counts_follow_imagenet_lt_profile(world):
+    counts = world.counts
+    assert len(counts) == 100 and world.num_classes == 100
+    assert counts[0] == 500 and counts[-1] == 5 and counts.max() == 500 and counts.min() == 5
+    assert counts.max() / counts.min() == 100                 # imbalance factor
+    assert np.all(np.diff(counts) <= 0)                       # head to tail, non-increasing
+
+
+def test_every_shape_and_colour_appears_in_a_many_shot_class(world):
+    combos, counts = data.shapes_classes(0)
+    many = data.shot_split(counts) == "many"
+    colours = list(COLOURS)
+    assert {SHAPES[s] for (s, k), m in zip(combos, many) if m} == set(SHAPES)
+    assert {colours[k] for (s, k), m in zip(combos, many) if m} == set(colours)
+    assert world.classnames[0] == f"{colours[combos[0][1]]} {SHAPES[combos[0][0]]}"
+    assert world.classnames[0] == "red circle"               # head class 0 = (shape 0, colour 0)
+
+
+def test_shapes_lt_corpus_has_templates_first_and_flags(world):
+    corpus = world.corpus
+    for c, name in enumerate(world.classnames):
+        sents, src, flags = corpus.sentences[c], corpus.source[c], corpus.informative[c]
+        assert sents[0] == f"a bad photo of a {name}."       # first of the 80 CLIP templates
+        assert src[:80] == ["template"] * 80 and set(src[80:]) == {"description"}
+        assert len(flags) == len(sents) and all(flags[:80])  # templates count as informative
+        assert 5 <= len(sents) - 80 <= 200                    # descriptions: 5 .. 200 per class
+
+
+def test_shapes_lt_val_and_test_are_balanced(world):
+    assert list(np.bincount(world.val.labels)) == [10] * 100
+    assert list(np.bincount(world.test.labels)) == [20] * 100
+    assert world.test.images.shape == (2000, 32, 32, 3) and world.test.images.dtype == np.uint8
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageNet-LT: a tiny tree in the official layout
+
+DESC_0 = """Tench
+The tench is a freshwater fish. It lives in still waters, e.g. ponds and lakes in the U.S. Midwest and Europe.
+Yes.
+
+== History ==
+It was described by Linnaeus in 1758. Anglers prize it!
+=== Etymology ===
+The name comes from Latin tinca.
+== References ==
+Smith wrote the main reference work.
+=== Online sources ===
+A web page lists many tench facts.
+== External links ==
+The tench page on FishBase is useful.
+== Habitat ==
+It prefers warm muddy lakes.
+"""
+
+
+def make_imagenet_tree(root):
+    """3 classes x 2 train images (one CMYK JPEG, one grayscale JPEG, one PNG named .JPEG), 1 val image
+    per class (the test split lists the val images), labels.txt and wiki for classes 0 and 1."""
+    colour = (200, 30, 30)
+    images = {
+        "train/n01440764/a.JPEG": Image.new("RGB", (16, 16), colour),
+        "train/n01440764/b.JPEG": Image.new("CMYK", (16, 16), (0, 128, 255, 0)),
+        "train/n01443537/a.JPEG": Image.new("L", (16, 16), 90),
+        "train/n01443537/b.JPEG": Image.new("RGB", (16, 16), colour),   # saved as PNG below
+        "train/n01484850/a.JPEG": Image.new("RGB", (20, 12), colour),
+        "train/n01484850/b.JPEG": Image.new("RGB", (16, 16), colour),
+        "val/v0.JPEG": Image.new("RGB", (16, 16), colour),
+        "val/v1.JPEG": Image.new("RGB", (16, 16), colour),
+        "val/v2.JPEG": Image.new("RGB", (16, 16), colour),
+    }
+    for rel, im in images.items():
+        os.makedirs(os.path.dirname(root / rel), exist_ok=True)
+        im.save(root / rel, format="PNG" if rel == "train/n01443537/b.JPEG" else "JPEG")
+    write(root / "ImageNet_LT_train.txt", "".join(f"{rel} {i // 2}\n" for i, rel in enumerate(list(images)[:6])))
+    val = "val/v0.JPEG 0\nval/v1.JPEG 1\nval/v2.JPEG 2\n"
+    write(root / "ImageNet_LT_val.txt", val)
+    write(root / "ImageNet_LT_test.txt", val)
+    write(root / "labels.txt", "n01440764 0 tench, Tinca tinca\nn01443537 1 goldfish\nn01484850 2 great white shark\n")
+    write(root / "wiki/desc_0.txt", DESC_0)
+    write(root / "wiki/desc_1.txt", b"The goldfish is \xff orange.\n")   # not UTF-8: must not crash
+    return root
+
+
+def test_imagenet_lt_reads_splits_names_and_wiki(tmp_path, capsys):
+    root = make_imagenet_tree(tmp_path)
+    d = data.load_imagenet_lt(str(root))
+    assert d.classnames == ["tench, Tinca tinca", "goldfish", "great white shark"]
+    assert list(d.train.labels) == [0, 0, 1, 1, 2, 2] and d.train.labels.dtype == np.int64
+    assert list(d.val.labels) == [0, 1, 2] and list(d.test.labels) == [0, 1, 2]
+    assert d.train.images[1] == os.path.join(str(root), "train/n01440764/b.JPEG")
+    assert d.train.lines[1] == os.path.join(str(root), "ImageNet_LT_train.txt") + ":2"
+    s = d.corpus.sentences
+    assert s[0][0] == "a bad photo of a tench, Tinca tinca." and len(s[0]) == 80 + 6
+    assert s[0][80:] == ["The tench is a freshwater fish.",
+                         "It lives in still waters, e.g. ponds and lakes in the U.S. Midwest and Europe.",
+                         "It was described by Linnaeus in 1758.",
+                         "Anglers prize it!",
+                         "The name comes from Latin tinca.",
+                         "It prefers warm muddy lakes."]      # a kept section after dropped ones
+    assert s[1][80:] == ["The goldfish is \ufffd orange."]
+    assert s[2][0] == "a bad photo of a great white shark." and len(s[2]) == 80   # no desc_2.txt
+    assert d.corpus.source[0] == ["template"] * 80 + ["description"] * 6 and d.corpus.informative is None
+    flat = " ".join(x for sents in s for x in sents)
+    for dropped in ("Smith", "web page", "FishBase", "Yes.", "Tench The"):
+        assert dropped not in flat
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: 1 of 3 classes have no " + os.path.join(str(root), "wiki") +
+                   "/desc_<index>.txt: they use the prompt templates only"]
+
+
+def test_odd_image_files_load_as_rgb_tensors(tmp_path):
+    root = make_imagenet_tree(tmp_path)
+    assert Image.open(root / "train/n01440764/b.JPEG").mode == "CMYK"
+    assert Image.open(root / "train/n01443537/a.JPEG").mode == "L"
+    assert Image.open(root / "train/n01443537/b.JPEG").format == "PNG"
+    d = data.load_imagenet_lt(str(root), wiki=False)
+    ds = data.ImageDataset(d.train, data.make_transform(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), train=False))
+    for i in range(6):
+        x, y = ds[i]
+        assert x.shape == (3, 24, 24) and x.dtype == torch.float32 and y == i // 2
+
+
+def test_no_wiki_folder_warns_once_and_uses_templates_only(tmp_path, capsys):
+    root = make_imagenet_tree(tmp_path)
+    for f in os.listdir(root / "wiki"):
+        os.remove(root / "wiki" / f)
+    os.rmdir(root / "wiki")
+    d = data.load_imagenet_lt(str(root))
+    assert [len(s) for s in d.corpus.sentences] == [80, 80, 80]
+    assert capsys.readouterr().err == (f"warning: no wiki/ folder under {root}: using the 80 prompt "
+                                       "templates only (the paper's 'prompt only' setting)\n")
+    data.load_imagenet_lt(str(root), wiki=False)             # templates only on purpose: no warning
+    assert capsys.readouterr().err == ""
+
+
+def test_class_without_training_images_is_one_warning(tmp_path, capsys):
+    root = make_imagenet_tree(tmp_path)
+    with open(root / "labels.txt", "a") as f:
+        f.write("n01491361 3 tiger shark\n")
+    d = data.load_imagenet_lt(str(root), wiki=False)
+    assert d.num_classes == 4 and list(d.counts) == [2, 2, 2, 0]
+    assert capsys.readouterr().err == "warning: 1 of 4 classes have no training images in imagenet_lt\n"
+
+
+def test_missing_labels_txt_falls_back_to_open_clip_names(tmp_path):
+    root = make_imagenet_tree(tmp_path)
+    os.remove(root / "labels.txt")
+    d = data.load_imagenet_lt(str(root), wiki=False)
+    assert d.num_classes == 1000 and d.classnames[:3] == ["tench", "goldfish", "great white shark"]
+    assert d.classnames[657] == d.classnames[744] == "missile"   # SPEC §7: repeated name, two classes
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one DataError line that says what is wrong
+
+
+def append_line(path, line):
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def test_missing_data_root_names_layout_and_flag(tmp_path):
+    with pytest.raises(DataError, match=r"data root .*nope not found; expected ImageNet_LT_\{train,val,test\}\.txt.*--data-root"):
+        data.load_imagenet_lt(str(tmp_path / "nope"))
+
+
+def test_missing_split_file(tmp_path):
+    root = make_imagenet_tree(tmp_path)
+    os.remove(root / "ImageNet_LT_test.txt")
+    with pytest.raises(DataError, match=r"split file .*ImageNet_LT_test\.txt not found"):
+        data.load_imagenet_lt(str(root))
+
+
+def test_line_pointing_at_missing_image_names_file_and_line(tmp_path):
+    root = make_imagenet_tree(tmp_path)
+    append_line(root / "ImageNet_LT_train.txt", "train/n01440764/gone.JPEG 0")   # line 7
+    with pytest.raises(DataError, match=r"ImageNet_LT_train\.txt:7: image .*gone\.JPEG not found"):
+        data.load_imagenet_lt(str(root))
+
+
+def test_malformed_split_line(tmp_path):
+    root = make_imagenet_tree(tmp_path)
+    append_line(root / "ImageNet_LT_val.txt", "val/v0.JPEG")                     # line 4, no label
+    with pytest.raises(DataError, match=r"ImageNet_LT_val\.txt:4: malformed line 'val/v0\.JPEG'"):
+        data.load_imagenet_lt(str(root))
+
+
+def test_label_out_of_range_names_line_and_valid_range(tmp_path):
+    root = make_imagenet_tree(tmp_path)
+    append_line(root / "ImageNet_LT_val.txt", "val/v0.JPEG 3")                   # 3 classes: 0..2
+    with pytest.raises(DataError, match=r"ImageNet_LT_val\.txt:4: label 3 out of range \(valid: 0\.\.2\)"):
+        data.load_imagenet_lt(str(root))
+    write(root / "ImageNet_LT_val.txt", "val/v0.JPEG -1\n")
+    with pytest.raises(DataError, match=r"ImageNet_LT_val\.txt:1: label -1 out of range"):
+        data.load_imagenet_lt(str(root))
+
+
+def test_class_list_and_split_disagree_on_class_count(tmp_path):
+    root = make_imagenet_tree(tmp_path)
+    write(root / "labels.txt", "n01440764 0 tench\nn01443537 1 goldfish\n")
+    with pytest.raises(DataError, match=r"labels\.txt names 2 classes but the train split uses 3 "
+                                        r"\(label 2 at .*ImageNet_LT_train\.txt:5\)"):
+        data.load_imagenet_lt(str(root))
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(DataError, match=r"unknown --data 'cifar'; choose one of: shapes_lt, imagenet_lt"):
+        data.load_data("cifar")
+
+
+def test_command_line_error_is_one_line_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--data", "imagenet_lt",
+                        "--data-root", str(tmp_path / "missing")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: data root ")
+    assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Places-LT and iNaturalist 2018
+
+
+def test_places_lt_reads_readable_names(tmp_path, capsys):
+    for rel in ("data_256/a/abbey/1.jpg", "data_256/a/apartment_building/outdoor/1.jpg",
+                "data_256/a/airfield/1.jpg", "val_256/v.jpg"):
+        os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / rel, format="JPEG")
+    write(tmp_path / "labels.txt", "/a/abbey 0\n/a/apartment_building/outdoor 1\nairfield 2\n")
+    write(tmp_path / "Places_LT_train.txt", "data_256/a/abbey/1.jpg 0\ndata_256/a/apartment_building/outdoor/1.jpg 1\n"
+                                            "data_256/a/airfield/1.jpg 2\n")
+    write(tmp_path / "Places_LT_val.txt", "val_256/v.jpg 1\n")
+    write(tmp_path / "Places_LT_test.txt", "val_256/v.jpg 2\n")
+    d = data.load_places_lt(str(tmp_path))
+    assert d.classnames == ["abbey", "apartment building outdoor", "airfield"]
+    assert list(d.train.labels) == [0, 1, 2] and list(d.val.labels) == [1] and list(d.test.labels) == [2]
+    assert d.corpus.sentences[1][0] == "a bad photo of a apartment building outdoor."
+    assert capsys.readouterr().err.startswith("warning: no wiki/ folder")
+    os.remove(tmp_path / "labels.txt")
+    with pytest.raises(DataError, match=r"labels\.txt not found; Places-LT needs the class list"):
+        data.load_places_lt(str(tmp_path))
+
+
+def test_inat2018_reads_coco_json_and_uses_val_as_test(tmp_path):
+    files = ["train_val2018/Aves/0/a.jpg", "train_val2018/Aves/1/b.jpg", "train_val2018/Aves/1/c.jpg"]
+    for rel in files:
+        os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / rel, format="JPEG")
+    categories = [{"id": 1, "name": "Anas platyrhynchos", "supercategory": "Aves"},   # listed out of order
+                  {"id": 0, "name": "Aix sponsa", "supercategory": "Aves"}]
+    train = {"images": [{"id": 10, "file_name": files[0]}, {"id": 11, "file_name": files[1]}],
+             "annotations": [{"id": 1, "image_id": 11, "category_id": 1}, {"id": 2, "image_id": 10, "category_id": 0}]}
+    val = {"images": [{"id": 20, "file_name": files[2]}], "annotations": [{"id": 3, "image_id": 20, "category_id": 1}]}
+    for name, obj in (("categories.json", categories), ("train2018.json", train), ("val2018.json", val)):
+        write(tmp_path / name, json.dumps(obj))
+    d = data.load_inat2018(str(tmp_path), wiki=False)
+    assert d.classnames == ["Aix sponsa", "Anas platyrhynchos"]     # class index = order of category id
+    assert list(d.train.labels) == [1, 0]
+    assert d.train.images == [os.path.join(str(tmp_path), files[1]), os.path.join(str(tmp_path), files[0])]
+    assert d.train.lines[0] == os.path.join(str(tmp_path), "train2018.json") + ":annotations[0]"
+    assert list(d.val.labels) == [1] and d.test is d.val                # the paper reports on val
+    assert [len(s) for s in d.corpus.sentences] == [80, 80]
