@@ -1,0 +1,175 @@
+"""Stage 2a of VL-LTR: anchor sentence selection (AnSS), paper Sec. 3.3.
+
+    python anss.py --data shapes_lt       # reads cvlp.pt, writes anchors.json and anchor_embeds.pt
+
+Text crawled from the web is noisy. AnSS scores every sentence T_k of class c by its L_lin (the
+text side of Eq. 2) against a special image batch I' holding at most 50 training images per class,
+and keeps the M = 64 sentences with the smallest loss as the class's anchors. `--select cutoff`
+is the Table 4 #7 ablation: the first M sentences of the corpus, no scoring.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cvlp import (clip_mean_std, context_length, create_clip, encode_images, encode_texts, fill_defaults,
+                  load_checkpoint, load_clip, make_loader, save_checkpoint, seed_everything)
+from data import DataError, Split, atomic_write, fail, load_data, make_transform, progress, tokenize_corpus
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="VL-LTR stage 2a: anchor sentence selection")
+    p.add_argument("--data", default="shapes_lt")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--backbone", default=None, help="default: per dataset (must match cvlp.pt)")
+    p.add_argument("--clip-weights", default=None, help="only with --init clip (see cvlp.py)")
+    p.add_argument("--init", default="cvlp", choices=["cvlp", "clip"],
+                   help="encoders: CVLP's (cvlp.pt) or plain CLIP weights (Table 4 #2, no CVLP)")
+    p.add_argument("--select", default="anss", choices=["anss", "cutoff"], help="Table 4 #7: cut off = first M")
+    p.add_argument("--M", type=int, default=64, help="anchor sentences per class (Sec. 4.3: 64)")
+    p.add_argument("--images-per-class", type=int, default=50, help="I' holds at most this many per class (Sec. 3.3)")
+    p.add_argument("--text", default="wiki+prompt", choices=["wiki+prompt", "prompt"])
+    p.add_argument("--chunk", type=int, default=4096, help="sentences scored at once")
+    p.add_argument("--batch", type=int, default=256, help="images embedded at once")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    return fill_defaults(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# The selection
+
+
+def anchor_scores(E_I, y, E_T, t, tau, num_classes, chunk=4096):
+    """AnSS score of every sentence: its L_lin against the image set I' (Sec. 3.3, Eq. 2 text side).
+
+    E_I (N', D) normalised image embeddings with labels y (N',); E_T (S, D) normalised sentence
+    embeddings with labels t (S,). For sentence k of class c:
+        score_k = -1/|I_c| sum_{i: y_i = c} log softmax_over_I'(S[:, k] / tau)[i]
+    Vectorised over sentences in chunks: the per-class sum of log-probabilities is one index_add.
+    Returns (S,) scores; lower = the sentence picks out its own class's images better.
+    """
+    n_per_class = torch.bincount(y, minlength=num_classes).clamp(min=1).float()      # (C,)
+    scores = []
+    for i in range(0, len(E_T), chunk):
+        logp = (E_I @ E_T[i:i + chunk].T / tau).log_softmax(dim=0)                    # (N', k) over images
+        per_class = torch.zeros(num_classes, logp.shape[1], device=logp.device).index_add_(0, y, logp)   # (C, k)
+        k = torch.arange(logp.shape[1], device=logp.device)
+        scores.append(-per_class[t[i:i + chunk], k] / n_per_class[t[i:i + chunk]])    # (k,)
+    return torch.cat(scores)
+
+
+def select_anchors(scores, offsets, M):
+    """Per class the M lowest-scored sentences, padded to M and masked when a class has fewer.
+
+    scores (S,) (or None for cut-off: the first M in corpus order); offsets (C + 1,).
+    Returns index (C, M) long into the flat sentence list (padding repeats index 0 of the class) and
+    mask (C, M) bool, True for real sentences."""
+    C = len(offsets) - 1
+    index = torch.zeros(C, M, dtype=torch.long)
+    mask = torch.zeros(C, M, dtype=torch.bool)
+    for c in range(C):
+        lo, hi = int(offsets[c]), int(offsets[c + 1])
+        order = torch.arange(lo, hi) if scores is None else lo + torch.argsort(scores[lo:hi], stable=True)
+        keep = order[:M]
+        index[c, :len(keep)], mask[c, :len(keep)] = keep, True
+        index[c, len(keep):] = lo if hi > lo else 0
+    return index, mask
+
+
+def image_subset(labels, per_class, seed):
+    """Indices of I': at most `per_class` training images of each class, chosen at random (seeded)."""
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(labels.max() + 1)]
+    return np.sort(np.concatenate(keep))
+
+
+def precision_report(index, mask, corpus):
+    """shapes_lt: fraction of kept sentences whose ground-truth flag says informative, over all kept
+    sentences and over the kept description sentences alone (templates are informative by construction)."""
+    flags = torch.tensor([f for fl in corpus.informative for f in fl])
+    source = np.array([s for src in corpus.source for s in src])
+    kept = index[mask]
+    desc = torch.from_numpy(source[kept.numpy()] == "description")
+    return {"kept": int(mask.sum()), "precision": flags[kept].float().mean().item(),
+            "descriptions_kept": int(desc.sum()),
+            "description_precision": flags[kept][desc].float().mean().item() if desc.any() else float("nan")}
+
+
+def suffix(args):
+    """Files made from plain CLIP weights instead of cvlp.pt carry '_clip' (Table 4 #2, the baseline)."""
+    return "_clip" if args.init == "clip" else ""
+
+
+def load_encoder(args, device):
+    """The encoders to use: CVLP's (from cvlp.pt, rebuilt from its args) or plain CLIP's."""
+    if args.init == "clip":
+        return load_clip(args, device), None
+    path = os.path.join(args.out, "cvlp.pt")
+    ckpt = load_checkpoint(path, "cvlp", f"python cvlp.py --data {args.data}")
+    a = ckpt["args"]
+    if (a["data"], a["backbone"]) != (args.data, args.backbone):
+        raise DataError(f"{path} was trained on {a['data']}/{a['backbone']}, not {args.data}/{args.backbone}; check --out")
+    model = create_clip(a["backbone"], a["image_size"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        run(args)
+    except DataError as e:
+        fail(e)
+
+
+def run(args):
+    seed_everything(args.seed)
+    data = load_data(args.data, args.data_root, args.seed, text=args.text)
+    model, _ = load_encoder(args, args.device)
+    tau = 1 / model.logit_scale.exp().clamp(max=100).item()
+    text = tokenize_corpus(data.corpus, context_length(model), cache_dir=args.data_root if args.data == "shapes_lt" else args.out)
+    if args.M > int((text["offsets"][1:] - text["offsets"][:-1]).max()):
+        print(f"note: --M {args.M} is larger than every class's corpus; all sentences are kept and padded")
+
+    E_T = encode_texts(model, text["tokens"], args.device, desc="sentences")      # (S, D)
+    if args.select == "anss":
+        sub = image_subset(data.train.labels, args.images_per_class, args.seed)
+        split = Split(data.train.images[sub] if isinstance(data.train.images, np.ndarray)
+                      else [data.train.images[i] for i in sub], data.train.labels[sub],
+                      [data.train.lines[i] for i in sub] if data.train.lines else None)
+        loader = make_loader(split, make_transform(args.image_size, *clip_mean_std(), train=False), args)
+        E_I, y = encode_images(model.encode_image, loader, args.device, desc="I'")   # (N', D)
+        scores = anchor_scores(E_I, y, E_T, text["label"].to(args.device), tau, data.num_classes, args.chunk).cpu()
+    else:
+        scores = None
+    index, mask = select_anchors(scores, text["offsets"], args.M)
+
+    flat = [s for sents in data.corpus.sentences for s in sents]
+    anchors = {"M": args.M, "select": args.select, "tau": tau, "classes": [
+        {"name": name, "sentences": [flat[k] for k in index[c][mask[c]].tolist()],
+         "scores": [round(scores[k].item(), 4) for k in index[c][mask[c]].tolist()] if scores is not None else None}
+        for c, name in enumerate(data.classnames)]}
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write(os.path.join(args.out, f"anchors{suffix(args)}.json"), lambda f: f.write(json.dumps(anchors, indent=1).encode()))
+    save_checkpoint(os.path.join(args.out, f"anchor_embeds{suffix(args)}.pt"), {
+        "stage": "anss", "embeds": E_T[index.to(E_T.device)].cpu() * mask[..., None], "mask": mask,  # (C, M, D), (C, M)
+        "args": vars(args), "num_classes": data.num_classes})
+    print(f"anss: {args.select}, M = {args.M}, {int(mask.sum())} anchors for {data.num_classes} classes "
+          f"({int((~mask).any(1).sum())} classes padded); wrote {args.out}/anchors{suffix(args)}.json, anchor_embeds{suffix(args)}.pt")
+    if data.corpus.informative is not None:                     # shapes_lt: ground truth is known
+        rows = {"cutoff": select_anchors(None, text["offsets"], args.M), args.select: (index, mask)}
+        for name, (idx, msk) in rows.items():
+            r = precision_report(idx, msk, data.corpus)
+            print(f"  {name:<6} informative {r['precision']:.1%} of {r['kept']} kept; description sentences kept "
+                  f"{r['descriptions_kept']}, informative among them {r['description_precision']:.1%}")
+
+if __name__ == "__main__":
+    main()

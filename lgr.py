@@ -1,0 +1,279 @@
+"""Stage 2b of VL-LTR: the language-guided recognition (LGR) head and fine-tuning, paper Sec. 3.3-3.4,
+Eq. (4)-(7) and (9).
+
+    python lgr.py --data shapes_lt              # reads cvlp.pt + anchor_embeds.pt, writes lgr.pt
+    python lgr.py --data shapes_lt --head fc    # the vision-only baseline head, writes fc.pt
+
+Each image embedding E^I attends over the M frozen anchor-sentence embeddings of every class
+(Eq. 4-6); the gathered text embedding G of class c is compared with E^I by cosine similarity, and
+added to a plain MLP classifier on E^I (Eq. 7). Both branches are trained with cross-entropy (Eq. 9).
+"""
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from anss import load_encoder, suffix
+from cvlp import (autocast, clip_mean_std, cosine_schedule, fill_defaults, load_checkpoint, make_loader,
+                  save_checkpoint, seed_everything)
+from data import DATASETS, DataError, fail, load_data, make_transform, progress, shot_split
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="VL-LTR stage 2b: language-guided recognition fine-tuning")
+    p.add_argument("--data", default="shapes_lt")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--backbone", default=None, help="default: per dataset (must match cvlp.pt)")
+    p.add_argument("--clip-weights", default=None, help="only with --init clip (see cvlp.py)")
+    p.add_argument("--init", default="cvlp", choices=["cvlp", "clip"],
+                   help="visual encoder: CVLP's (cvlp.pt) or plain CLIP weights (Table 4 #2; the baseline)")
+    p.add_argument("--head", default="lgr", choices=["lgr", "fc"], help="LGR (Eq. 4-7) or the vision-only FC baseline")
+    p.add_argument("--variant", default="paper", choices=["paper", "official"], help="SPEC.md §3")
+    p.add_argument("--freeze-visual", action="store_true", help="keep the visual encoder fixed (official RN50 setting)")
+    p.add_argument("--epochs", type=int, default=None, help="default 50 (Sec. 4.3), fc baseline 100; iNat 360")
+    p.add_argument("--batch", type=int, default=128, help="Sec. 4.3: 128")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (Sec. 4.3); 2e-5 iNat (Sec. 4.5)")
+    p.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay (Sec. 4.3)")
+    p.add_argument("--warmup", type=float, default=1.0, help="linear warm-up epochs before the cosine decay")
+    p.add_argument("--tau", type=float, default=0.07, help="Eq. (7) temperature, learnable from this value")
+    p.add_argument("--sampling", default="sqrt", choices=["sqrt", "instance"], help="Sec. 4.3: square-root")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
+    p.add_argument("--resume", action="store_true", help="continue this stage from <out>/<head>.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-after-steps", type=int, default=0, help="debug: stop (and save) after this many steps")
+    args = fill_defaults(p.parse_args(argv))
+    # The paper's baseline is fine-tuned for twice the epochs of LGR (100 vs 50 + 50 CVLP, Sec. 4.3).
+    epochs = {"shapes_lt": 10, "inat2018": 360}.get(args.data, 50)
+    args.epochs = args.epochs or (2 * epochs if args.head == "fc" else epochs)
+    args.lr = args.lr or {"inat2018": 2e-5}.get(args.data, 1e-3)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# The LGR head
+
+
+class LGRHead(nn.Module):
+    """Language-guided recognition head, Eq. (4)-(7). E^I (B, D) image embeddings; E^T (C, M, D)
+    frozen anchor-sentence embeddings with mask (C, M), True for real sentences."""
+
+    def __init__(self, D, C, tau=0.07, variant="paper"):
+        super().__init__()
+        self.ln_q, self.W_q = nn.LayerNorm(D), nn.Linear(D, D)
+        self.ln_k, self.W_k = nn.LayerNorm(D), nn.Linear(D, D)
+        self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.ReLU(), nn.Linear(4 * D, C))   # 4D hidden: official code
+        if variant == "official":        # SPEC.md §3: W_q, W_k start as identity; tau fixed at 0.07
+            for W in (self.W_q, self.W_k):
+                nn.init.eye_(W.weight)
+                nn.init.zeros_(W.bias)
+        self.log_inv_tau = nn.Parameter(torch.tensor(math.log(1 / tau)), requires_grad=variant == "paper")
+
+    def forward(self, E_I, E_T, mask):
+        Q = self.W_q(self.ln_q(E_I))                             # Eq. (4)  (B, D)
+        K, V = self.W_k(self.ln_k(E_T)), E_T                     # Eq. (5)  (C, M, D), (C, M, D)
+        A = language_guided_attention(Q, K, mask)                # (B, C, M)
+        G = torch.einsum("bcm,cmd->bcd", A, V)                   # Eq. (6)  (B, C, D)
+        tau = 1 / self.log_inv_tau.exp().clamp(max=100)
+        logits_I, logits_T = self.mlp(E_I), class_text_logits(E_I, G, tau)   # Eq. (7), before softmax
+        return logits_I, logits_T, A
+
+
+def language_guided_attention(Q, K, mask):
+    """Eq. (6) weights: A = softmax over the M anchors of Q K^T / sqrt(D), padded anchors at -inf.
+    Q (B, D), K (C, M, D), mask (C, M) -> A (B, C, M), each row sums to 1 over the real anchors."""
+    scores = torch.einsum("bd,cmd->bcm", Q, K) / math.sqrt(Q.shape[-1])    # (B, C, M)
+    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+
+
+def class_text_logits(E_I, G, tau):
+    """Eq. (7) text branch before the softmax: <E^I, G> / tau, cosine similarity of E^I (B, D) with each
+    class's gathered embedding G (B, C, D) -> (B, C)."""
+    return F.cosine_similarity(E_I[:, None, :], G, dim=-1) / tau
+
+
+def lgr_probabilities(logits_I, logits_T, variant="paper", alpha=0.2):
+    """Eq. (7): P = P^I + P^T = softmax(MLP(E^I)) + softmax(<E^I, G> / tau).
+    official (SPEC.md §3): alpha P^I + (1 - alpha) P^T (alpha 0.2 ImageNet-LT / Places-LT, 0.7 iNat)."""
+    P_I, P_T = logits_I.softmax(dim=-1), logits_T.softmax(dim=-1)
+    return alpha * P_I + (1 - alpha) * P_T if variant == "official" else P_I + P_T
+
+
+def recognition_loss(logits_I, logits_T, y):
+    """Eq. (9): L_rec = CE(P^I, y) + CE(P^T, y), on the logits before each softmax of Eq. (7)."""
+    return F.cross_entropy(logits_I, y) + F.cross_entropy(logits_T, y)
+
+
+def official_alpha(data_name):
+    return 0.7 if data_name == "inat2018" else 0.2
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: visual encoder + head
+
+
+class Recognizer(nn.Module):
+    """The fine-tuned model: CLIP's visual encoder (E^I = E_vis(I), Eq. 1) and the LGR or FC head."""
+
+    def __init__(self, visual, D, C, head="lgr", tau=0.07, variant="paper", anchors=None, mask=None):
+        super().__init__()
+        self.visual = visual
+        self.head_kind = head
+        self.head = LGRHead(D, C, tau, variant) if head == "lgr" else nn.Linear(D, C)
+        if head == "lgr":                                        # frozen anchor embeddings: buffers, not weights
+            self.register_buffer("anchors", anchors.float(), persistent=False)   # (C, M, D)
+            self.register_buffer("mask", mask, persistent=False)                  # (C, M)
+
+    def forward(self, x):
+        E_I = self.visual(x).float()                             # (B, D)
+        if self.head_kind == "fc":
+            return self.head(E_I), None, None
+        return self.head(E_I, self.anchors, self.mask)
+
+
+def build_recognizer(args, device, ckpt=None):
+    """Visual encoder from cvlp.pt (or CLIP), anchors from anchor_embeds.pt, a fresh (or saved) head."""
+    encoder, _ = load_encoder(args, device)
+    D = encoder.text_projection.shape[1]
+    anchors = mask = None
+    if args.head == "lgr":
+        a = load_checkpoint(os.path.join(args.out, f"anchor_embeds{suffix(args)}.pt"), "anss",
+                            f"python anss.py --data {args.data}" + (" --init clip" if args.init == "clip" else ""))
+        anchors, mask = a["embeds"], a["mask"]
+        if anchors.shape[-1] != D:
+            raise DataError(f"anchor_embeds.pt has D = {anchors.shape[-1]}, the encoder D = {D}; rerun anss.py")
+    C = len(anchors) if anchors is not None else args.num_classes
+    model = Recognizer(encoder.visual, D, C, args.head, args.tau, args.variant, anchors, mask).to(device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    return model
+
+
+@torch.no_grad()
+def predict(model, loader, args, desc="eval"):
+    """All predictions of a loader: {"P": Eq. 7, "P_I": visual branch, "P_T": text branch} argmaxes, and labels."""
+    model.eval()
+    preds, labels = {"P": [], "P_I": [], "P_T": []}, []
+    for x, y in progress(loader, desc=desc, unit="batch"):
+        with autocast(args.device):
+            logits_I, logits_T, _ = model(x.to(args.device, non_blocking=True))
+        logits_I = logits_I.float()
+        if logits_T is None:
+            preds["P"].append(logits_I.argmax(1).cpu())
+        else:
+            P = lgr_probabilities(logits_I, logits_T.float(), args.variant, official_alpha(args.data))
+            preds["P"].append(P.argmax(1).cpu())
+            preds["P_I"].append(logits_I.argmax(1).cpu())
+            preds["P_T"].append(logits_T.argmax(1).cpu())
+        labels.append(y)
+    return {k: torch.cat(v) for k, v in preds.items() if v}, torch.cat(labels)
+
+
+def accuracy_by_shot(pred, y, counts):
+    """Top-1 overall / many / medium / few (Sec. 4.2) and per class, in %."""
+    correct = (pred == y).float()
+    shots = torch.from_numpy(shot_split(counts) == "many"), torch.from_numpy(shot_split(counts) == "medium"), \
+        torch.from_numpy(shot_split(counts) == "few")
+    per_class = torch.zeros(len(counts)).index_add_(0, y, correct) / torch.bincount(y, minlength=len(counts)).clamp(min=1)
+    out = {"overall": 100 * correct.mean().item()}
+    for name, sel in zip(("many", "medium", "few"), shots):
+        in_split = sel[y]
+        out[name] = 100 * correct[in_split].mean().item() if in_split.any() else float("nan")
+    out["per_class"] = [round(100 * v, 2) for v in per_class.tolist()]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train_one_epoch(model, loader, opt, sched, args, epoch):
+    model.train()
+    if args.freeze_visual:
+        model.visual.eval()
+    total, n, t0 = 0.0, 0, time.time()
+    bar = progress(loader, desc=f"{args.head} {epoch + 1}/{args.epochs}", unit="batch")
+    for x, y in bar:
+        x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
+        with autocast(args.device):
+            logits_I, logits_T, _ = model(x)
+            if logits_T is None:
+                loss = F.cross_entropy(logits_I.float(), y)                   # FC baseline
+            else:
+                loss = recognition_loss(logits_I.float(), logits_T.float(), y)   # Eq. (9)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if args.stop_after_steps and sched.last_epoch >= args.stop_after_steps:
+            break
+        total += loss.item()
+        n += 1
+        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{n * len(y) / (time.time() - t0):.0f}")
+    if not math.isfinite(total):
+        raise DataError(f"loss became {total} in epoch {epoch + 1}; lower --lr ({args.head}.pt keeps the last good epoch)")
+    return total / max(n, 1), n * args.batch / (time.time() - t0)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        run(args)
+    except DataError as e:
+        fail(e)
+
+
+def run(args):
+    seed_everything(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    data = load_data(args.data, args.data_root, args.seed)
+    args.num_classes = data.num_classes
+    path = os.path.join(args.out, f"{args.head}{suffix(args)}.pt")   # lgr.pt, fc.pt; fc_clip.pt = the baseline
+    model = build_recognizer(args, args.device)
+    if args.freeze_visual:
+        model.visual.requires_grad_(False)
+
+    mean_std = clip_mean_std()
+    loader = make_loader(data.train, make_transform(args.image_size, *mean_std, train=True,
+                         crop_scale=DATASETS[args.data]["crop_scale"]), args, sampling=args.sampling, generator=generator)
+    val_loader = make_loader(data.val, make_transform(args.image_size, *mean_std, train=False), args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd,
+                            fused=str(args.device).startswith("cuda"))
+    sched = cosine_schedule(opt, args.epochs * len(loader), int(args.warmup * len(loader)))
+    start = 0
+    if args.resume and os.path.exists(path):
+        ckpt = load_checkpoint(path, "lgr", f"python lgr.py --head {args.head} --init {args.init}")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        generator.set_state(ckpt["generator"])
+        start = ckpt["epoch"] + 1
+        print(f"resumed from {path} at epoch {start}")
+
+    print(f"{args.head}: {args.data} {args.backbone} init {args.init}, {args.epochs} epochs x {len(loader)} steps, "
+          f"lr {args.lr}, visual {'frozen' if args.freeze_visual else 'fine-tuned'}, device {args.device}")
+    for epoch in range(start, args.epochs):
+        loss, speed = train_one_epoch(model, loader, opt, sched, args, epoch)
+        preds, y = predict(model, val_loader, args, desc="val")
+        acc = accuracy_by_shot(preds["P"], y, data.counts)
+        print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  val top-1 {acc['overall']:.1f} "
+              f"(many {acc['many']:.1f} / medium {acc['medium']:.1f} / few {acc['few']:.1f})  {speed:.0f} img/s")
+        save_checkpoint(path, {"stage": "lgr", "head": args.head, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                               "args": vars(args), "epoch": epoch, "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "generator": generator.get_state(),
+                               "num_classes": data.num_classes, "val": {k: v for k, v in acc.items() if k != "per_class"}})
+        if args.stop_after_steps and sched.last_epoch >= args.stop_after_steps:
+            print(f"stopped after {sched.last_epoch} steps (--stop-after-steps)")
+            break
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
