@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from data import (DATASETS, DataError, ImageDataset, atomic_write, fail, load_data, make_sampler,
+from data import (DATASETS, SHAPES_VERSION, DataError, ImageDataset, atomic_write, fail, load_data, make_sampler,
                   make_transform, progress, shapes_caption_pairs, tokenize_corpus)
 
 
@@ -131,7 +131,7 @@ def pretraining_loss(L_ccl, L_dis, lam):
 # The small CLIP stand-in for shapes_lt (SPEC §4): a ViT on 32 px images and a 2-layer text transformer.
 TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=4, width=64, layers=2, head_width=32),
                  text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2))
-STANDIN_VERSION = 1   # bump when the stand-in's recipe changes: cached weights are keyed by it
+STANDIN_VERSION = 1   # bump when the stand-in's recipe changes: cached weights are keyed by it and the world's
 
 
 def create_clip(backbone, image_size):
@@ -192,7 +192,7 @@ def load_clip(args, device="cpu"):
             raise DataError(f"--clip-weights {args.clip_weights} not found")
         return load_clip_file(model, args.clip_weights).to(device)
     if args.backbone == "shapes-tiny":
-        path = os.path.join(args.data_root, f"clip_standin_v{STANDIN_VERSION}_seed{args.seed}.pt")
+        path = os.path.join(args.data_root, f"clip_standin_v{SHAPES_VERSION}.{STANDIN_VERSION}_seed{args.seed}.pt")
         if not os.path.exists(path):
             train_clip_standin(model, args, path, device)
         return load_clip_file(model, path).to(device)

@@ -21,7 +21,6 @@ import math
 import os
 import re
 import sys
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,7 +150,7 @@ def prompt_only(corpus):
 # ----------------------------------------------------------------------------------------------
 # shapes_lt: the embedded long-tailed world (SPEC §4)
 
-SHAPES_VERSION = 1   # bump when the generator changes: cached worlds are keyed by version + seed
+SHAPES_VERSION = 2   # bump when the generator changes: cached worlds are keyed by version + seed
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "crescent", "bar", "heart"]
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (45, 85, 225), "yellow": (235, 215, 40),
@@ -233,33 +232,43 @@ def _shape_mask(shape, x, y):
     raise ValueError(shape)
 
 
-def render_shapes(shape_idx, colour_idx, rng, size=32):
+def render_shapes(shape_idx, colour_idx, rng, size=32, chunk=1024):
     """(N,) shape and colour indices -> (N, size, size, 3) uint8 images with nuisance variation.
 
     Nuisance: position, size, rotation (+-15 deg, so a square never becomes a diamond), background
     colour and gradient, object brightness, pixel noise. Rendered at 2x and averaged (anti-aliasing).
+    All random numbers are drawn first, then the pixels are computed in float32 chunks (speed, memory).
     """
     N, ss = len(shape_idx), 2 * size
-    g = (np.arange(ss) + 0.5) / ss * 2 - 1                       # (ss,) in [-1, 1]
-    gy, gx = np.meshgrid(g, g, indexing="ij")                    # (ss, ss)
-    cx, cy = rng.uniform(-0.25, 0.25, (2, N, 1, 1))
-    radius = rng.uniform(0.4, 0.7, (N, 1, 1))
-    rot = np.deg2rad(rng.uniform(-15, 15, (N, 1, 1)))
-    x, y = (gx - cx) / radius, (gy - cy) / radius
-    x, y = x * np.cos(rot) + y * np.sin(rot), -x * np.sin(rot) + y * np.cos(rot)
-    mask = np.zeros((N, ss, ss), bool)
-    for s, name in enumerate(SHAPES):
-        sel = shape_idx == s
-        if sel.any():
-            mask[sel] = _shape_mask(name, x[sel], y[sel])
-    mask = mask.reshape(N, size, 2, size, 2).mean((2, 4))[..., None]   # (N, size, size, 1) coverage
-    palette = np.array(list(COLOURS.values()), np.float32)
-    fg = palette[colour_idx][:, None, None, :] * rng.uniform(0.8, 1.05, (N, 1, 1, 1))
-    bg_base = rng.uniform(40, 150, (N, 1, 1, 1)) + rng.uniform(-25, 25, (N, 1, 1, 3))
-    ramp = np.linspace(-1, 1, size)[None, :, None, None] * rng.uniform(-30, 30, (N, 1, 1, 1))
-    bg = bg_base + np.swapaxes(ramp, 1, 2) if rng.random() < 0.5 else bg_base + ramp
-    img = mask * fg + (1 - mask) * bg + rng.normal(0, 10, (N, size, size, 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
+    f32 = lambda a: np.asarray(a, np.float32)
+    centre = f32(rng.uniform(-0.25, 0.25, (N, 2, 1, 1)))
+    radius = f32(rng.uniform(0.4, 0.7, (N, 1, 1)))
+    rot = f32(np.deg2rad(rng.uniform(-15, 15, (N, 1, 1))))
+    fg = np.array(list(COLOURS.values()), np.float32)[colour_idx][:, None, None, :] * f32(rng.uniform(0.8, 1.05, (N, 1, 1, 1)))
+    bg = f32(rng.uniform(40, 150, (N, 1, 1, 1)) + rng.uniform(-25, 25, (N, 1, 1, 3)))   # (N, 1, 1, 3) base colour
+    slope = f32(rng.uniform(-30, 30, (N, 1, 1, 1)))                 # brightness ramp across the image
+    vertical = rng.random(N) < 0.5                                   # ramp direction, per image
+    noise_seed = int(rng.integers(2 ** 31))
+    g = (np.arange(ss, dtype=np.float32) + 0.5) / ss * 2 - 1         # (ss,) in [-1, 1]
+    gy, gx = np.meshgrid(g, g, indexing="ij")                        # (ss, ss)
+    ramp = np.linspace(-1, 1, size, dtype=np.float32)
+    out = np.empty((N, size, size, 3), np.uint8)
+    for lo in range(0, N, chunk):
+        sl = slice(lo, min(lo + chunk, N))
+        x, y = (gx - centre[sl, 0]) / radius[sl], (gy - centre[sl, 1]) / radius[sl]
+        c, s_ = np.cos(rot[sl]), np.sin(rot[sl])
+        x, y = x * c + y * s_, -x * s_ + y * c
+        mask = np.zeros(x.shape, bool)                               # (n, ss, ss)
+        for s, name in enumerate(SHAPES):
+            sel = shape_idx[sl] == s
+            if sel.any():
+                mask[sel] = _shape_mask(name, x[sel], y[sel])
+        cover = mask.reshape(-1, size, 2, size, 2).mean((2, 4), dtype=np.float32)[..., None]   # (n, size, size, 1)
+        r = np.where(vertical[sl, None, None, None], ramp[None, :, None, None], ramp[None, None, :, None])
+        background = bg[sl] + r * slope[sl]
+        noise = np.random.default_rng([noise_seed, lo]).normal(0, 10, cover.shape[:3] + (3,)).astype(np.float32)
+        out[sl] = np.clip(cover * fg[sl] + (1 - cover) * background + noise, 0, 255).astype(np.uint8)
+    return out
 
 
 def shapes_corpus(combos, seed):
@@ -601,7 +610,7 @@ def load_data(name, root=None, seed=0, text="wiki+prompt"):
         data = load_shapes_lt(root, seed)
     else:
         data = {"imagenet_lt": load_imagenet_lt, "places_lt": load_places_lt,
-                "inat2018": load_inat2018}[name](root)
+                "inat2018": load_inat2018}[name](root, wiki=text != "prompt")
     if text == "prompt":
         data.corpus = prompt_only(data.corpus)
     return data

@@ -1,0 +1,111 @@
+"""End to end: every stage runs on shapes_lt (a tiny random CLIP, two steps each) and writes the files
+of SPEC.md §1, loadable with weights_only=True; missing inputs give one-line errors naming the fix."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import anss
+import cvlp
+import evaluate
+import lgr
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """cvlp -> anss -> lgr (LGR and the CLIP + FC baseline) -> evaluate, in one temporary run folder."""
+    root, out = tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("run")
+    clip = root / "clip.pt"                       # stands in for --clip-weights: no stand-in training here
+    torch.manual_seed(0)
+    torch.save(cvlp.create_clip("shapes-tiny", 32).state_dict(), clip)
+    common = ["--data", "shapes_lt", "--data-root", str(root), "--out", str(out), "--device", "cpu"]
+    short = ["--epochs", "1", "--stop-after-steps", "2", "--batch", "32"]
+    cvlp.main(common + ["--clip-weights", str(clip)] + short)
+    anss.main(common + ["--M", "8"])
+    lgr.main(common + short)
+    lgr.main(common + ["--clip-weights", str(clip), "--init", "clip", "--head", "fc"] + short)
+    evaluate.main(common + ["--clip-weights", str(clip)])
+    return {"root": root, "out": out, "clip": clip, "common": common}
+
+
+def test_every_stage_writes_its_files(run):
+    names = sorted(os.listdir(run["out"]))
+    for f in ("cvlp.pt", "anchors.json", "anchor_embeds.pt", "lgr.pt", "fc_clip.pt", "eval.json"):
+        assert f in names, f"{f} missing from {names}"
+
+
+def test_checkpoints_are_plain_dicts_loadable_with_weights_only(run):
+    for f, stage in (("cvlp.pt", "cvlp"), ("anchor_embeds.pt", "anss"), ("lgr.pt", "lgr"), ("fc_clip.pt", "lgr")):
+        ckpt = torch.load(run["out"] / f, weights_only=True)
+        assert ckpt["stage"] == stage
+        assert isinstance(ckpt["args"], dict) and ckpt["args"]["data"] == "shapes_lt"
+    ckpt = torch.load(run["out"] / "cvlp.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch"} <= set(ckpt)
+
+
+def test_anchor_embeddings_are_C_by_M_by_D_with_a_mask(run):
+    a = torch.load(run["out"] / "anchor_embeds.pt", weights_only=True)
+    assert a["embeds"].shape == (100, 8, 64) and a["mask"].shape == (100, 8)
+    assert a["mask"].dtype == torch.bool and a["mask"].all()       # every shapes_lt class has >= 85 sentences
+    norms = a["embeds"].norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4)  # L2-normalised text embeddings
+
+
+def test_anchors_json_lists_M_sentences_per_class_lowest_score_first(run):
+    a = json.loads((run["out"] / "anchors.json").read_text())
+    assert a["M"] == 8 and a["select"] == "anss" and len(a["classes"]) == 100
+    for c in a["classes"]:
+        assert len(c["sentences"]) == 8 and c["scores"] == sorted(c["scores"])
+
+
+def test_eval_json_reports_every_head_by_shot_split(run):
+    r = json.loads((run["out"] / "eval.json").read_text())["results"]
+    for head in ("Zero-Shot CLIP", "Baseline (CLIP + FC)", "VL-LTR (LGR)", "VL-LTR (LGR): P^I only",
+                 "VL-LTR (LGR): P^T only", "KNN head (k=10)"):
+        assert head in r, head
+        assert all(0 <= r[head][k] <= 100 for k in ("overall", "many", "medium", "few"))
+        assert len(r[head]["per_class"]) == 100
+
+
+def test_resume_continues_after_the_saved_epoch(run, capsys):
+    out = run["out"] / "resume"
+    args = run["common"][:5] + [str(out)] + run["common"][6:] + ["--clip-weights", str(run["clip"]), "--batch", "32"]
+    cvlp.main(args + ["--epochs", "2", "--stop-after-steps", "1"])
+    assert torch.load(out / "cvlp.pt", weights_only=True)["epoch"] == 0
+    cvlp.main(args + ["--epochs", "2", "--stop-after-steps", "2", "--resume"])
+    assert "resumed" in capsys.readouterr().out
+    assert torch.load(out / "cvlp.pt", weights_only=True)["epoch"] == 1
+
+
+def test_missing_previous_stage_names_the_command_that_makes_it(run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        anss.main(["--data", "shapes_lt", "--data-root", str(run["root"]), "--out", str(tmp_path), "--device", "cpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cvlp.pt not found" in err and "python cvlp.py" in err
+
+
+def test_checkpoint_of_another_stage_is_refused(run, tmp_path, capsys):
+    (tmp_path / "cvlp.pt").write_bytes((run["out"] / "lgr.pt").read_bytes())
+    with pytest.raises(SystemExit):
+        anss.main(["--data", "shapes_lt", "--data-root", str(run["root"]), "--out", str(tmp_path), "--device", "cpu"])
+    assert "not a cvlp checkpoint" in capsys.readouterr().err
+
+
+def test_clip_standin_trains_and_saves_loadable_weights(tmp_path):
+    args = cvlp.get_args(["--data-root", str(tmp_path), "--device", "cpu"])
+    path = tmp_path / "standin.pt"
+    cvlp.train_clip_standin(cvlp.create_clip("shapes-tiny", 32), args, str(path), "cpu", n_pairs=64, steps=2, batch=16)
+    model = cvlp.load_clip_file(cvlp.create_clip("shapes-tiny", 32), str(path))
+    assert model.logit_scale.shape == ()
+
+
+def test_unknown_dataset_is_one_line_without_traceback():
+    p = subprocess.run([sys.executable, "cvlp.py", "--data", "imagenet_1k"], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.startswith("error: unknown --data 'imagenet_1k'") and "Traceback" not in p.stderr
