@@ -36,6 +36,7 @@ def get_args(argv=None):
     p.add_argument("--batch", type=int, default=256, help="images embedded at once")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted, one warning) instead of stopping")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
     p.add_argument("--seed", type=int, default=0)
@@ -60,7 +61,7 @@ def anchor_scores(E_I, y, E_T, t, tau, num_classes, chunk=4096):
     scores = []
     for i in range(0, len(E_T), chunk):
         logp = (E_I @ E_T[i:i + chunk].T / tau).log_softmax(dim=0)                    # (N', k) over images
-        per_class = torch.zeros(num_classes, logp.shape[1], device=logp.device).index_add_(0, y, logp)   # (C, k)
+        per_class = torch.zeros(num_classes, logp.shape[1], dtype=logp.dtype, device=logp.device).index_add_(0, y, logp)  # (C, k)
         k = torch.arange(logp.shape[1], device=logp.device)
         scores.append(-per_class[t[i:i + chunk], k] / n_per_class[t[i:i + chunk]])    # (k,)
     return torch.cat(scores)
@@ -132,7 +133,7 @@ def main(argv=None):
 
 def run(args):
     seed_everything(args.seed)
-    data = load_data(args.data, args.data_root, args.seed, text=args.text)
+    data = load_data(args.data, args.data_root, args.seed, text=args.text, skip_bad_images=args.skip_bad_images)
     model, _ = load_encoder(args, args.device)
     tau = 1 / model.logit_scale.exp().clamp(max=100).item()
     text = tokenize_corpus(data.corpus, context_length(model), cache_dir=args.data_root if args.data == "shapes_lt" else args.out)

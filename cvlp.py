@@ -45,6 +45,7 @@ def get_args(argv=None):
     p.add_argument("--sampling", default="sqrt", choices=["sqrt", "instance"], help="Sec. 4.3: square-root")
     p.add_argument("--image-size", type=int, default=None, help="input size; 224 (384 for the iNat ViT row)")
     p.add_argument("--workers", type=int, default=None, help="data loader processes")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted, one warning) instead of stopping")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
     p.add_argument("--resume", action="store_true", help="continue this stage from <out>/cvlp.pt")
@@ -89,7 +90,7 @@ def class_wise_contrastive_loss(S, y, t, tau, variant="paper"):
     is CLIP's loss (times 2). official variant: label smoothing 0.1 on those targets, (L_vis + L_lin) / 2.
     """
     logits = S / tau                                             # (N, N)
-    pos = (y[:, None] == t[None, :]).float()                     # (N, N) positives T_i^+ / I_j^+
+    pos = (y[:, None] == t[None, :]).to(S.dtype)                 # (N, N) positives T_i^+ / I_j^+
     target_vis = pos / pos.sum(dim=1, keepdim=True)              # rows sum to 1: 1/|T_i^+| on positives
     target_lin = pos / pos.sum(dim=0, keepdim=True)              # columns sum to 1: 1/|I_j^+|
     if variant == "official":                                    # SPEC.md §3: smoothing 0.1
@@ -383,7 +384,7 @@ def run(args):
     seed_everything(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
-    data = load_data(args.data, args.data_root, args.seed, text=args.text)
+    data = load_data(args.data, args.data_root, args.seed, text=args.text, skip_bad_images=args.skip_bad_images)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "cvlp.pt")
 

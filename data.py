@@ -46,7 +46,10 @@ class DataError(Exception):
 
 
 def fail(message):
-    """Print a one-line error (no traceback) and exit with status 2. Used by every stage's main()."""
+    """Print a one-line error (no traceback) and exit with status 2. Used by every stage's main().
+    A DataError raised in a DataLoader worker arrives wrapped with the worker's traceback: keep its last line."""
+    message = str(message).strip().splitlines()[-1] if str(message).strip() else "unknown error"
+    message = re.sub(r"^(data\.)?DataError: ", "", message)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -601,8 +604,9 @@ def load_inat2018(root, wiki=True):
 # REAL-DATASETS-END
 
 
-def load_data(name, root=None, seed=0, text="wiki+prompt"):
-    """The one entry point: dataset name -> LTData. text: "wiki+prompt" (default) or "prompt" only."""
+def load_data(name, root=None, seed=0, text="wiki+prompt", skip_bad_images=False):
+    """The one entry point: dataset name -> LTData. text: "wiki+prompt" (default) or "prompt" only.
+    skip_bad_images: drop unreadable images (one summarised warning) instead of failing on them later."""
     if name not in DATASETS:
         raise DataError(f"unknown --data {name!r}; choose one of: {', '.join(DATASETS)}")
     root = root or DATASETS[name]["root"]

@@ -36,6 +36,7 @@ def get_args(argv=None):
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted, one warning) instead of stopping")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
     p.add_argument("--seed", type=int, default=0)
@@ -94,7 +95,7 @@ def main(argv=None):
 
 
 def run(args):
-    data = load_data(args.data, args.data_root, args.seed)
+    data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
     args.num_classes = data.num_classes
     counts, split = data.counts, getattr(data, args.split)
     loader = make_loader(split, make_transform(args.image_size, *clip_mean_std(), train=False), args)

@@ -43,6 +43,7 @@ def get_args(argv=None):
     p.add_argument("--sampling", default="sqrt", choices=["sqrt", "instance"], help="Sec. 4.3: square-root")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted, one warning) instead of stopping")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
     p.add_argument("--resume", action="store_true", help="continue this stage from <out>/<head>.pt")
@@ -232,7 +233,7 @@ def main(argv=None):
 def run(args):
     seed_everything(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    data = load_data(args.data, args.data_root, args.seed)
+    data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
     args.num_classes = data.num_classes
     path = os.path.join(args.out, f"{args.head}{suffix(args)}.pt")   # lgr.pt, fc.pt; fc_clip.pt = the baseline
     model = build_recognizer(args, args.device)
