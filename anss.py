@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cvlp import (clip_mean_std, context_length, create_clip, encode_images, encode_texts, fill_defaults,
+from cvlp import (checkpoint_meta, clip_mean_std, context_length, create_clip, encode_images, encode_texts, fill_defaults,
                   load_checkpoint, load_clip, make_loader, save_checkpoint, seed_everything)
 from data import DataError, Split, atomic_write, fail, load_data, make_transform, progress, tokenize_corpus
 
@@ -161,8 +161,8 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     atomic_write(os.path.join(args.out, f"anchors{suffix(args)}.json"), lambda f: f.write(json.dumps(anchors, indent=1).encode()))
     save_checkpoint(os.path.join(args.out, f"anchor_embeds{suffix(args)}.pt"), {
-        "stage": "anss", "embeds": E_T[index.to(E_T.device)].cpu() * mask[..., None], "mask": mask,  # (C, M, D), (C, M)
-        "args": vars(args), "num_classes": data.num_classes})
+        **checkpoint_meta(args, "anss", data.num_classes), "init": args.init, "select": args.select, "embeds": E_T[index.to(E_T.device)].cpu() * mask[..., None], "mask": mask,  # (C, M, D), (C, M)
+        "args": vars(args)})
     print(f"anss: {args.select}, M = {args.M}, {int(mask.sum())} anchors for {data.num_classes} classes "
           f"({int((~mask).any(1).sum())} classes padded); wrote {args.out}/anchors{suffix(args)}.json, anchor_embeds{suffix(args)}.pt")
     if data.corpus.informative is not None:                     # shapes_lt: ground truth is known

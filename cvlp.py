@@ -12,13 +12,14 @@ import argparse
 import math
 import os
 import random
+import signal
 import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from data import (DATASETS, SHAPES_VERSION, DataError, ImageDataset, atomic_write, fail, load_data, make_sampler,
+from data import (CODE_VERSION, DATASETS, SHAPES_VERSION, DataError, ImageDataset, ResumableSampler, atomic_write, fail, load_data, make_sampler,
                   make_transform, progress, shapes_caption_pairs, tokenize_corpus)
 
 
@@ -50,6 +51,9 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
     p.add_argument("--resume", action="store_true", help="continue this stage from <out>/cvlp.pt")
     p.add_argument("--seed", type=int, default=0, help="seeds training and the shapes_lt world")
+    p.add_argument("--accum", type=int, default=1, help="optimiser step every N batches (effective batch N x --batch; "
+                   "cvlp's contrastive softmax still spans one --batch)")
+    p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--stop-after-steps", type=int, default=0, help="debug: stop (and save) after this many steps")
     args = p.parse_args(argv)
     args = fill_defaults(args)
@@ -302,12 +306,12 @@ def cosine_schedule(optimizer, total_steps, warmup_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_loader(split, transform, args, sampling=None, shuffle=False, generator=None, batch=None):
-    """A DataLoader over one Split; sampling="sqrt"|"instance" uses data.make_sampler (drop_last)."""
-    ds = ImageDataset(split, transform)
-    sampler = make_sampler(split.labels, sampling, generator) if sampling else None
+def make_loader(split, transform, args, sampling=None, generator=None, batch=None):
+    """A DataLoader over one Split. With sampling="sqrt"|"instance" (training): data.make_sampler, wrapped
+    so an epoch can resume part-way, and drop_last; without: in order (evaluation)."""
+    sampler = ResumableSampler(make_sampler(split.labels, sampling, generator)) if sampling else None
     return torch.utils.data.DataLoader(
-        ds, batch_size=batch or args.batch, sampler=sampler, shuffle=False if sampler else shuffle,
+        ImageDataset(split, transform), batch_size=batch or args.batch, sampler=sampler,
         num_workers=args.workers, pin_memory=str(args.device).startswith("cuda"), drop_last=bool(sampling),
         persistent_workers=args.workers > 0)
 
@@ -323,41 +327,143 @@ def sample_sentences(offsets, y, generator):
     return offsets[y] + (u * sizes[y]).long()                     # (N,)
 
 
-def train_one_epoch(student, teacher, loader, text, opt, sched, args, epoch, generator):
-    student.train()
-    tokens, offsets = text["tokens"], text["offsets"]
-    sums, n, t0 = {"loss": 0.0, "ccl": 0.0, "dis": 0.0}, 0, time.time()
-    bar = progress(loader, desc=f"cvlp {epoch + 1}/{args.epochs}", unit="batch")
-    for x, y in bar:
-        idx = sample_sentences(offsets, y, generator)
-        x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
-        T = tokens[idx].long().to(args.device, non_blocking=True)  # (N, L) one sentence per image
-        with autocast(args.device):
-            E_I, E_T = student.encode_image(x), student.encode_text(T)      # Eq. (1)
-            S = cosine_similarity_matrix(E_I.float(), E_T.float())          # (N, N)
-            tau = 1 / student.logit_scale.exp().clamp(max=100)             # 1/tau <= 100, as CLIP
-            L_ccl = class_wise_contrastive_loss(S, y, y, tau, args.variant)   # sentence labels t = y
-            if args.lam < 1:
-                with torch.no_grad():
-                    S_t = cosine_similarity_matrix(teacher.encode_image(x).float(), teacher.encode_text(T).float())
-                L_dis = distillation_loss(S, S_t, tau, args.variant)
-            else:
-                L_dis = torch.zeros((), device=args.device)
-            loss = pretraining_loss(L_ccl, L_dis, args.lam)                 # Eq. (8)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if args.stop_after_steps and sched.last_epoch >= args.stop_after_steps:
-            break
-        for k, v in (("loss", loss), ("ccl", L_ccl), ("dis", L_dis)):
-            sums[k] += v.item()                                              # one sync per step, for the bar
-        n += 1
-        bar.set_postfix(loss=f"{loss.item():.3f}", tau=f"{tau.item():.4f}",
-                        img_s=f"{n * len(y) / (time.time() - t0):.0f}")
-    if not math.isfinite(sums["loss"]):
-        raise DataError(f"loss became {sums['loss']} in epoch {epoch + 1}; lower --lr (cvlp.pt keeps the last good epoch)")
-    return {k: v / max(n, 1) for k, v in sums.items()}, n * args.batch / (time.time() - t0)
+def cvlp_loss(student, teacher, x, y, T, args):
+    """The loss of one CVLP batch: images x (N, 3, H, W) with labels y (N,), one sentence T (N, L) of each
+    image's class, so the sentence labels are t = y. Returns L_pre and its parts for the log."""
+    E_I, E_T = student.encode_image(x), student.encode_text(T)          # Eq. (1)
+    S = cosine_similarity_matrix(E_I.float(), E_T.float())              # (N, N)
+    tau = 1 / student.logit_scale.exp().clamp(max=100)                 # learnable; 1/tau <= 100 as in CLIP
+    L_ccl = class_wise_contrastive_loss(S, y, y, tau, args.variant)      # Eq. (2)
+    if args.lam < 1:
+        with torch.no_grad():                                           # frozen CLIP teacher, same inputs
+            S_t = cosine_similarity_matrix(teacher.encode_image(x).float(), teacher.encode_text(T).float())
+        L_dis = distillation_loss(S, S_t, tau, args.variant)            # Eq. (3)
+    else:
+        L_dis = torch.zeros((), device=S.device)
+    return pretraining_loss(L_ccl, L_dis, args.lam), {"L_ccl": L_ccl, "L_dis": L_dis, "tau": tau}   # Eq. (8)
+
+
+def prepare_out(args):
+    """Create the run folder and make sure we can write there before any work is done."""
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        atomic_write(os.path.join(args.out, ".write_test"), lambda f: f.write(b"ok"))
+        os.remove(os.path.join(args.out, ".write_test"))
+    except OSError as e:
+        raise DataError(f"cannot write to --out {args.out} ({e.strerror}); choose a writable folder with free space")
+
+
+def checkpoint_meta(args, stage, num_classes):
+    """What made a checkpoint: refused on --resume or by the next stage when it does not match."""
+    return {"stage": stage, "data": args.data, "backbone": args.backbone, "num_classes": num_classes,
+            "variant": getattr(args, "variant", None), "version": CODE_VERSION}
+
+
+def check_meta(ckpt, meta, path):
+    for key in ("stage", "data", "backbone", "num_classes", "head"):
+        if ckpt.get(key) != meta.get(key):
+            raise DataError(f"{path} is a {ckpt.get('stage')} checkpoint of {ckpt.get('data')}/{ckpt.get('backbone')} "
+                            f"with {ckpt.get('num_classes')} classes ({key} {ckpt.get(key)!r}), but this run expects "
+                            f"{key} {meta.get(key)!r}; use another --out, or drop --resume to start afresh")
+
+
+def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=None):
+    """The training loop of both stages; True when all epochs ran. batch_loss(x, y) -> (loss, {name: value}); every --accum
+    batches one optimiser step, gradients clipped to --clip-grad. What long runs need:
+    - after every epoch an atomic checkpoint (plus <name>_best.pt when validate() improves);
+    - Ctrl-C or --stop-after-steps saves the state of the last optimiser step, also mid-epoch;
+    - --resume restores weights, optimiser, schedule, the epoch's sample order and position and every
+      random state, so it ends with the same weights as an uninterrupted run (bitwise on CPU, --workers 0);
+    - a non-finite loss stops the run before it reaches the weights or the checkpoint.
+    rngs: {"sampler": generator of the sampler, ...other generators the batch_loss draws from}."""
+    pos = {"epoch": 0, "batch": 0, "best": None, "sampler_epoch": rngs["sampler"].get_state()}
+    torch_rng = None
+    if args.resume and os.path.exists(path):
+        ckpt = load_checkpoint(path, meta["stage"], f"python {meta['stage']}.py")
+        check_meta(ckpt, meta, path)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        for k, g in rngs.items():
+            g.set_state(ckpt["rng"][k])
+        pos, torch_rng = ckpt["position"], ckpt["rng"]["torch"]
+        print(f"resumed from {path} at epoch {pos['epoch'] + 1}, batch {pos['batch']}")
+
+    def save(target, position, rng_states):
+        ckpt = {**meta, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "args": vars(args),
+                "epoch": position["epoch"], "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "position": position, "rng": rng_states}
+        try:
+            save_checkpoint(target, ckpt)
+        except OSError as e:
+            raise DataError(f"cannot write {target} ({e.strerror}); free disk space or pass another --out "
+                            f"(the previous checkpoint there is intact)")
+
+    interrupted = []                                             # Ctrl-C: finish the step, save, stop
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1) or signal.signal(signal.SIGINT, previous))
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for epoch in range(pos["epoch"], args.epochs):
+            if pos["batch"] == 0:
+                pos["sampler_epoch"] = rngs["sampler"].get_state()     # this epoch's sample order comes from here
+            rngs["sampler"].set_state(pos["sampler_epoch"])
+            loader.sampler.skip = pos["batch"] * args.batch
+            batches = iter(loader)
+            if torch_rng is not None:                                  # augmentation randomness, mid-epoch resume
+                torch.set_rng_state(torch_rng)
+                torch_rng = None
+            sums, n, t0 = {}, 0, time.time()
+            snapshot = (dict(pos), {**{k: g.get_state() for k, g in rngs.items()}, "torch": torch.get_rng_state()})
+            bar = progress(batches, total=len(loader), desc=f"{meta['stage']} {epoch + 1}/{args.epochs}", unit="batch")
+            for i, (x, y) in enumerate(bar, start=pos["batch"]):
+                x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
+                with autocast(args.device):
+                    loss, stats = batch_loss(x, y)
+                value = loss.item()                                    # one host sync per batch, for the log
+                if not math.isfinite(value):
+                    raise DataError(f"loss is {value} at epoch {epoch + 1}, batch {i + 1}; stopped before it reached the "
+                                    f"weights ({path} holds the last good state); lower --lr or set --clip-grad")
+                (loss / args.accum).backward()
+                for k, v in {"loss": value, **stats}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+                n += 1
+                bar.set_postfix(loss=f"{value:.3f}", img_s=f"{n * len(y) / (time.time() - t0):.0f}")
+                if (i + 1) % args.accum:
+                    continue
+                if args.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                snapshot = ({**pos, "epoch": epoch, "batch": i + 1},
+                            {**{k: g.get_state() for k, g in rngs.items()}, "torch": torch.get_rng_state()})
+                if interrupted or (args.stop_after_steps and sched.last_epoch >= args.stop_after_steps):
+                    save(path, *snapshot)
+                    why = "interrupted" if interrupted else f"stopped after {sched.last_epoch} steps (--stop-after-steps)"
+                    print(f"{why}: saved {path} at epoch {epoch + 1}, batch {i + 1}; continue with --resume")
+                    if interrupted:
+                        sys.exit(130)
+                    return False
+            opt.zero_grad(set_to_none=True)                            # drop a partial accumulation
+            pos = {**pos, "epoch": epoch + 1, "batch": 0}
+            line = "  ".join(f"{k} {v / max(n, 1):.4f}" for k, v in sums.items())
+            line += f"  lr {sched.get_last_lr()[0]:.2e}  {n * args.batch / (time.time() - t0):.0f} img/s"
+            score = None
+            if validate is not None:
+                score, text = validate()
+                line += "  " + text
+            print(f"epoch {epoch + 1:3d}/{args.epochs}  {line}")
+            rng_states = {**{k: g.get_state() for k, g in rngs.items()}, "torch": torch.get_rng_state()}
+            if score is not None and (pos["best"] is None or score > pos["best"]):
+                pos["best"] = score
+                save(path.replace(".pt", "_best.pt"), pos, rng_states)
+            save(path, pos, rng_states)
+    except torch.cuda.OutOfMemoryError:
+        raise DataError(f"GPU out of memory with --batch {args.batch}; pass a smaller --batch, or --batch "
+                        f"{args.batch // 2} --accum {2 * args.accum} to keep the effective batch")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return True
 
 
 @torch.no_grad()
@@ -382,10 +488,10 @@ def main(argv=None):
 
 def run(args):
     seed_everything(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    rngs = {"sampler": torch.Generator().manual_seed(args.seed), "text": torch.Generator().manual_seed(args.seed + 1)}
     torch.backends.cuda.matmul.allow_tf32 = True
+    prepare_out(args)
     data = load_data(args.data, args.data_root, args.seed, text=args.text, skip_bad_images=args.skip_bad_images)
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "cvlp.pt")
 
     teacher = load_clip(args, args.device) if (args.init == "clip" or args.lam < 1) else None
@@ -400,36 +506,24 @@ def run(args):
     text = tokenize_corpus(data.corpus, context_length(student), cache_dir=args.data_root if args.data == "shapes_lt" else args.out)
 
     transform = make_transform(args.image_size, *clip_mean_std(), train=True, crop_scale=DATASETS[args.data]["crop_scale"])
-    loader = make_loader(data.train, transform, args, sampling=args.sampling, generator=generator)
-    if len(loader) == 0:
-        raise DataError(f"--batch {args.batch} is larger than the training set ({len(data.train.labels)} images)")
+    loader = make_loader(data.train, transform, args, sampling=args.sampling, generator=rngs["sampler"])
+    if len(loader) < args.accum:
+        raise DataError(f"--batch {args.batch} x --accum {args.accum} is larger than the training set "
+                        f"({len(data.train.labels)} images); lower --batch")
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd,
                             fused=str(args.device).startswith("cuda"))
-    sched = cosine_schedule(opt, args.epochs * len(loader), int(args.warmup * len(loader)))
-    start = 0
-    if args.resume and os.path.exists(path):
-        ckpt = load_checkpoint(path, "cvlp", "python cvlp.py")
-        student.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        generator.set_state(ckpt["generator"])
-        start = ckpt["epoch"] + 1
-        print(f"resumed from {path} at epoch {start}")
+    steps = len(loader) // args.accum
+    sched = cosine_schedule(opt, args.epochs * steps, int(args.warmup * steps))
+
+    def batch_loss(x, y):
+        T = text["tokens"][sample_sentences(text["offsets"], y.cpu(), rngs["text"])]   # (N, L) one sentence per image
+        return cvlp_loss(student, teacher, x, y, T.long().to(args.device, non_blocking=True), args)
 
     print(f"cvlp: {args.data} {args.backbone} {len(data.train.labels)} images, {len(text['tokens'])} sentences, "
-          f"{args.epochs} epochs x {len(loader)} steps, lam {args.lam}, variant {args.variant}, device {args.device}")
-    for epoch in range(start, args.epochs):
-        stats, speed = train_one_epoch(student, teacher, loader, text, opt, sched, args, epoch, generator)
-        print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {stats['loss']:.4f}  L_ccl {stats['ccl']:.4f}  "
-              f"L_dis {stats['dis']:.4f}  tau {1 / student.logit_scale.exp().clamp(max=100).item():.4f}  "
-              f"lr {sched.get_last_lr()[0]:.2e}  {speed:.0f} img/s")
-        save_checkpoint(path, {"stage": "cvlp", "model": {k: v.detach().cpu() for k, v in student.state_dict().items()},
-                               "args": vars(args), "epoch": epoch, "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "generator": generator.get_state(),
-                               "num_classes": data.num_classes})
-        if args.stop_after_steps and sched.last_epoch >= args.stop_after_steps:
-            print(f"stopped after {sched.last_epoch} steps (--stop-after-steps)")
-            break
+          f"{args.epochs} epochs x {steps} steps, lam {args.lam}, variant {args.variant}, device {args.device}")
+    student.train()
+    if not fit(student, batch_loss, loader, opt, sched, args, path, checkpoint_meta(args, "cvlp", data.num_classes), rngs):
+        return                                                   # stopped early: the checkpoint is written
     acc = class_prototype_accuracy(student, data, text, args)
     print(f"cvlp done: val top-1 with sentence-mean class prototypes {acc:.1%}; wrote {path}")
 

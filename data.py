@@ -39,6 +39,7 @@ DATASETS = {
 # Shot splits by training images per class (SPEC §4). The paper writes many >= 100 and few <= 20,
 # which overlap with medium (20~100); we use the common LTR convention: many > 100, few < 20.
 MANY_ABOVE, FEW_BELOW = 100, 20
+CODE_VERSION = "0.1.0"   # recorded in every checkpoint
 
 
 class DataError(Exception):
@@ -680,6 +681,24 @@ def make_sampler(labels, kind="sqrt", generator=None):
     counts = np.bincount(labels)
     weights = torch.as_tensor(counts[labels], dtype=torch.float64) ** -0.5
     return torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Wraps a sampler so that an epoch can start part-way through, for exact resume: the first `skip`
+    indices of the epoch's draw are consumed without loading their images. The caller restores the
+    draw's random state and sets `skip`; the training loop resets it to 0 after that epoch."""
+
+    def __init__(self, sampler):
+        self.sampler, self.skip = sampler, 0
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
+
+    def __iter__(self):
+        it = iter(self.sampler)
+        for _ in range(self.skip):
+            next(it)
+        yield from it
 
 
 # ----------------------------------------------------------------------------------------------

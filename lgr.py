@@ -11,15 +11,14 @@ added to a plain MLP classifier on E^I (Eq. 7). Both branches are trained with c
 import argparse
 import math
 import os
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from anss import load_encoder, suffix
-from cvlp import (autocast, clip_mean_std, cosine_schedule, fill_defaults, load_checkpoint, make_loader,
-                  save_checkpoint, seed_everything)
+from cvlp import (autocast, checkpoint_meta, clip_mean_std, cosine_schedule, fill_defaults, fit, load_checkpoint,
+                  make_loader, prepare_out, seed_everything)
 from data import DATASETS, DataError, fail, load_data, make_transform, progress, shot_split
 
 
@@ -48,6 +47,8 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
     p.add_argument("--resume", action="store_true", help="continue this stage from <out>/<head>.pt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--accum", type=int, default=1, help="optimiser step every N batches (effective batch N x --batch)")
+    p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--stop-after-steps", type=int, default=0, help="debug: stop (and save) after this many steps")
     args = fill_defaults(p.parse_args(argv))
     # The paper's baseline is fine-tuned for twice the epochs of LGR (100 vs 50 + 50 CVLP, Sec. 4.3).
@@ -147,6 +148,9 @@ def build_recognizer(args, device, ckpt=None):
         a = load_checkpoint(os.path.join(args.out, f"anchor_embeds{suffix(args)}.pt"), "anss",
                             f"python anss.py --data {args.data}" + (" --init clip" if args.init == "clip" else ""))
         anchors, mask = a["embeds"], a["mask"]
+        if (a.get("data"), len(anchors)) != (args.data, args.num_classes):
+            raise DataError(f"anchor_embeds{suffix(args)}.pt holds {len(anchors)} classes of {a.get('data')}, this run "
+                            f"{args.num_classes} of {args.data}; rerun anss.py with this --data and --out")
         if anchors.shape[-1] != D:
             raise DataError(f"anchor_embeds.pt has D = {anchors.shape[-1]}, the encoder D = {D}; rerun anss.py")
     C = len(anchors) if anchors is not None else args.num_classes
@@ -194,32 +198,12 @@ def accuracy_by_shot(pred, y, counts):
 # Training
 
 
-def train_one_epoch(model, loader, opt, sched, args, epoch):
-    model.train()
-    if args.freeze_visual:
-        model.visual.eval()
-    total, n, t0 = 0.0, 0, time.time()
-    bar = progress(loader, desc=f"{args.head} {epoch + 1}/{args.epochs}", unit="batch")
-    for x, y in bar:
-        x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
-        with autocast(args.device):
-            logits_I, logits_T, _ = model(x)
-            if logits_T is None:
-                loss = F.cross_entropy(logits_I.float(), y)                   # FC baseline
-            else:
-                loss = recognition_loss(logits_I.float(), logits_T.float(), y)   # Eq. (9)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if args.stop_after_steps and sched.last_epoch >= args.stop_after_steps:
-            break
-        total += loss.item()
-        n += 1
-        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{n * len(y) / (time.time() - t0):.0f}")
-    if not math.isfinite(total):
-        raise DataError(f"loss became {total} in epoch {epoch + 1}; lower --lr ({args.head}.pt keeps the last good epoch)")
-    return total / max(n, 1), n * args.batch / (time.time() - t0)
+def lgr_loss(model, x, y):
+    """The loss of one fine-tuning batch: Eq. (9) for the LGR head, plain cross-entropy for the FC baseline."""
+    logits_I, logits_T, _ = model(x)
+    if logits_T is None:
+        return F.cross_entropy(logits_I.float(), y), {}
+    return recognition_loss(logits_I.float(), logits_T.float(), y), {}
 
 
 def main(argv=None):
@@ -232,7 +216,8 @@ def main(argv=None):
 
 def run(args):
     seed_everything(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    rngs = {"sampler": torch.Generator().manual_seed(args.seed)}
+    prepare_out(args)
     data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
     args.num_classes = data.num_classes
     path = os.path.join(args.out, f"{args.head}{suffix(args)}.pt")   # lgr.pt, fc.pt; fc_clip.pt = the baseline
@@ -242,38 +227,34 @@ def run(args):
 
     mean_std = clip_mean_std()
     loader = make_loader(data.train, make_transform(args.image_size, *mean_std, train=True,
-                         crop_scale=DATASETS[args.data]["crop_scale"]), args, sampling=args.sampling, generator=generator)
+                         crop_scale=DATASETS[args.data]["crop_scale"]), args, sampling=args.sampling, generator=rngs["sampler"])
+    if len(loader) < args.accum:
+        raise DataError(f"--batch {args.batch} x --accum {args.accum} is larger than the training set "
+                        f"({len(data.train.labels)} images); lower --batch")
     val_loader = make_loader(data.val, make_transform(args.image_size, *mean_std, train=False), args)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd,
-                            fused=str(args.device).startswith("cuda"))
-    sched = cosine_schedule(opt, args.epochs * len(loader), int(args.warmup * len(loader)))
-    start = 0
-    if args.resume and os.path.exists(path):
-        ckpt = load_checkpoint(path, "lgr", f"python lgr.py --head {args.head} --init {args.init}")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        generator.set_state(ckpt["generator"])
-        start = ckpt["epoch"] + 1
-        print(f"resumed from {path} at epoch {start}")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
+                            weight_decay=args.wd, fused=str(args.device).startswith("cuda"))
+    steps = len(loader) // args.accum
+    sched = cosine_schedule(opt, args.epochs * steps, int(args.warmup * steps))
 
-    print(f"{args.head}: {args.data} {args.backbone} init {args.init}, {args.epochs} epochs x {len(loader)} steps, "
-          f"lr {args.lr}, visual {'frozen' if args.freeze_visual else 'fine-tuned'}, device {args.device}")
-    for epoch in range(start, args.epochs):
-        loss, speed = train_one_epoch(model, loader, opt, sched, args, epoch)
+    def train_mode():
+        model.train()
+        if args.freeze_visual:
+            model.visual.eval()
+
+    def validate():
         preds, y = predict(model, val_loader, args, desc="val")
         acc = accuracy_by_shot(preds["P"], y, data.counts)
-        print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  val top-1 {acc['overall']:.1f} "
-              f"(many {acc['many']:.1f} / medium {acc['medium']:.1f} / few {acc['few']:.1f})  {speed:.0f} img/s")
-        save_checkpoint(path, {"stage": "lgr", "head": args.head, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                               "args": vars(args), "epoch": epoch, "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "generator": generator.get_state(),
-                               "num_classes": data.num_classes, "val": {k: v for k, v in acc.items() if k != "per_class"}})
-        if args.stop_after_steps and sched.last_epoch >= args.stop_after_steps:
-            print(f"stopped after {sched.last_epoch} steps (--stop-after-steps)")
-            break
-    print(f"wrote {path}")
+        train_mode()
+        return acc["overall"], (f"val top-1 {acc['overall']:.1f} (many {acc['many']:.1f} / medium {acc['medium']:.1f}"
+                                f" / few {acc['few']:.1f})")
+
+    print(f"{args.head}: {args.data} {args.backbone} init {args.init}, {args.epochs} epochs x {steps} steps, "
+          f"lr {args.lr}, visual {'frozen' if args.freeze_visual else 'fine-tuned'}, device {args.device}")
+    train_mode()
+    meta = {**checkpoint_meta(args, "lgr", data.num_classes), "head": args.head, "init": args.init}
+    fit(model, lambda x, y: lgr_loss(model, x, y), loader, opt, sched, args, path, meta, rngs, validate)
+    print(f"wrote {path} (last) and {os.path.basename(path).replace('.pt', '_best.pt')} (best val)")
 
 
 if __name__ == "__main__":

@@ -17,12 +17,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(shapes_env, tmp_path_factory):
     """cvlp -> anss -> lgr (LGR and the CLIP + FC baseline) -> evaluate, in one temporary run folder."""
-    root, out = tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("run")
-    clip = root / "clip.pt"                       # stands in for --clip-weights: no stand-in training here
-    torch.manual_seed(0)
-    torch.save(cvlp.create_clip("shapes-tiny", 32).state_dict(), clip)
+    root, clip, out = shapes_env["root"], shapes_env["clip"], tmp_path_factory.mktemp("run")
     common = ["--data", "shapes_lt", "--data-root", str(root), "--out", str(out), "--device", "cpu"]
     short = ["--epochs", "1", "--stop-after-steps", "2", "--batch", "32"]
     cvlp.main(common + ["--clip-weights", str(clip)] + short)
@@ -72,16 +69,6 @@ def test_eval_json_reports_every_head_by_shot_split(run):
         assert len(r[head]["per_class"]) == 100
 
 
-def test_resume_continues_after_the_saved_epoch(run, capsys):
-    out = run["out"] / "resume"
-    args = run["common"][:5] + [str(out)] + run["common"][6:] + ["--clip-weights", str(run["clip"]), "--batch", "32"]
-    cvlp.main(args + ["--epochs", "2", "--stop-after-steps", "1"])
-    assert torch.load(out / "cvlp.pt", weights_only=True)["epoch"] == 0
-    cvlp.main(args + ["--epochs", "2", "--stop-after-steps", "2", "--resume"])
-    assert "resumed" in capsys.readouterr().out
-    assert torch.load(out / "cvlp.pt", weights_only=True)["epoch"] == 1
-
-
 def test_missing_previous_stage_names_the_command_that_makes_it(run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         anss.main(["--data", "shapes_lt", "--data-root", str(run["root"]), "--out", str(tmp_path), "--device", "cpu"])
@@ -109,3 +96,14 @@ def test_unknown_dataset_is_one_line_without_traceback():
     p = subprocess.run([sys.executable, "cvlp.py", "--data", "imagenet_1k"], cwd=HERE, capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.startswith("error: unknown --data 'imagenet_1k'") and "Traceback" not in p.stderr
+
+
+def test_M_larger_than_every_corpus_keeps_all_sentences_padded_and_masked(run, tmp_path, capsys):
+    anss.main(["--data", "shapes_lt", "--data-root", str(run["root"]), "--out", str(tmp_path), "--device", "cpu",
+               "--init", "clip", "--clip-weights", str(run["clip"]), "--M", "300"])   # shapes_lt: 85..280 per class
+    assert "larger than every class's corpus" in capsys.readouterr().out
+    a = torch.load(tmp_path / "anchor_embeds_clip.pt", weights_only=True)
+    sizes = [len(c["sentences"]) for c in json.loads((tmp_path / "anchors_clip.json").read_text())["classes"]]
+    assert a["embeds"].shape[:2] == (100, 300)
+    assert a["mask"].sum(1).tolist() == sizes and max(sizes) < 300   # every sentence kept, the rest masked
+    assert (a["embeds"][~a["mask"]] == 0).all()                      # padding rows are zeros

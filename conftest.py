@@ -1,0 +1,18 @@
+"""Shared pytest fixtures: one generated shapes_lt world and one tiny random CLIP per test session."""
+import pytest
+import torch
+
+import cvlp
+import data
+
+
+@pytest.fixture(scope="session")
+def shapes_env(tmp_path_factory):
+    """{"root": a data root holding the cached shapes_lt world (seed 0), "clip": a random shapes-tiny CLIP
+    state dict to pass as --clip-weights (so no test trains the stand-in)}."""
+    root = tmp_path_factory.mktemp("shapes_lt")
+    data.load_data("shapes_lt", str(root), seed=0)             # generates and caches the world once
+    clip = root / "clip.pt"
+    torch.manual_seed(0)
+    torch.save(cvlp.create_clip("shapes-tiny", 32).state_dict(), clip)
+    return {"root": root, "clip": clip}
