@@ -164,7 +164,8 @@ def run(args):
         **checkpoint_meta(args, "anss", data.num_classes), "init": args.init, "select": args.select, "embeds": E_T[index.to(E_T.device)].cpu() * mask[..., None], "mask": mask,  # (C, M, D), (C, M)
         "args": vars(args)})
     print(f"anss: {args.select}, M = {args.M}, {int(mask.sum())} anchors for {data.num_classes} classes "
-          f"({int((~mask).any(1).sum())} classes padded); wrote {args.out}/anchors{suffix(args)}.json, anchor_embeds{suffix(args)}.pt")
+          f"({int((~mask).any(1).sum())} classes padded); wrote anchors{suffix(args)}.json, "
+          f"anchor_embeds{suffix(args)}.pt in {args.out}")
     if data.corpus.informative is not None:                     # shapes_lt: ground truth is known
         rows = {"cutoff": select_anchors(None, text["offsets"], args.M), args.select: (index, mask)}
         for name, (idx, msk) in rows.items():

@@ -17,10 +17,12 @@ import sys
 import time
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
-from data import (CODE_VERSION, DATASETS, SHAPES_VERSION, DataError, ImageDataset, ResumableSampler, atomic_write, fail, load_data, make_sampler,
-                  make_transform, progress, shapes_caption_pairs, tokenize_corpus)
+
+from data import (CODE_VERSION, DATASETS, SHAPES_VERSION, DataError, ImageDataset, ResumableSampler, atomic_write,
+                  fail, load_data, make_sampler, make_transform, progress, shapes_caption_pairs, tokenize_corpus)
 
 
 def get_args(argv=None):
@@ -141,7 +143,6 @@ STANDIN_VERSION = 1   # bump when the stand-in's recipe changes: cached weights 
 
 def create_clip(backbone, image_size):
     """A randomly initialised open_clip CLIP: RN50, ViT-B-16, ... or the shapes-tiny stand-in."""
-    import open_clip
     if backbone == "shapes-tiny":
         cfg = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "image_size": image_size}}
         return open_clip.CLIP(**cfg)
@@ -173,7 +174,6 @@ def interpolate_pos_embed(state_dict, model):
 
 def load_clip_file(model, path):
     """Load a local CLIP state dict (plain, {'state_dict': ...}, 'module.'-prefixed) into model."""
-    import open_clip
     try:
         sd = open_clip.factory.load_state_dict(path)              # weights_only=True inside
     except Exception as e:
@@ -201,7 +201,6 @@ def load_clip(args, device="cpu"):
         if not os.path.exists(path):
             train_clip_standin(model, args, path, device)
         return load_clip_file(model, path).to(device)
-    import open_clip
     try:
         path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(args.backbone, "openai"))
     except Exception as e:
@@ -218,7 +217,6 @@ def train_clip_standin(model, args, path, device, n_pairs=20000, steps=300, batc
     print(f"training the shapes_lt CLIP stand-in ({steps} steps), cached at {path}")
     g = torch.Generator().manual_seed(args.seed)
     images, captions = shapes_caption_pairs(n_pairs, args.seed, args.image_size)
-    import open_clip
     tokens = open_clip.get_tokenizer("RN50")(captions, context_length=context_length(model))     # (n, L)
     transform = make_transform(args.image_size, *clip_mean_std(), train=True, crop_scale=(0.5, 1.0))
     model.to(device).train()

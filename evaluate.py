@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 
+import open_clip
 import torch
 import torch.nn.functional as F
 
@@ -46,7 +47,6 @@ def get_args(argv=None):
 @torch.no_grad()
 def zero_shot_classifier(model, classnames, device):
     """CLIP's zero-shot classifier: per class the normalised mean of its 80 prompt embeddings (C, D)."""
-    import open_clip
     tokenizer = open_clip.get_tokenizer("RN50")
     weights = [F.normalize(encode_texts(model, tokenizer(prompt_sentences(n), context_length=context_length(model)),
                                         device).mean(0), dim=-1) for n in classnames]
