@@ -4,6 +4,7 @@ Paper Sec. 4.1 (datasets, text descriptions) and Sec. 4.2 (shot splits); SPEC.md
 
     python data.py --data shapes_lt            # summary + contact sheet, no download
     python data.py --data imagenet_lt --data-root data/imagenet
+    python data.py --data imagenet_lt --data-root data/imagenet --skip-bad-images   # + decode every image once
 
 This is the one file that knows about datasets. Every dataset becomes an `LTData`: the class
 names, three `Split`s (train / val / test) and a `Corpus` (per class, a list of sentences).
@@ -21,6 +22,7 @@ import math
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +55,14 @@ def fail(message):
     message = re.sub(r"^(data\.)?DataError: ", "", message)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def run_stage(run, args):
+    """Run a stage's run(args): bad input ends in the one-line error of fail(), never a traceback."""
+    try:
+        run(args)
+    except DataError as e:
+        fail(e)
 
 
 def progress(iterable, **kwargs):
@@ -132,14 +142,21 @@ def build_corpus(classnames, descriptions, informative=None, prompts=True):
     """Corpus with the 80 prompt sentences prepended to each class's description sentences.
 
     descriptions: [C][k] str; informative: optional [C][k] bool; prompts=False gives descriptions only.
+    Empty or whitespace-only sentences are dropped. A class left with no sentence at all (prompts=False
+    and no description) keeps an empty list, with one warning: the stages pad and mask such classes.
     """
     sentences, source, flags = [], [], []
     for c, name in enumerate(classnames):
+        keep = [i for i, s in enumerate(descriptions[c]) if s.strip()]
         p = prompt_sentences(name) if prompts else []
-        sentences.append(p + list(descriptions[c]))
-        source.append(["template"] * len(p) + ["description"] * len(descriptions[c]))
+        sentences.append(p + [descriptions[c][i] for i in keep])
+        source.append(["template"] * len(p) + ["description"] * len(keep))
         if informative is not None:
-            flags.append([True] * len(p) + list(informative[c]))
+            flags.append([True] * len(p) + [informative[c][i] for i in keep])
+    empty = sum(not s for s in sentences)
+    if empty:
+        warn(f"{empty} of {len(classnames)} classes have no text at all (no description, no prompt templates); "
+             "they get no sentence to train on")
     return Corpus(sentences, source, flags if informative is not None else None)
 
 
@@ -429,9 +446,11 @@ def read_descriptions(root, num_classes, wiki=True):
 
 
 def check_root(root, layout):
-    """The data root must exist; the message lists what belongs in it."""
+    """The data root must exist and hold something; the message lists what belongs in it."""
     if not os.path.isdir(root):
         raise DataError(f"data root {root} not found; expected {layout}; pass --data-root")
+    if not os.listdir(root):
+        raise DataError(f"data root {root} is empty; expected {layout}; finish the download or pass --data-root")
 
 
 def check_image(path, where):
@@ -441,9 +460,10 @@ def check_image(path, where):
                         "or remove the line")
 
 
-def read_split_file(path, root, num_classes=None):
+def read_split_file(path, root, num_classes=None, check_images=True):
     """A split file of "relative/path label" lines -> Split. Labels must lie in 0..num_classes-1
-    (only >= 0 when num_classes is None: the train split is checked against the class list after)."""
+    (only >= 0 when num_classes is None: the train split is checked against the class list after).
+    check_images=False (--skip-bad-images): missing images are left to skip_unreadable()."""
     if not os.path.isfile(path):
         raise DataError(f"split file {path} not found; put the official split files under {root} or pass --data-root")
     images, labels, lines = [], [], []
@@ -460,7 +480,8 @@ def read_split_file(path, root, num_classes=None):
                 valid = f"0..{num_classes - 1}" if num_classes is not None else "0 or more"
                 raise DataError(f"{where}: label {label} out of range (valid: {valid}); fix the line")
             image = os.path.join(root, parts[0])
-            check_image(image, where)
+            if check_images:
+                check_image(image, where)
             images.append(image)
             labels.append(label)
             lines.append(where)
@@ -496,8 +517,45 @@ def read_class_list(path, pattern):
     return [names[i] for i in range(len(names))]
 
 
-def make_lt_data(name, classnames, train, val, test, root, wiki):
-    """Assemble LTData: warn once about classes without training images, build the text corpus."""
+def readable(path):
+    """True when PIL opens and fully decodes the image, as ImageDataset will (False also when it is missing)."""
+    try:
+        load_rgb(path)
+        return True
+    except DataError:
+        return False
+
+
+def drop_unreadable(split):
+    """Split -> (the Split without its unreadable or missing images, [(path, "file:line")] of those dropped).
+    Decodes every image once, in threads: PIL releases the GIL while it decodes."""
+    with ThreadPoolExecutor() as pool:
+        ok = list(progress(pool.map(readable, split.images), total=len(split.images), desc="checking images", unit="img"))
+    keep = [i for i, good in enumerate(ok) if good]
+    dropped = [(split.images[i], split.lines[i]) for i, good in enumerate(ok) if not good]
+    if not keep:
+        raise DataError(f"none of the {len(ok)} images listed in {split.lines[0].rsplit(':', 1)[0]} can be read "
+                        f"(first: {split.images[0]}); check --data-root")
+    return Split([split.images[i] for i in keep], split.labels[keep], [split.lines[i] for i in keep]), dropped
+
+
+def skip_unreadable(train, val, test):
+    """--skip-bad-images: drop the unreadable images of the three splits, with one summarised warning."""
+    train, bad_train = drop_unreadable(train)
+    new_val, bad_val = drop_unreadable(val)
+    test, bad_test = (new_val, []) if test is val else drop_unreadable(test)   # iNat: val serves as test
+    bad = bad_train + bad_val + bad_test
+    if bad:
+        warn(f"skipped {len(bad)} unreadable images (first: {bad[0][0]} at {bad[0][1]}); --skip-bad-images left "
+             f"them out (train {len(bad_train)}, val {len(bad_val)}, test {len(bad_test)})")
+    return train, new_val, test
+
+
+def make_lt_data(name, classnames, train, val, test, root, wiki, skip_bad_images=False):
+    """Assemble LTData: drop unreadable images if asked, warn once about classes without training images,
+    build the text corpus."""
+    if skip_bad_images:
+        train, val, test = skip_unreadable(train, val, test)
     empty = int((np.bincount(train.labels, minlength=len(classnames)) == 0).sum())
     if empty:
         warn(f"{empty} of {len(classnames)} classes have no training images in {name}")
@@ -505,17 +563,18 @@ def make_lt_data(name, classnames, train, val, test, root, wiki):
     return LTData(name, classnames, train, val, test, build_corpus(classnames, descriptions))
 
 
-def load_txt_splits(name, root, prefix, classnames, names_file, wiki):
+def load_txt_splits(name, root, prefix, classnames, names_file, wiki, skip_bad_images=False):
     """ImageNet-LT and Places-LT: <prefix>_{train,val,test}.txt under root, plus the wiki corpus."""
     split_path = lambda s: os.path.join(root, f"{prefix}_{s}.txt")
-    train = read_split_file(split_path("train"), root)
+    check = not skip_bad_images
+    train = read_split_file(split_path("train"), root, check_images=check)
     check_class_count(train, len(classnames), names_file)
-    val = read_split_file(split_path("val"), root, len(classnames))
-    test = read_split_file(split_path("test"), root, len(classnames))
-    return make_lt_data(name, classnames, train, val, test, root, wiki)
+    val = read_split_file(split_path("val"), root, len(classnames), check_images=check)
+    test = read_split_file(split_path("test"), root, len(classnames), check_images=check)
+    return make_lt_data(name, classnames, train, val, test, root, wiki, skip_bad_images)
 
 
-def load_imagenet_lt(root, wiki=True):
+def load_imagenet_lt(root, wiki=True, skip_bad_images=False):
     """ImageNet-LT (1000 classes, 115.8K train images, Liu et al. 2019), official split files.
 
     Class names from <root>/labels.txt ("wnid index name") if present, else open_clip's
@@ -529,7 +588,7 @@ def load_imagenet_lt(root, wiki=True):
     else:
         from open_clip import IMAGENET_CLASSNAMES
         classnames, names_file = list(IMAGENET_CLASSNAMES), "open_clip's IMAGENET_CLASSNAMES (no labels.txt)"
-    return load_txt_splits("imagenet_lt", root, "ImageNet_LT", classnames, names_file, wiki)
+    return load_txt_splits("imagenet_lt", root, "ImageNet_LT", classnames, names_file, wiki, skip_bad_images)
 
 
 def places_name(raw):
@@ -537,7 +596,7 @@ def places_name(raw):
     return re.sub(r"^/[a-z]/", "", raw).replace("/", " ").replace("_", " ").strip()
 
 
-def load_places_lt(root, wiki=True):
+def load_places_lt(root, wiki=True, skip_bad_images=False):
     """Places-LT (365 classes, 62.5K train images, Liu et al. 2019); labels.txt ("name index") is required."""
     check_root(root, "Places_LT_{train,val,test}.txt, labels.txt ('name index' per line), the images "
                      "they list and optional wiki/desc_<index>.txt")
@@ -546,7 +605,7 @@ def load_places_lt(root, wiki=True):
         raise DataError(f"{names_file} not found; Places-LT needs the class list, one 'name index' per line "
                         "(e.g. '/a/abbey 0', Places365's categories_places365.txt)")
     classnames = [places_name(n) for n in read_class_list(names_file, PLACES_LABEL_LINE)]
-    return load_txt_splits("places_lt", root, "Places_LT", classnames, names_file, wiki)
+    return load_txt_splits("places_lt", root, "Places_LT", classnames, names_file, wiki, skip_bad_images)
 
 
 def read_json(path):
@@ -560,7 +619,7 @@ def read_json(path):
         raise DataError(f"{path} is not valid JSON ({e}); re-download it")
 
 
-def read_coco_split(path, root, class_of):
+def read_coco_split(path, root, class_of, check_images=True):
     """COCO-style iNat json ("images" [{id, file_name}], "annotations" [{image_id, category_id}]) -> Split.
     class_of: category id -> class index. Lines are "<file>:annotations[<i>]"."""
     d = read_json(path)
@@ -577,14 +636,15 @@ def read_coco_split(path, root, class_of):
             raise DataError(f"{where}: category_id {category} or image_id {image_id} not defined "
                             "(categories.json / 'images'); use matching json files")
         image = os.path.join(root, files[image_id])
-        check_image(image, where)
+        if check_images:
+            check_image(image, where)
         images.append(image)
         labels.append(class_of[category])
         lines.append(where)
     return Split(images, np.array(labels, dtype=np.int64), lines)
 
 
-def load_inat2018(root, wiki=True):
+def load_inat2018(root, wiki=True, skip_bad_images=False):
     """iNaturalist 2018 (8142 classes, 437.5K train images). The paper reports on val: val = test here.
 
     Classes are the categories.json entries sorted by id (ids 0..8141 in the official file, so
@@ -598,16 +658,18 @@ def load_inat2018(root, wiki=True):
     except (KeyError, TypeError):
         raise DataError(f"{root}/categories.json: expected a list of {{id, name, ...}}; re-download it")
     class_of = {c["id"]: i for i, c in enumerate(categories)}
-    train = read_coco_split(os.path.join(root, "train2018.json"), root, class_of)
-    val = read_coco_split(os.path.join(root, "val2018.json"), root, class_of)
-    return make_lt_data("inat2018", classnames, train, val, val, root, wiki)
+    train = read_coco_split(os.path.join(root, "train2018.json"), root, class_of, not skip_bad_images)
+    val = read_coco_split(os.path.join(root, "val2018.json"), root, class_of, not skip_bad_images)
+    return make_lt_data("inat2018", classnames, train, val, val, root, wiki, skip_bad_images)
 
 # REAL-DATASETS-END
 
 
 def load_data(name, root=None, seed=0, text="wiki+prompt", skip_bad_images=False):
     """The one entry point: dataset name -> LTData. text: "wiki+prompt" (default) or "prompt" only.
-    skip_bad_images: drop unreadable images (one summarised warning) instead of failing on them later."""
+    skip_bad_images: decode every listed image once now and drop the missing or unreadable ones, with one
+    summarised warning. Without it a missing image is an error here and a corrupt one an error (naming
+    file and split line) when it is loaded. shapes_lt lives in memory: nothing to check."""
     if name not in DATASETS:
         raise DataError(f"unknown --data {name!r}; choose one of: {', '.join(DATASETS)}")
     root = root or DATASETS[name]["root"]
@@ -615,7 +677,7 @@ def load_data(name, root=None, seed=0, text="wiki+prompt", skip_bad_images=False
         data = load_shapes_lt(root, seed)
     else:
         data = {"imagenet_lt": load_imagenet_lt, "places_lt": load_places_lt,
-                "inat2018": load_inat2018}[name](root, wiki=text != "prompt")
+                "inat2018": load_inat2018}[name](root, wiki=text != "prompt", skip_bad_images=skip_bad_images)
     if text == "prompt":
         data.corpus = prompt_only(data.corpus)
     return data
@@ -705,38 +767,53 @@ class ResumableSampler(torch.utils.data.Sampler):
 # Text: tokenised once, cached
 
 
+def tokenize_exact(sentences, context_length):
+    """[S] str -> ((S, L) int64 tokens cut like open_clip cuts them (EOT kept last), number of sentences
+    longer than L). Tokenising to L + 1 and cutting gives the same tokens, and a token in slot L + 1 tells
+    exactly which sentences did not fit (an EOT in slot L may also be a sentence that just fits)."""
+    import open_clip
+    tokenizer = open_clip.get_tokenizer("RN50")
+    tokens = [tokenizer(sentences[i:i + 4096], context_length=context_length + 1) for i in range(0, len(sentences), 4096)]
+    tokens = torch.cat(tokens) if tokens else torch.zeros(0, context_length + 1, dtype=torch.long)
+    cut = tokens[:, -1] != 0                                     # (S,) longer than the context
+    tokens = tokens[:, :context_length].clone()                  # (S, L)
+    tokens[cut, -1] = tokenizer.eot_token_id
+    return tokens, int(cut.sum())
+
+
 def tokenize_corpus(corpus, context_length=77, cache_dir=None):
     """All sentences, flattened class by class, tokenised once with the open_clip BPE tokenizer.
 
     Returns {"tokens": (S, L) int32, "label": (S,) int64 class of each sentence,
              "offsets": (C + 1,) int64, class c owns sentences offsets[c]:offsets[c+1],
              "truncated": number of sentences longer than the context (cut, EOT kept last)}.
-    Cached under cache_dir, keyed by a hash of the sentences and the context length.
+    Cached under cache_dir, keyed by a hash of the sentences and the context length. One warning when
+    some sentences were truncated (also on a cache hit: the count is in the cache).
     """
     flat = [s for sents in corpus.sentences for s in sents]
-    key = hashlib.sha1(("\n".join(flat) + f"|{context_length}").encode()).hexdigest()[:16]
+    key = hashlib.sha1(("\n".join(flat) + f"|{context_length}|v2").encode()).hexdigest()[:16]   # v2: exact count
     path = os.path.join(cache_dir, f"tokens_{key}.pt") if cache_dir else None
+    out = None
     if path and os.path.exists(path):
         try:
-            return torch.load(path, weights_only=True)
+            out = torch.load(path, weights_only=True)
         except Exception:
             pass
-    import open_clip
-    tokenizer = open_clip.get_tokenizer("RN50")
-    sizes = [len(s) for s in corpus.sentences]
-    tokens = [tokenizer(flat[i:i + 4096], context_length=context_length) for i in range(0, len(flat), 4096)]
-    tokens = torch.cat(tokens) if tokens else torch.zeros(0, context_length, dtype=torch.long)
-    eot = tokens.argmax(dim=1)                                   # EOT has the largest id (49407)
-    truncated = int((eot == context_length - 1).sum())         # an EOT in the last slot was (maybe) cut
-    out = {"tokens": tokens.to(torch.int32),
-           "label": torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)),
-           "offsets": torch.tensor([0] + list(np.cumsum(sizes)), dtype=torch.long),
-           "truncated": truncated}
-    if path:
-        try:
-            atomic_write(path, lambda f: torch.save(out, f))
-        except OSError:
-            pass
+    if out is None:
+        tokens, truncated = tokenize_exact(flat, context_length)
+        sizes = [len(s) for s in corpus.sentences]
+        out = {"tokens": tokens.to(torch.int32),
+               "label": torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)),
+               "offsets": torch.tensor([0] + list(np.cumsum(sizes)), dtype=torch.long),
+               "truncated": truncated}
+        if path:
+            try:
+                atomic_write(path, lambda f: torch.save(out, f))
+            except OSError:
+                pass
+    if out["truncated"]:
+        warn(f"{out['truncated']} sentences are longer than the {context_length}-token context and were "
+             "truncated (EOT kept last)")
     return out
 
 
@@ -795,19 +872,21 @@ def summary(data):
     return "\n".join(lines)
 
 
-def get_args():
+def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="shapes_lt", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-root", default=None, help="dataset folder (default: DATASETS[data]['root'])")
     p.add_argument("--seed", type=int, default=0, help="shapes_lt world seed")
     p.add_argument("--sheet", default=None, help="contact sheet PNG (default: runs/<data>/contact_sheet.png)")
-    return p.parse_args()
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="decode every image once; report and leave out the unreadable ones (checks a download)")
+    return p.parse_args(argv)
 
 
-def main():
-    args = get_args()
+def main(argv=None):
+    args = get_args(argv)
     try:
-        data = load_data(args.data, args.data_root, args.seed)
+        data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
         print(summary(data))
         path = contact_sheet(data, args.sheet or os.path.join("runs", args.data, "contact_sheet.png"))
         print(f"contact sheet {path}")
