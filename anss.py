@@ -13,11 +13,10 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from cvlp import (checkpoint_meta, clip_mean_std, context_length, create_clip, encode_images, encode_texts, fill_defaults,
+from cvlp import (checkpoint_meta, clip_mean_std, require_sentences, context_length, create_clip, encode_images, encode_texts, fill_defaults,
                   load_checkpoint, load_clip, make_loader, save_checkpoint, seed_everything)
-from data import DataError, Split, atomic_write, fail, load_data, make_transform, progress, tokenize_corpus
+from data import DataError, Split, atomic_write, load_data, make_transform, run_stage, tokenize_corpus
 
 
 def get_args(argv=None):
@@ -124,11 +123,7 @@ def load_encoder(args, device):
 
 
 def main(argv=None):
-    args = get_args(argv)
-    try:
-        run(args)
-    except DataError as e:
-        fail(e)
+    run_stage(run, get_args(argv))
 
 
 def run(args):
@@ -137,6 +132,7 @@ def run(args):
     model, _ = load_encoder(args, args.device)
     tau = 1 / model.logit_scale.exp().clamp(max=100).item()
     text = tokenize_corpus(data.corpus, context_length(model), cache_dir=args.data_root if args.data == "shapes_lt" else args.out)
+    require_sentences(data, text)
     if args.M > int((text["offsets"][1:] - text["offsets"][:-1]).max()):
         print(f"note: --M {args.M} is larger than every class's corpus; all sentences are kept and padded")
 

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from data import (CODE_VERSION, DATASETS, SHAPES_VERSION, DataError, ImageDataset, ResumableSampler, atomic_write,
-                  fail, load_data, make_sampler, make_transform, progress, shapes_caption_pairs, tokenize_corpus)
+                  fail, load_data, make_sampler, make_transform, progress, run_stage, shapes_caption_pairs,
+                  tokenize_corpus)
 
 
 def get_args(argv=None):
@@ -318,6 +319,15 @@ def make_loader(split, transform, args, sampling=None, generator=None, batch=Non
 # Training
 
 
+def require_sentences(data, text):
+    """Every class needs at least one sentence: CVLP draws one per image, LGR attends over them."""
+    empty = torch.nonzero(text["offsets"][1:] == text["offsets"][:-1]).flatten().tolist()
+    if empty:
+        names = ", ".join(data.classnames[c] for c in empty[:3])
+        raise DataError(f"{len(empty)} classes have no sentences (e.g. {names}); keep the prompt templates "
+                        f"(--text wiki+prompt or prompt) or add description files")
+
+
 def sample_sentences(offsets, y, generator):
     """For each image label y_i, the index of one sentence of class y_i, drawn uniformly (Sec. 3.2)."""
     sizes = offsets[1:] - offsets[:-1]                           # (C,)
@@ -477,11 +487,7 @@ def class_prototype_accuracy(model, data, text, args):
 
 
 def main(argv=None):
-    args = get_args(argv)
-    try:
-        run(args)
-    except DataError as e:
-        fail(e)
+    run_stage(run, get_args(argv))
 
 
 def run(args):
@@ -502,6 +508,7 @@ def run(args):
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     text = tokenize_corpus(data.corpus, context_length(student), cache_dir=args.data_root if args.data == "shapes_lt" else args.out)
+    require_sentences(data, text)
 
     transform = make_transform(args.image_size, *clip_mean_std(), train=True, crop_scale=DATASETS[args.data]["crop_scale"])
     loader = make_loader(data.train, transform, args, sampling=args.sampling, generator=rngs["sampler"])

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from anss import load_encoder
 from cvlp import clip_mean_std, context_length, encode_images, encode_texts, fill_defaults, load_checkpoint, load_clip, make_loader
-from data import DataError, atomic_write, fail, load_data, make_transform, prompt_sentences
+from data import DataError, atomic_write, load_data, make_transform, prompt_sentences, run_stage
 from lgr import accuracy_by_shot, build_recognizer, predict
 
 
@@ -87,11 +87,7 @@ def format_table(results, title):
 
 
 def main(argv=None):
-    args = get_args(argv)
-    try:
-        run(args)
-    except DataError as e:
-        fail(e)
+    run_stage(run, get_args(argv))
 
 
 def run(args):

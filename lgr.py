@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from anss import load_encoder, suffix
 from cvlp import (autocast, checkpoint_meta, clip_mean_std, cosine_schedule, fill_defaults, fit, load_checkpoint,
                   make_loader, prepare_out, seed_everything)
-from data import DATASETS, DataError, fail, load_data, make_transform, progress, shot_split
+from data import DATASETS, DataError, load_data, make_transform, progress, run_stage, shot_split
 
 
 def get_args(argv=None):
@@ -207,11 +207,7 @@ def lgr_loss(model, x, y):
 
 
 def main(argv=None):
-    args = get_args(argv)
-    try:
-        run(args)
-    except DataError as e:
-        fail(e)
+    run_stage(run, get_args(argv))
 
 
 def run(args):
