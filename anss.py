@@ -14,9 +14,10 @@ import os
 import numpy as np
 import torch
 
-from cvlp import (checkpoint_meta, clip_mean_std, require_sentences, context_length, create_clip, encode_images, encode_texts, fill_defaults,
-                  load_checkpoint, load_clip, make_loader, save_checkpoint, seed_everything)
-from data import DataError, Split, atomic_write, load_data, make_transform, run_stage, tokenize_corpus
+from cvlp import (check_meta, checkpoint_meta, clip_mean_std, context_length, create_clip, encode_images, encode_texts,
+                  fill_defaults, load_checkpoint, load_clip, make_loader, prepare_out, require_sentences,
+                  save_checkpoint, seed_everything)
+from data import atomic_write, load_data, make_transform, run_stage, tokenize_corpus
 
 
 def get_args(argv=None):
@@ -114,10 +115,8 @@ def load_encoder(args, device):
         return load_clip(args, device), None
     path = os.path.join(args.out, "cvlp.pt")
     ckpt = load_checkpoint(path, "cvlp", f"python cvlp.py --data {args.data}")
-    a = ckpt["args"]
-    if (a["data"], a["backbone"]) != (args.data, args.backbone):
-        raise DataError(f"{path} was trained on {a['data']}/{a['backbone']}, not {args.data}/{args.backbone}; check --out")
-    model = create_clip(a["backbone"], a["image_size"])
+    check_meta(ckpt, checkpoint_meta(args, "cvlp", args.num_classes), path)
+    model = create_clip(ckpt["backbone"], ckpt["args"]["image_size"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 
@@ -128,7 +127,9 @@ def main(argv=None):
 
 def run(args):
     seed_everything(args.seed)
+    prepare_out(args)
     data = load_data(args.data, args.data_root, args.seed, text=args.text, skip_bad_images=args.skip_bad_images)
+    args.num_classes = data.num_classes
     model, _ = load_encoder(args, args.device)
     tau = 1 / model.logit_scale.exp().clamp(max=100).item()
     text = tokenize_corpus(data.corpus, context_length(model), cache_dir=args.data_root if args.data == "shapes_lt" else args.out)
@@ -138,11 +139,8 @@ def run(args):
 
     E_T = encode_texts(model, text["tokens"], args.device, desc="sentences")      # (S, D)
     if args.select == "anss":
-        sub = image_subset(data.train.labels, args.images_per_class, args.seed)
-        split = Split(data.train.images[sub] if isinstance(data.train.images, np.ndarray)
-                      else [data.train.images[i] for i in sub], data.train.labels[sub],
-                      [data.train.lines[i] for i in sub] if data.train.lines else None)
-        loader = make_loader(split, make_transform(args.image_size, *clip_mean_std(), train=False), args)
+        subset = data.train.subset(image_subset(data.train.labels, args.images_per_class, args.seed))   # I'
+        loader = make_loader(subset, make_transform(args.image_size, *clip_mean_std(), train=False), args)
         E_I, y = encode_images(model.encode_image, loader, args.device, desc="I'")   # (N', D)
         scores = anchor_scores(E_I, y, E_T, text["label"].to(args.device), tau, data.num_classes, args.chunk).cpu()
     else:
@@ -154,11 +152,12 @@ def run(args):
         {"name": name, "sentences": [flat[k] for k in index[c][mask[c]].tolist()],
          "scores": [round(scores[k].item(), 4) for k in index[c][mask[c]].tolist()] if scores is not None else None}
         for c, name in enumerate(data.classnames)]}
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write(os.path.join(args.out, f"anchors{suffix(args)}.json"), lambda f: f.write(json.dumps(anchors, indent=1).encode()))
+    atomic_write(os.path.join(args.out, f"anchors{suffix(args)}.json"),
+                 lambda f: f.write(json.dumps(anchors, indent=1).encode()))
+    embeds = E_T[index.to(E_T.device)].cpu() * mask[..., None]                  # (C, M, D), padding zeroed
     save_checkpoint(os.path.join(args.out, f"anchor_embeds{suffix(args)}.pt"), {
-        **checkpoint_meta(args, "anss", data.num_classes), "init": args.init, "select": args.select, "embeds": E_T[index.to(E_T.device)].cpu() * mask[..., None], "mask": mask,  # (C, M, D), (C, M)
-        "args": vars(args)})
+        **checkpoint_meta(args, "anss", data.num_classes), "init": args.init, "select": args.select,
+        "embeds": embeds, "mask": mask, "args": vars(args)})
     print(f"anss: {args.select}, M = {args.M}, {int(mask.sum())} anchors for {data.num_classes} classes "
           f"({int((~mask).any(1).sum())} classes padded); wrote anchors{suffix(args)}.json, "
           f"anchor_embeds{suffix(args)}.pt in {args.out}")
@@ -168,6 +167,7 @@ def run(args):
             r = precision_report(idx, msk, data.corpus)
             print(f"  {name:<6} informative {r['precision']:.1%} of {r['kept']} kept; description sentences kept "
                   f"{r['descriptions_kept']}, informative among them {r['description_precision']:.1%}")
+
 
 if __name__ == "__main__":
     main()

@@ -139,7 +139,7 @@ def pretraining_loss(L_ccl, L_dis, lam):
 # The small CLIP stand-in for shapes_lt (SPEC §4): a ViT on 32 px images and a 2-layer text transformer.
 TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=4, width=64, layers=2, head_width=32),
                  text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2))
-STANDIN_VERSION = 1   # bump when the stand-in's recipe changes: cached weights are keyed by it and the world's
+STANDIN_VERSION = 2   # bump when the stand-in's recipe changes: cached weights are keyed by it and the world's
 
 
 def create_clip(backbone, image_size):
@@ -214,24 +214,28 @@ def train_clip_standin(model, args, path, device, n_pairs=20000, steps=300, batc
     """Train the small CLIP stand-in on image-caption pairs of the shapes world (SPEC §4).
 
     Instance-wise CLIP training is Eq. (2) with one class per pair (labels 0..N-1 all distinct).
-    Deliberately short: like OpenAI CLIP on ImageNet-LT, it should be good but imperfect zero-shot."""
+    Deliberately short: like OpenAI CLIP on ImageNet-LT, it should be good but imperfect zero-shot.
+    No augmentation: every pair is already a fresh random rendering."""
     print(f"training the shapes_lt CLIP stand-in ({steps} steps), cached at {path}")
     g = torch.Generator().manual_seed(args.seed)
     images, captions = shapes_caption_pairs(n_pairs, args.seed, args.image_size)
     tokens = open_clip.get_tokenizer("RN50")(captions, context_length=context_length(model))     # (n, L)
-    transform = make_transform(args.image_size, *clip_mean_std(), train=True, crop_scale=(0.5, 1.0))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in clip_mean_std())
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)                                       # (n, 3, H, W) uint8
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
-    for _ in progress(range(steps), desc="stand-in CLIP", unit="step"):
+    for step in progress(range(steps), desc="stand-in CLIP", unit="step"):
         idx = torch.randint(len(captions), (batch,), generator=g)
-        x = torch.stack([transform(torch.from_numpy(images[i]).permute(2, 0, 1)) for i in idx.tolist()]).to(device)
+        x = ((pixels[idx].float() / 255 - mean) / std).to(device)
         S = cosine_similarity_matrix(model.encode_image(x), model.encode_text(tokens[idx].to(device)))
         loss = class_wise_contrastive_loss(S, idx.to(device), idx.to(device), 0.07) / 2   # = CLIP loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        if (step + 1) % 100 == 0:
+            print(f"  stand-in step {step + 1}/{steps}  CLIP loss {loss.item():.3f}")
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda f: torch.save(sd, f))
 

@@ -95,6 +95,11 @@ class Split:
     labels: np.ndarray      # (N,) int64 class indices
     lines: list = None      # "file:line" of each image in its split file, for error messages
 
+    def subset(self, index):
+        """The Split restricted to the images at `index` (a list of positions), in that order."""
+        images = self.images[index] if isinstance(self.images, np.ndarray) else [self.images[i] for i in index]
+        return Split(images, self.labels[index], [self.lines[i] for i in index] if self.lines else None)
+
 
 @dataclass
 class Corpus:
@@ -536,7 +541,7 @@ def drop_unreadable(split):
     if not keep:
         raise DataError(f"none of the {len(ok)} images listed in {split.lines[0].rsplit(':', 1)[0]} can be read "
                         f"(first: {split.images[0]}); check --data-root")
-    return Split([split.images[i] for i in keep], split.labels[keep], [split.lines[i] for i in keep]), dropped
+    return split.subset(keep), dropped
 
 
 def skip_unreadable(train, val, test):

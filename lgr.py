@@ -181,15 +181,14 @@ def predict(model, loader, args, desc="eval"):
 
 
 def accuracy_by_shot(pred, y, counts):
-    """Top-1 overall / many / medium / few (Sec. 4.2) and per class, in %."""
-    correct = (pred == y).float()
-    shots = torch.from_numpy(shot_split(counts) == "many"), torch.from_numpy(shot_split(counts) == "medium"), \
-        torch.from_numpy(shot_split(counts) == "few")
+    """Top-1 overall / many / medium / few (Sec. 4.2) and per class, in %. pred, y (N,); counts (C,) train images."""
+    correct = (pred == y).float()                                # (N,)
+    shot = shot_split(counts)[y.numpy()]                         # (N,) the split of each image's class
     per_class = torch.zeros(len(counts)).index_add_(0, y, correct) / torch.bincount(y, minlength=len(counts)).clamp(min=1)
     out = {"overall": 100 * correct.mean().item()}
-    for name, sel in zip(("many", "medium", "few"), shots):
-        in_split = sel[y]
-        out[name] = 100 * correct[in_split].mean().item() if in_split.any() else float("nan")
+    for name in ("many", "medium", "few"):
+        sel = torch.from_numpy(shot == name)
+        out[name] = 100 * correct[sel].mean().item() if sel.any() else float("nan")
     out["per_class"] = [round(100 * v, 2) for v in per_class.tolist()]
     return out
 

@@ -18,7 +18,7 @@ from anss import anchor_scores, select_anchors
 from cvlp import (class_wise_contrastive_loss, cosine_similarity_matrix, create_clip, distillation_loss,
                   interpolate_pos_embed, pretraining_loss, sample_sentences)
 from evaluate import knn_predict
-from lgr import (LGRHead, Recognizer, class_text_logits, language_guided_attention, lgr_probabilities,
+from lgr import (LGRHead, Recognizer, accuracy_by_shot, class_text_logits, language_guided_attention, lgr_probabilities,
                  recognition_loss)
 
 
@@ -522,3 +522,14 @@ def test_sample_sentences_draws_inside_each_images_class_range():
     assert set(idx[y == 0].tolist()) == {0, 1}
     assert set(idx[y == 1].tolist()) == {2, 3, 4}
     assert idx.shape == (600,)
+
+
+def test_accuracy_by_shot_splits_test_images_by_their_class_training_count():
+    # Sec. 4.2: classes with 200 / 50 / 5 training images are many / medium / few.
+    counts = np.array([200, 50, 5])
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    pred = torch.tensor([0, 0, 1, 2, 2, 0])         # right, right | right, wrong | right, wrong
+    r = accuracy_by_shot(pred, y, counts)
+    assert r["overall"] == pytest.approx(100 * 4 / 6)
+    assert (r["many"], r["medium"], r["few"]) == pytest.approx((100.0, 50.0, 50.0))
+    assert r["per_class"] == [100.0, 50.0, 50.0]
