@@ -363,7 +363,7 @@ def load_shapes_lt(root, seed):
             corpus = Corpus(d["sentences"], d["source"], d["informative"])
             return LTData("shapes_lt", d["classnames"], sp("train"), sp("val"), sp("test"), corpus)
         except Exception:
-            print(f"warning: cache {path} unreadable, regenerating", file=sys.stderr)
+            warn(f"cache {path} unreadable, regenerating")
     data = make_shapes_lt(seed)
     blob = {"classnames": data.classnames, "sentences": data.corpus.sentences, "source": data.corpus.source,
             "informative": data.corpus.informative}
@@ -373,15 +373,13 @@ def load_shapes_lt(root, seed):
     try:
         atomic_write(path, lambda f: torch.save(blob, f))
     except OSError as e:   # read-only checkout: fine, the world is regenerated in memory next time
-        print(f"warning: could not cache shapes_lt at {path} ({e.strerror})", file=sys.stderr)
+        warn(f"could not cache shapes_lt at {path} ({e.strerror})")
     return data
 
 
 # ----------------------------------------------------------------------------------------------
 # Real datasets: ImageNet-LT, Places-LT, iNaturalist 2018 in their official on-disk layout (SPEC §4)
 
-# REAL-DATASETS-BEGIN (filled in below)
-#
 # Split files list "relative/path label" per line; every listed image is checked to exist at load
 # time, so a broken download fails here with the file and line, not hours into training.
 
@@ -667,7 +665,6 @@ def load_inat2018(root, wiki=True, skip_bad_images=False):
     val = read_coco_split(os.path.join(root, "val2018.json"), root, class_of, not skip_bad_images)
     return make_lt_data("inat2018", classnames, train, val, val, root, wiki, skip_bad_images)
 
-# REAL-DATASETS-END
 
 
 def load_data(name, root=None, seed=0, text="wiki+prompt", skip_bad_images=False):
