@@ -149,7 +149,9 @@ def create_clip(backbone, image_size):
         return open_clip.CLIP(**cfg)
     if backbone not in open_clip.list_models():
         raise DataError(f"unknown --backbone {backbone!r}; use RN50, ViT-B-16 or another open_clip model name")
-    return open_clip.create_model(backbone, pretrained=None, force_image_size=image_size)
+    # OpenAI's CLIP weights (the paper's) were trained with QuickGELU; open_clip's plain configs use nn.GELU,
+    # which would load the same weights without complaint and compute something else.
+    return open_clip.create_model(backbone, pretrained=None, force_image_size=image_size, force_quick_gelu=True)
 
 
 def context_length(model):

@@ -107,3 +107,15 @@ def test_M_larger_than_every_corpus_keeps_all_sentences_padded_and_masked(run, t
     assert a["embeds"].shape[:2] == (100, 300)
     assert a["mask"].sum(1).tolist() == sizes and max(sizes) < 300   # every sentence kept, the rest masked
     assert (a["embeds"][~a["mask"]] == 0).all()                      # padding rows are zeros
+
+
+def test_rn50_uses_quickgelu_and_takes_224_weights_at_384(tmp_path):
+    # OpenAI CLIP was trained with QuickGELU: a plain-GELU model would load its weights and compute wrong features.
+    small = cvlp.create_clip("RN50", 224)
+    assert type(small.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    torch.save(small.state_dict(), tmp_path / "rn50.pt")
+    big = cvlp.load_clip_file(cvlp.create_clip("RN50", 384), str(tmp_path / "rn50.pt"))
+    old, new = small.visual.attnpool.positional_embedding, big.visual.attnpool.positional_embedding
+    assert old.shape == (1 + 7 * 7, 2048) and new.shape == (1 + 12 * 12, 2048)   # 224/32 -> 384/32 grid
+    assert torch.equal(old[0], new[0])                                            # class token kept
+    assert torch.equal(small.transformer.resblocks[0].attn.in_proj_weight, big.transformer.resblocks[0].attn.in_proj_weight)
