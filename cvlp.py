@@ -413,6 +413,9 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
             raise DataError(f"cannot write {target} ({e.strerror}); free disk space or pass another --out "
                             f"(the previous checkpoint there is intact)")
 
+    def rng_states():
+        return {**{k: g.get_state() for k, g in rngs.items()}, "torch": torch.get_rng_state()}
+
     interrupted = []                                             # Ctrl-C: finish the step, save, stop
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1) or signal.signal(signal.SIGINT, previous))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -427,7 +430,6 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
                 torch.set_rng_state(torch_rng)
                 torch_rng = None
             sums, n, t0 = {}, 0, time.time()
-            snapshot = (dict(pos), {**{k: g.get_state() for k, g in rngs.items()}, "torch": torch.get_rng_state()})
             bar = progress(batches, total=len(loader), desc=f"{meta['stage']} {epoch + 1}/{args.epochs}", unit="batch")
             for i, (x, y) in enumerate(bar, start=pos["batch"]):
                 x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
@@ -449,10 +451,8 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                snapshot = ({**pos, "epoch": epoch, "batch": i + 1},
-                            {**{k: g.get_state() for k, g in rngs.items()}, "torch": torch.get_rng_state()})
                 if interrupted or (args.stop_after_steps and sched.last_epoch >= args.stop_after_steps):
-                    save(path, *snapshot)
+                    save(path, {**pos, "epoch": epoch, "batch": i + 1}, rng_states())   # mid-epoch position
                     why = "interrupted" if interrupted else f"stopped after {sched.last_epoch} steps (--stop-after-steps)"
                     print(f"{why}: saved {path} at epoch {epoch + 1}, batch {i + 1}; continue with --resume")
                     if interrupted:
@@ -467,11 +467,10 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
                 score, text = validate()
                 line += "  " + text
             print(f"epoch {epoch + 1:3d}/{args.epochs}  {line}")
-            rng_states = {**{k: g.get_state() for k, g in rngs.items()}, "torch": torch.get_rng_state()}
             if score is not None and (pos["best"] is None or score > pos["best"]):
                 pos["best"] = score
-                save(path.replace(".pt", "_best.pt"), pos, rng_states)
-            save(path, pos, rng_states)
+                save(path.replace(".pt", "_best.pt"), pos, rng_states())
+            save(path, pos, rng_states())
     except torch.cuda.OutOfMemoryError:
         raise DataError(f"GPU out of memory with --batch {args.batch}; pass a smaller --batch, or --batch "
                         f"{args.batch // 2} --accum {2 * args.accum} to keep the effective batch")
