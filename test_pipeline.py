@@ -119,3 +119,28 @@ def test_rn50_uses_quickgelu_and_takes_224_weights_at_384(tmp_path):
     assert old.shape == (1 + 7 * 7, 2048) and new.shape == (1 + 12 * 12, 2048)   # 224/32 -> 384/32 grid
     assert torch.equal(old[0], new[0])                                            # class token kept
     assert torch.equal(small.transformer.resblocks[0].attn.in_proj_weight, big.transformer.resblocks[0].attn.in_proj_weight)
+
+
+def test_cutoff_keeps_the_first_M_sentences_of_each_corpus(run, tmp_path):
+    (tmp_path / "cvlp.pt").write_bytes((run["out"] / "cvlp.pt").read_bytes())
+    anss.main(["--data", "shapes_lt", "--data-root", str(run["root"]), "--out", str(tmp_path), "--device", "cpu",
+               "--select", "cutoff", "--M", "3"])
+    a = json.loads((tmp_path / "anchors.json").read_text())
+    assert a["select"] == "cutoff"
+    first = a["classes"][0]
+    name = first["name"]                                           # templates come first: Table 4 #7 keeps those
+    assert first["sentences"] == [f"a bad photo of a {name}.", f"a photo of many {name}.", f"a sculpture of a {name}."]
+    assert first["scores"] is None
+
+
+@pytest.mark.parametrize("flags", [["--variant", "official"], ["--init", "scratch", "--lam", "1"], ["--text", "prompt"]])
+def test_ablation_flags_train_and_write_a_cvlp_checkpoint(run, tmp_path, flags):
+    cvlp.main(run["common"][:5] + [str(tmp_path)] + run["common"][6:] + ["--clip-weights", str(run["clip"]), "--batch", "16",
+              "--stop-after-steps", "1"] + flags)
+    ckpt = torch.load(tmp_path / "cvlp.pt", weights_only=True)
+    assert ckpt["args"][flags[0].lstrip("-")] == flags[1]         # --variant official, --init scratch, --text prompt
+    if flags[:2] == ["--variant", "official"]:                     # and the official LGR head fine-tunes on it
+        anss.main(run["common"][:5] + [str(tmp_path)] + run["common"][6:] + ["--M", "4"])
+        lgr.main(run["common"][:5] + [str(tmp_path)] + run["common"][6:] + ["--variant", "official", "--batch", "16",
+                 "--stop-after-steps", "1"])
+        assert torch.load(tmp_path / "lgr.pt", weights_only=True)["variant"] == "official"
