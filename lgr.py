@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from anss import load_encoder, suffix
-from cvlp import (autocast, checkpoint_meta, clip_mean_std, cosine_schedule, fill_defaults, fit, load_checkpoint,
+from cvlp import (autocast, checkpoint_meta, clip_mean_std, create_clip, cosine_schedule, fill_defaults, fit, load_checkpoint,
                   make_loader, prepare_out, seed_everything)
 from data import DATASETS, DataError, load_data, make_transform, progress, run_stage, shot_split
 
@@ -140,8 +140,9 @@ class Recognizer(nn.Module):
 
 
 def build_recognizer(args, device, ckpt=None):
-    """Visual encoder from cvlp.pt (or CLIP), anchors from anchor_embeds.pt, a fresh (or saved) head."""
-    encoder, _ = load_encoder(args, device)
+    """Visual encoder from cvlp.pt (or CLIP) and a fresh head, or both from a saved lgr.py checkpoint;
+    anchors from anchor_embeds.pt (frozen buffers, not part of the checkpoint)."""
+    encoder = create_clip(args.backbone, args.image_size) if ckpt is not None else load_encoder(args, device)[0]
     D = encoder.text_projection.shape[1]
     anchors = mask = None
     if args.head == "lgr":
