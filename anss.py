@@ -14,10 +14,9 @@ import os
 import numpy as np
 import torch
 
-from cvlp import (check_meta, checkpoint_meta, clip_mean_std, context_length, create_clip, encode_images, encode_texts,
-                  fill_defaults, load_checkpoint, load_clip, make_loader, prepare_out, require_sentences,
-                  save_checkpoint, seed_everything)
-from data import atomic_write, load_data, make_transform, run_stage, tokenize_corpus
+from cvlp import (check_meta, checkpoint_meta, clip_mean_std, corpus_tokens, create_clip, encode_images, encode_texts,
+                  fill_defaults, load_checkpoint, load_clip, make_loader, prepare_out, save_checkpoint, seed_everything)
+from data import atomic_write, load_data, make_transform, run_stage
 
 
 def get_args(argv=None):
@@ -61,7 +60,7 @@ def anchor_scores(E_I, y, E_T, t, tau, num_classes, chunk=4096):
     scores = []
     for i in range(0, len(E_T), chunk):
         logp = (E_I @ E_T[i:i + chunk].T / tau).log_softmax(dim=0)                    # (N', k) over images
-        per_class = torch.zeros(num_classes, logp.shape[1], dtype=logp.dtype, device=logp.device).index_add_(0, y, logp)  # (C, k)
+        per_class = logp.new_zeros(num_classes, logp.shape[1]).index_add_(0, y, logp)   # (C, k) summed per class
         k = torch.arange(logp.shape[1], device=logp.device)
         scores.append(-per_class[t[i:i + chunk], k] / n_per_class[t[i:i + chunk]])    # (k,)
     return torch.cat(scores)
@@ -132,8 +131,7 @@ def run(args):
     args.num_classes = data.num_classes
     model, _ = load_encoder(args, args.device)
     tau = 1 / model.logit_scale.exp().clamp(max=100).item()
-    text = tokenize_corpus(data.corpus, context_length(model), cache_dir=args.data_root if args.data == "shapes_lt" else args.out)
-    require_sentences(data, text)
+    text = corpus_tokens(data, model, args)
     if args.M > int((text["offsets"][1:] - text["offsets"][:-1]).max()):
         print(f"note: --M {args.M} is larger than every class's corpus; all sentences are kept and padded")
 

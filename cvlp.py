@@ -271,7 +271,9 @@ def encode_images(encode_fn, loader, device, desc="images"):
 
 def autocast(device):
     """bf16 autocast on CUDA, plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else torch.autocast("cpu", enabled=False)
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,9 +292,11 @@ def load_checkpoint(path, stage, made_by):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DataError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]}); delete it and rerun `{made_by}`")
+        raise DataError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]}); "
+                        f"delete it and rerun `{made_by}`")
     if not isinstance(ckpt, dict) or ckpt.get("stage") != stage:
-        raise DataError(f"{path} is not a {stage} checkpoint (stage {ckpt.get('stage') if isinstance(ckpt, dict) else '?'}); check --out")
+        found = ckpt.get("stage") if isinstance(ckpt, dict) else "?"
+        raise DataError(f"{path} is not a {stage} checkpoint (stage {found}); check --out")
     return ckpt
 
 
@@ -323,6 +327,15 @@ def make_loader(split, transform, args, sampling=None, generator=None, batch=Non
 
 # ----------------------------------------------------------------------------------------------
 # Training
+
+
+def corpus_tokens(data, model, args):
+    """The class corpora tokenised at the model's context length (cached beside the shapes_lt world, or in
+    the run folder); every class needs at least one sentence."""
+    text = tokenize_corpus(data.corpus, context_length(model),
+                           cache_dir=args.data_root if args.data == "shapes_lt" else args.out)
+    require_sentences(data, text)
+    return text
 
 
 def require_sentences(data, text):
@@ -512,8 +525,7 @@ def run(args):
         student.logit_scale.fill_(math.log(1 / args.tau))         # tau learnable, init 0.07 (Sec. 3.2)
     if teacher is not None:
         teacher.eval().requires_grad_(False)
-    text = tokenize_corpus(data.corpus, context_length(student), cache_dir=args.data_root if args.data == "shapes_lt" else args.out)
-    require_sentences(data, text)
+    text = corpus_tokens(data, student, args)
 
     transform = make_transform(args.image_size, *clip_mean_std(), train=True, crop_scale=DATASETS[args.data]["crop_scale"])
     loader = make_loader(data.train, transform, args, sampling=args.sampling, generator=rngs["sampler"])

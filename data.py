@@ -270,7 +270,8 @@ def render_shapes(shape_idx, colour_idx, rng, size=32, chunk=1024):
     centre = f32(rng.uniform(-0.25, 0.25, (N, 2, 1, 1)))
     radius = f32(rng.uniform(0.4, 0.7, (N, 1, 1)))
     rot = f32(np.deg2rad(rng.uniform(-15, 15, (N, 1, 1))))
-    fg = np.array(list(COLOURS.values()), np.float32)[colour_idx][:, None, None, :] * f32(rng.uniform(0.8, 1.05, (N, 1, 1, 1)))
+    palette = np.array(list(COLOURS.values()), np.float32)
+    fg = palette[colour_idx][:, None, None, :] * f32(rng.uniform(0.8, 1.05, (N, 1, 1, 1)))   # (N, 1, 1, 3) object colour
     bg = f32(rng.uniform(40, 150, (N, 1, 1, 1)) + rng.uniform(-25, 25, (N, 1, 1, 3)))   # (N, 1, 1, 3) base colour
     slope = f32(rng.uniform(-30, 30, (N, 1, 1, 1)))                 # brightness ramp across the image
     vertical = rng.random(N) < 0.5                                   # ramp direction, per image
@@ -858,7 +859,8 @@ def summary(data):
     shots = shot_split(counts)
     lines = [f"dataset      {data.name}: {data.num_classes} classes",
              f"images       train {len(data.train.labels)}, val {len(data.val.labels)}, test {len(data.test.labels)}",
-             f"train/class  max {counts.max()}, min {counts.min()}, imbalance factor {counts.max() / max(counts.min(), 1):.0f}"]
+             f"train/class  max {counts.max()}, min {counts.min()}, "
+             f"imbalance factor {counts.max() / max(counts.min(), 1):.0f}"]
     for s in ("many", "medium", "few"):
         sel = shots == s
         lines.append(f"  {s:<6}     {sel.sum():4d} classes, {counts[sel].sum():7d} train images")
@@ -866,7 +868,8 @@ def summary(data):
     src = [x for srcs in data.corpus.source for x in srcs]
     lines.append(f"corpus       {sum(map(len, data.corpus.sentences))} sentences "
                  f"({src.count('template')} template, {src.count('description')} description)")
-    lines.append("  (Table 7)  M_min {M_min}  M_max {M_max}  M_mean {M_mean:.0f}  M_med {M_med:.0f}  L_avg {L_avg:.0f}".format(**st))
+    lines.append("  (Table 7)  M_min {M_min}  M_max {M_max}  M_mean {M_mean:.0f}  M_med {M_med:.0f}  "
+                 "L_avg {L_avg:.0f}".format(**st))
     if data.corpus.informative is not None:
         flags = [f for fl, srcs in zip(data.corpus.informative, data.corpus.source)
                  for f, s in zip(fl, srcs) if s == "description"]

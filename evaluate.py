@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from anss import load_encoder
-from cvlp import clip_mean_std, context_length, encode_images, encode_texts, fill_defaults, load_checkpoint, load_clip, make_loader
+from cvlp import (clip_mean_std, context_length, encode_images, encode_texts, fill_defaults, load_checkpoint, load_clip,
+                  make_loader)
 from data import DataError, atomic_write, load_data, make_transform, prompt_sentences, run_stage
 from lgr import accuracy_by_shot, build_recognizer, predict
 

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from anss import load_encoder, suffix
-from cvlp import (autocast, checkpoint_meta, clip_mean_std, create_clip, cosine_schedule, fill_defaults, fit, load_checkpoint,
-                  make_loader, prepare_out, seed_everything)
+from cvlp import (autocast, checkpoint_meta, clip_mean_std, cosine_schedule, create_clip, fill_defaults, fit,
+                  load_checkpoint, make_loader, prepare_out, seed_everything)
 from data import DATASETS, DataError, load_data, make_transform, progress, run_stage, shot_split
 
 
@@ -222,8 +222,8 @@ def run(args):
         model.visual.requires_grad_(False)
 
     mean_std = clip_mean_std()
-    loader = make_loader(data.train, make_transform(args.image_size, *mean_std, train=True,
-                         crop_scale=DATASETS[args.data]["crop_scale"]), args, sampling=args.sampling, generator=rngs["sampler"])
+    train_transform = make_transform(args.image_size, *mean_std, train=True, crop_scale=DATASETS[args.data]["crop_scale"])
+    loader = make_loader(data.train, train_transform, args, sampling=args.sampling, generator=rngs["sampler"])
     if len(loader) < args.accum:
         raise DataError(f"--batch {args.batch} x --accum {args.accum} is larger than the training set "
                         f"({len(data.train.labels)} images); lower --batch")
