@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from data import (CODE_VERSION, DATASETS, SHAPES_VERSION, DataError, ImageDataset, ResumableSampler, atomic_write,
                   fail, load_data, make_sampler, make_transform, progress, run_stage, shapes_caption_pairs,
-                  tokenize_corpus)
+                  tokenize_corpus, tokenize_exact)
 
 
 def get_args(argv=None):
@@ -221,7 +221,7 @@ def train_clip_standin(model, args, path, device, n_pairs=20000, steps=300, batc
     print(f"training the shapes_lt CLIP stand-in ({steps} steps), cached at {path}")
     g = torch.Generator().manual_seed(args.seed)
     images, captions = shapes_caption_pairs(n_pairs, args.seed, args.image_size)
-    tokens = open_clip.get_tokenizer("RN50")(captions, context_length=context_length(model))     # (n, L)
+    tokens = tokenize_exact(captions, context_length(model))[0]                                  # (n, L)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in clip_mean_std())
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2)                                       # (n, 3, H, W) uint8
     model.to(device).train()
@@ -391,7 +391,7 @@ def check_meta(ckpt, meta, path):
         if ckpt.get(key) != meta.get(key):
             raise DataError(f"{path} is a {ckpt.get('stage')} checkpoint of {ckpt.get('data')}/{ckpt.get('backbone')} "
                             f"with {ckpt.get('num_classes')} classes ({key} {ckpt.get(key)!r}), but this run expects "
-                            f"{key} {meta.get(key)!r}; use another --out, or drop --resume to start afresh")
+                            f"{key} {meta.get(key)!r}; point --out at the matching run, or rerun the stage that writes it")
 
 
 def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=None):

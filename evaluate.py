@@ -16,14 +16,13 @@ import argparse
 import json
 import os
 
-import open_clip
 import torch
 import torch.nn.functional as F
 
-from anss import load_encoder
-from cvlp import (clip_mean_std, context_length, encode_images, encode_texts, fill_defaults, load_checkpoint, load_clip,
-                  make_loader)
-from data import DataError, atomic_write, load_data, make_transform, prompt_sentences, run_stage
+from anss import load_encoder, suffix
+from cvlp import (check_meta, checkpoint_meta, clip_mean_std, context_length, encode_images, encode_texts,
+                  fill_defaults, load_checkpoint, load_clip, make_loader)
+from data import atomic_write, load_data, make_transform, prompt_sentences, run_stage, tokenize_exact
 from lgr import accuracy_by_shot, build_recognizer, predict
 
 
@@ -48,8 +47,7 @@ def get_args(argv=None):
 @torch.no_grad()
 def zero_shot_classifier(model, classnames, device):
     """CLIP's zero-shot classifier: per class the normalised mean of its 80 prompt embeddings (C, D)."""
-    tokenizer = open_clip.get_tokenizer("RN50")
-    weights = [F.normalize(encode_texts(model, tokenizer(prompt_sentences(n), context_length=context_length(model)),
+    weights = [F.normalize(encode_texts(model, tokenize_exact(prompt_sentences(n), context_length(model))[0],
                                         device).mean(0), dim=-1) for n in classnames]
     return torch.stack(weights)
 
@@ -111,14 +109,13 @@ def run(args):
     found = []
     for head, init, name in (("fc", "clip", "Baseline (CLIP + FC)"), ("fc", "cvlp", "FC head (CVLP)"),
                              ("lgr", "clip", "LGR without CVLP"), ("lgr", "cvlp", "VL-LTR (LGR)")):
-        path = os.path.join(args.out, f"{head}{'_clip' if init == 'clip' else ''}.pt")
+        args.head, args.init = head, init
+        path = os.path.join(args.out, f"{head}{suffix(args)}.pt")
         if not os.path.exists(path):
             continue
         ckpt = load_checkpoint(path, "lgr", f"python lgr.py --head {head} --init {init}")
-        saved = ckpt["args"]
-        if saved["data"] != args.data or ckpt["num_classes"] != data.num_classes:
-            raise DataError(f"{path} was trained on {saved['data']} ({ckpt['num_classes']} classes), not {args.data}")
-        args.head, args.init, args.variant, args.tau = head, init, saved["variant"], saved["tau"]
+        check_meta(ckpt, {**checkpoint_meta(args, "lgr", data.num_classes), "head": head}, path)
+        args.variant, args.tau = ckpt["args"]["variant"], ckpt["args"]["tau"]
         model = build_recognizer(args, args.device, ckpt)
         p, y = predict(model, loader, args, desc=name)
         record(name, p["P"], y)
