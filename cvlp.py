@@ -139,7 +139,7 @@ def pretraining_loss(L_ccl, L_dis, lam):
 # The small CLIP stand-in for shapes_lt (SPEC §4): a ViT on 32 px images and a 2-layer text transformer.
 TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=4, width=64, layers=2, head_width=32),
                  text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2))
-STANDIN_VERSION = 2   # bump when the stand-in's recipe changes: cached weights are keyed by it and the world's
+STANDIN_VERSION = 3   # bump when the stand-in's recipe changes: cached weights are keyed by it and the world's
 
 
 def create_clip(backbone, image_size):
@@ -212,11 +212,12 @@ def load_clip(args, device="cpu"):
     return load_clip_file(model, path).to(device)
 
 
-def train_clip_standin(model, args, path, device, n_pairs=20000, steps=300, batch=256):
+def train_clip_standin(model, args, path, device, n_pairs=20000, steps=450, batch=256):
     """Train the small CLIP stand-in on image-caption pairs of the shapes world (SPEC §4).
 
     Instance-wise CLIP training is Eq. (2) with one class per pair (labels 0..N-1 all distinct).
-    Deliberately short: like OpenAI CLIP on ImageNet-LT, it should be good but imperfect zero-shot.
+    Deliberately short: 450 steps give about 60% zero-shot top-1 on shapes_lt, as OpenAI CLIP RN50 gets
+    on ImageNet-LT (59.8%, Table 8). 300 steps gave about 40%; a longer schedule passes 80% (seed 0).
     No augmentation: every pair is already a fresh random rendering."""
     print(f"training the shapes_lt CLIP stand-in ({steps} steps), cached at {path}")
     g = torch.Generator().manual_seed(args.seed)

@@ -11,19 +11,30 @@ Heads, each evaluated when its file is there:
   LGR         VL-LTR, P of Eq. (7), and its branches P^I and P^T alone      lgr.pt
   LGR, no CVLP  CLIP weights straight into LGR (Table 4 #2)                 lgr_clip.pt
 Prints the table and writes eval.json (accuracies per head and split, per-class accuracy, confusions).
+
+    python evaluate.py --table all                 # every Table 8 / Table 4 row, 3 seeds -> results/
+
+runs each row's stages (run_table), then writes results/<data>.json and .md (mean and std over seeds)
+and, with matplotlib installed, the README's plots.
 """
 import argparse
 import json
 import os
+import shutil
+import time
 
 import torch
 import torch.nn.functional as F
 
+import anss
+import cvlp
+import lgr
 from anss import load_encoder, suffix
 from cvlp import (check_meta, checkpoint_meta, clip_mean_std, context_length, encode_images, encode_texts,
                   fill_defaults, load_checkpoint, load_clip, make_loader)
-from data import atomic_write, load_data, make_transform, prompt_sentences, run_stage, tokenize_exact
-from lgr import accuracy_by_shot, build_recognizer, predict
+from data import (atomic_write, contact_sheet, load_data, make_transform, prompt_sentences, run_stage, shot_split,
+                  tokenize_exact)
+from lgr import accuracy_by_shot, build_recognizer, lgr_probabilities, official_alpha, predict
 
 
 def get_args(argv=None):
@@ -41,6 +52,13 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--table", default=None, choices=["all"],
+                   help="run and evaluate every Table 8 and Table 4 row for each of --seeds (see run_table)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--table: seeds (world, stand-in, training)")
+    p.add_argument("--table-out", default=os.path.join("runs", "table"), help="--table: run folders <this>/<data>/seed<s>/<row>")
+    p.add_argument("--results", default="results", help="--table: where <data>.json, <data>.md and the plots go")
+    p.add_argument("--stage-args", default="", help="--table: extra arguments for every cvlp.py and lgr.py run, "
+                   "for example '--batch 64'")
     return fill_defaults(p.parse_args(argv))
 
 
@@ -86,27 +104,27 @@ def format_table(results, title):
 
 
 def main(argv=None):
-    run_stage(run, get_args(argv))
+    args = get_args(argv)
+    run_stage(run_table if args.table == "all" else run, args)
 
 
-def run(args):
-    data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
-    args.num_classes = data.num_classes
+def evaluate_folder(args, data, zero_shot=True):
+    """Every head whose file is in args.out, on args.split: {method: accuracy_by_shot}, {method: (pred, y)}, paths."""
     counts, split = data.counts, getattr(data, args.split)
     loader = make_loader(split, make_transform(args.image_size, *clip_mean_std(), train=False), args)
-    results, preds = {}, {}
+    results, preds, found = {}, {}, []
 
     def record(name, pred, y):
         preds[name] = (pred.cpu(), y.cpu())
         results[name] = accuracy_by_shot(pred.cpu(), y.cpu(), counts)
 
-    args.init = "clip"                                           # zero-shot: CLIP with the 80 templates
-    clip = load_clip(args, args.device)
-    E_I, y = encode_images(clip.encode_image, loader, args.device, desc="zero-shot")
-    record("Zero-Shot CLIP", (E_I @ zero_shot_classifier(clip, data.classnames, args.device).T).argmax(1), y)
-    del clip
+    if zero_shot:                                                # zero-shot: CLIP with the 80 templates
+        args.init = "clip"
+        clip = load_clip(args, args.device)
+        E_I, y = encode_images(clip.encode_image, loader, args.device, desc="zero-shot")
+        record("Zero-Shot CLIP", (E_I @ zero_shot_classifier(clip, data.classnames, args.device).T).argmax(1), y)
+        del clip
 
-    found = []
     for head, init, name in (("fc", "clip", "Baseline (CLIP + FC)"), ("fc", "cvlp", "FC head (CVLP)"),
                              ("lgr", "clip", "LGR without CVLP"), ("lgr", "cvlp", "VL-LTR (LGR)")):
         args.head, args.init = head, init
@@ -131,16 +149,260 @@ def run(args):
         E_I, y = encode_images(encoder.encode_image, loader, args.device, desc="KNN")
         record(f"KNN head (k={args.knn_k})", knn_predict(E_I, F.normalize(a["embeds"].to(args.device), dim=-1),
                                                        a["mask"].to(args.device), args.knn_k), y)
+    return results, preds, found
+
+
+def run(args):
+    data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
+    args.num_classes = data.num_classes
+    results, preds, found = evaluate_folder(args, data)
     if "VL-LTR (LGR)" not in results:
         print(f"note: no {args.out}/lgr.pt yet: run `python cvlp.py && python anss.py && python lgr.py` for VL-LTR")
 
     print(format_table(results, f"{args.data} {args.backbone}, {args.split} split, top-1 (%)"))
     report = {"data": args.data, "backbone": args.backbone, "split": args.split, "checkpoints": found,
               "results": {k: {**v, "confusions": confusions(*preds[k], data.classnames)} for k, v in results.items()},
-              "classes": data.classnames, "train_counts": counts.tolist()}
+              "classes": data.classnames, "train_counts": data.counts.tolist()}
     path = os.path.join(args.out, "eval.json")
     atomic_write(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
     print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiment table: python evaluate.py --table all  (Table 8 and Table 4 rows, several seeds)
+
+# Each row: the folder its checkpoints live in and the method name evaluate_folder() gives it there.
+TABLE8 = [("Zero-shot CLIP", "full", "Zero-Shot CLIP"), ("Baseline (CLIP + FC)", "full", "Baseline (CLIP + FC)"),
+          ("VL-LTR", "full", "VL-LTR (LGR)"),
+          ("Baseline with LGR's epochs (not in the paper)", "equal_epochs", "Baseline (CLIP + FC)")]
+TABLE4 = [  # (row, folder, method, paper's ImageNet-LT RN50 top-1, SPEC.md §6)
+    ("#1 full VL-LTR", "full", "VL-LTR (LGR)", 70.1),
+    ("#2 without CVLP (CLIP weights into LGR)", "full", "LGR without CVLP", 62.8),
+    ("#3 without CLIP weights (scratch, no L_dis)", "scratch", "VL-LTR (LGR)", 46.8),
+    ("#4 without L_dis (lam = 1)", "no_dis", "VL-LTR (LGR)", 66.2),
+    ("#5 FC head", "full", "FC head (CVLP)", 62.1),
+    ("#6 KNN head", "full", "KNN head (k=10)", 63.9),
+    ("#7 cut-off instead of AnSS", "cutoff", "VL-LTR (LGR)", 69.7),
+    ("prompt-only corpus (Table 10)", "prompt", "VL-LTR (LGR)", 69.4)]
+
+
+def table_jobs(data):
+    """The stages behind every row, in order: (folder, stage module, its arguments). The baseline gets
+    CVLP + LGR epochs (the paper's 100 vs 50 + 50), and once more only LGR's; cut-off reuses full/cvlp.pt."""
+    lgr_epochs = str(lgr.get_args(["--data", data]).epochs)
+    return [("full", cvlp, []), ("full", anss, []), ("full", lgr, []), ("full", lgr, ["--head", "fc"]),
+            ("full", lgr, ["--init", "clip", "--head", "fc"]),
+            ("full", anss, ["--init", "clip"]), ("full", lgr, ["--init", "clip"]),
+            ("no_dis", cvlp, ["--lam", "1"]), ("no_dis", anss, []), ("no_dis", lgr, []),
+            ("scratch", cvlp, ["--init", "scratch", "--lam", "1"]), ("scratch", anss, []), ("scratch", lgr, []),
+            ("cutoff", anss, ["--select", "cutoff"]), ("cutoff", lgr, []),
+            ("prompt", cvlp, ["--text", "prompt"]), ("prompt", anss, ["--text", "prompt"]), ("prompt", lgr, []),
+            ("equal_epochs", lgr, ["--init", "clip", "--head", "fc", "--epochs", lgr_epochs])]
+
+
+def stage_output(stage, stage_args):
+    """The file a stage writes last, and whether a finished run is there (trained stages: all epochs)."""
+    if stage is anss:
+        path = os.path.join(stage_args.out, f"anchor_embeds{suffix(stage_args)}.pt")
+        return path, os.path.exists(path)
+    name = "cvlp" if stage is cvlp else f"{stage_args.head}{suffix(stage_args)}"
+    path = os.path.join(stage_args.out, f"{name}.pt")
+    if not os.path.exists(path):
+        return path, False
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return path, ckpt.get("epoch") == stage_args.epochs
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (0 for a single value) of a list of numbers."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.mean().item(), (t.std().item() if len(t) > 1 else 0.0)
+
+
+def run_table(args):
+    """Every Table 8 and Table 4 row for each seed, under runs/table/<data>/seed<s>/<folder>; a finished stage
+    is skipped and a stopped one resumed, so rerunning the command continues. Writes <results>/<data>.json
+    and .md (mean and std over seeds) and, with matplotlib installed, the plots."""
+    common = ["--data", args.data, "--data-root", args.data_root, "--device", str(args.device), "--workers", str(args.workers)]
+    if args.clip_weights:
+        common += ["--clip-weights", args.clip_weights]
+    root = os.path.join(args.table_out, args.data)
+    per_seed, timings, t_start = {}, {}, time.time()
+    for seed in args.seeds:
+        seed_root = os.path.join(root, f"seed{seed}")
+        for folder, stage, extra in table_jobs(args.data):
+            out = os.path.join(seed_root, folder)
+            if folder == "cutoff" and not os.path.exists(os.path.join(out, "cvlp.pt")):
+                os.makedirs(out, exist_ok=True)                  # cut-off selects from the full run's CVLP model
+                shutil.copyfile(os.path.join(seed_root, "full", "cvlp.pt"), os.path.join(out, "cvlp.pt"))
+            argv = common + ["--seed", str(seed), "--out", out] + extra + (args.stage_args.split() if stage is not anss else [])
+            stage_args = stage.get_args(argv)
+            path, done = stage_output(stage, stage_args)
+            label = f"seed {seed} {folder}: {stage.__name__}.py {' '.join(extra)}".rstrip()
+            if done:
+                print(f"[table] {label}: done ({path})")
+                continue
+            if os.path.exists(path) and stage is not anss:
+                stage_args = stage.get_args(argv + ["--resume"])
+            print(f"[table] {label}")
+            t0 = time.time()
+            stage.run(stage_args)
+            timings[f"seed{seed}/{folder}/{stage.__name__} {' '.join(extra)}".rstrip()] = round(time.time() - t0, 1)
+
+        data = load_data(args.data, args.data_root, seed)
+        args.num_classes, args.seed = data.num_classes, seed
+        per_seed[seed] = {"results": {}, "precision": {}}
+        for folder in ("full", "no_dis", "scratch", "cutoff", "prompt", "equal_epochs"):
+            args.out = os.path.join(seed_root, folder)
+            results, _, _ = evaluate_folder(args, data, zero_shot=folder == "full")
+            per_seed[seed]["results"][folder] = results
+            if os.path.exists(os.path.join(args.out, "anchors.json")):
+                with open(os.path.join(args.out, "anchors.json")) as f:
+                    per_seed[seed]["precision"][folder] = json.load(f)["precision"]
+        per_seed[seed]["train_counts"] = data.counts.tolist()
+        print(f"[table] seed {seed} evaluated ({time.time() - t_start:.0f} s so far)")
+
+    report = table_report(args, per_seed, timings, time.time() - t_start)
+    os.makedirs(args.results, exist_ok=True)
+    json_path, md_path = (os.path.join(args.results, f"{args.data}.{ext}") for ext in ("json", "md"))
+    atomic_write(json_path, lambda f: f.write(json.dumps(report, indent=1).encode()))
+    atomic_write(md_path, lambda f: f.write(table_markdown(report).encode()))
+    print(table_markdown(report))
+    print(f"wrote {json_path} and {md_path}")
+    try:
+        import matplotlib
+    except ImportError:
+        print("note: matplotlib is not installed, so no plots: pip install matplotlib, then rerun (finished stages are skipped)")
+        return
+    matplotlib.use("Agg")
+    for path in make_plots(args, report, root):
+        print(f"wrote {path}")
+
+
+def table_report(args, per_seed, timings, seconds):
+    """Mean and std over seeds of every cell of Table 8, Table 4 and the AnSS precision."""
+    seeds = list(per_seed)
+
+    def cells(folder, method):
+        rows = [per_seed[s]["results"][folder][method] for s in seeds]
+        return {k: dict(zip(("mean", "std"), mean_std([r[k] for r in rows]))) for k in ("overall", "many", "medium", "few")}
+
+    def precision(key):
+        return dict(zip(("mean", "std"), mean_std([key(per_seed[s]["precision"]) for s in seeds])))
+
+    return {
+        "data": args.data, "backbone": args.backbone, "split": args.split, "seeds": seeds,
+        "device": str(args.device), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+        "wall_seconds": round(seconds, 1), "stage_seconds": timings,
+        "epochs": {"cvlp": cvlp.get_args(["--data", args.data]).epochs, "lgr": lgr.get_args(["--data", args.data]).epochs,
+                   "baseline": lgr.get_args(["--data", args.data, "--head", "fc", "--init", "clip"]).epochs},
+        "table8": {row: cells(folder, method) for row, folder, method in TABLE8},
+        "table4": {row: {**cells(folder, method), "paper": paper} for row, folder, method, paper in TABLE4},
+        "branches": {m: cells("full", f"VL-LTR (LGR): {m} only") for m in ("P^I", "P^T")},
+        "anss_precision": {
+            "AnSS, M = 64 from templates + descriptions": precision(lambda p: p["full"]["anss"]["precision"]),
+            "cut-off, M = 64 from templates + descriptions": precision(lambda p: p["full"]["cutoff"]["precision"]),
+            "AnSS, description sentences kept": precision(lambda p: p["full"]["anss"]["descriptions_kept"]),
+            "AnSS, M = 64 from the descriptions alone": precision(lambda p: p["full"]["descriptions_only"]["anss"]),
+            "cut-off, M = 64 from the descriptions alone": precision(lambda p: p["full"]["descriptions_only"]["cutoff"]),
+            "informative share of all description sentences": precision(lambda p: p["full"]["descriptions_only"]["corpus"])},
+        "per_seed": {s: {"results": {f: {m: r for m, r in res.items()} for f, res in per_seed[s]["results"].items()},
+                         "precision": per_seed[s]["precision"], "train_counts": per_seed[s]["train_counts"]}
+                     for s in seeds},
+    }
+
+
+def table_markdown(report):
+    """results/<data>.md: the tables as the README shows them (mean ± std over seeds, top-1 %)."""
+    def cell(c):
+        return f"{c['mean']:.1f} ± {c['std']:.1f}"
+
+    n = len(report["seeds"])
+    lines = [f"# {report['data']}: Table 8 and Table 4 rows, {report['split']} top-1 (%), mean ± std over {n} seeds",
+             "", f"Seeds {report['seeds']} (each a new world, CLIP stand-in and training run); {report['device']}, "
+             f"torch {report['torch']}, {report['date']}; epochs: CVLP {report['epochs']['cvlp']}, LGR {report['epochs']['lgr']}, "
+             f"baseline {report['epochs']['baseline']}; whole table {report['wall_seconds'] / 60:.0f} min.",
+             "", "| method (Table 8) | overall | many | medium | few |", "|---|---|---|---|---|"]
+    lines += [f"| {row} | " + " | ".join(cell(c[k]) for k in ("overall", "many", "medium", "few")) + " |"
+              for row, c in report["table8"].items()]
+    lines += ["", "| Table 4 row | overall | many | medium | few | paper, ImageNet-LT RN50 |", "|---|---|---|---|---|---|"]
+    lines += [f"| {row} | " + " | ".join(cell(c[k]) for k in ("overall", "many", "medium", "few")) + f" | {c['paper']} |"
+              for row, c in report["table4"].items()]
+    lines += ["", "| VL-LTR branch (Eq. 7) | overall | many | medium | few |", "|---|---|---|---|---|"]
+    lines += [f"| {row} alone | " + " | ".join(cell(c[k]) for k in ("overall", "many", "medium", "few")) + " |"
+              for row, c in report["branches"].items()]
+    lines += ["", "| anchor sentences (ground-truth informative flags) | value |", "|---|---|"]
+    for row, c in report["anss_precision"].items():
+        value = f"{c['mean']:.0f} ± {c['std']:.0f}" if "kept" in row else f"{100 * c['mean']:.1f}% ± {100 * c['std']:.1f}"
+        lines.append(f"| {row} | {value} |")
+    return "\n".join(lines) + "\n"
+
+
+def make_plots(args, report, root):
+    """The README's figures, from the table's runs: per-class accuracy against training images (all seeds),
+    the contact sheet and one example of LGR attention (seed of the first run)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    paths = [os.path.join(args.results, f) for f in ("per_class_accuracy.png", "contact_sheet.png", "lgr_attention.png")]
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))                     # 1. per-class accuracy against n_c
+    for (method, name), colour in zip((("Baseline (CLIP + FC)", "baseline"), ("VL-LTR (LGR)", "VL-LTR")), ("C0", "C3")):
+        n = np.concatenate([report["per_seed"][s]["train_counts"] for s in report["seeds"]])
+        acc = np.concatenate([report["per_seed"][s]["results"]["full"][method]["per_class"] for s in report["seeds"]])
+        ax.scatter(n, acc, s=8, alpha=0.25, color=colour)
+        edges = np.geomspace(n.min(), n.max() + 1, 12)
+        bins = np.digitize(n, edges)
+        centres = [np.exp(np.log(n[bins == b]).mean()) for b in np.unique(bins)]
+        ax.plot(centres, [acc[bins == b].mean() for b in np.unique(bins)], "-o", color=colour, label=f"{name} (binned mean)")
+    for x in (20, 100):
+        ax.axvline(x, color="grey", ls="--", lw=1)
+    for x, text in ((9, "few"), (45, "medium"), (230, "many")):
+        ax.text(x, 2, text, ha="center", color="grey")
+    ax.set(xscale="log", xlabel="training images of the class (log)", ylabel="test top-1 of the class (%)", ylim=(0, 102),
+           title=f"{args.data}: per-class accuracy, {len(report['seeds'])} seeds (dots: one class of one seed)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    seed = report["seeds"][0]                                    # 2. the contact sheet of the first seed's world
+    data = load_data(args.data, args.data_root, seed)
+    contact_sheet(data, paths[1])
+
+    args.out, args.head, args.init, args.seed = os.path.join(root, f"seed{seed}", "full"), "lgr", "cvlp", seed
+    ckpt = load_checkpoint(os.path.join(args.out, "lgr.pt"), "lgr", "python lgr.py")
+    args.variant, args.tau = ckpt["args"]["variant"], ckpt["args"]["tau"]
+    model = build_recognizer(args, args.device, ckpt).eval()
+    with open(os.path.join(args.out, "anchors.json")) as f:
+        anchors = json.load(f)["classes"]
+    res = report["per_seed"][seed]["results"]["full"]
+    gain = np.array(res["VL-LTR (LGR)"]["per_class"]) - np.array(res["Baseline (CLIP + FC)"]["per_class"])
+    gain[shot_split(data.counts) != "few"] = -np.inf
+    c = int(gain.argmax())                                       # 3. the few-shot class VL-LTR gains most on
+    i = int(np.flatnonzero(data.test.labels == c)[0])
+    x = make_transform(args.image_size, *clip_mean_std(), train=False)(torch.from_numpy(data.test.images[i]).permute(2, 0, 1))
+    with torch.no_grad():
+        logits_I, logits_T, A = model(x[None].to(args.device))
+    predicted = int(lgr_probabilities(logits_I, logits_T, args.variant, official_alpha(args.data)).argmax())
+    weights = A[0, c, :len(anchors[c]["sentences"])].cpu()       # (M,) attention over class c's real anchors
+    kind = {s: ("template" if src == "template" else "informative" if inf else "noise") for s, src, inf in
+            zip(data.corpus.sentences[c], data.corpus.source[c], data.corpus.informative[c])}
+    top = weights.argsort(descending=True)[:12].tolist()[::-1]
+    colours = {"template": "C7", "informative": "C2", "noise": "C3"}
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 3.2]})
+    ax0.imshow(data.test.images[i], interpolation="nearest")
+    ax0.set_title(f"test image of '{data.classnames[c]}'\n({data.counts[c]} training images)", fontsize=9)
+    ax0.axis("off")
+    sentences = [anchors[c]["sentences"][k] for k in top]
+    ax1.barh(range(len(top)), weights[top].numpy(), color=[colours[kind.get(s, "template")] for s in sentences])
+    ax1.set_yticks(range(len(top)), sentences, fontsize=8)
+    ax1.set_xlabel(f"attention weight A (Eq. 6) over the {len(weights)} anchors of the class (uniform = {1 / len(weights):.3f})")
+    ax1.set_title(f"LGR attention, seed {seed}; predicted '{data.classnames[predicted]}'; "
+                  "green informative, grey template, red noise", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=120)
+    plt.close(fig)
+    return paths
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from anss import anchor_scores, select_anchors
+from anss import anchor_scores, description_precision, select_anchors
 from cvlp import (class_wise_contrastive_loss, cosine_similarity_matrix, create_clip, distillation_loss,
                   interpolate_pos_embed, pretraining_loss, sample_sentences)
-from evaluate import knn_predict
+from data import Corpus
+from evaluate import knn_predict, mean_std, table_markdown
 from lgr import (LGRHead, Recognizer, accuracy_by_shot, class_text_logits, language_guided_attention, lgr_probabilities,
                  recognition_loss)
 
@@ -253,6 +254,18 @@ def test_select_anchors_cutoff_takes_the_first_m_sentences_in_corpus_order():
 
 # ----------------------------------------------------------------------------------------------
 # Eq. (4)-(6): language-guided attention
+
+
+def test_description_precision_compares_anss_and_cutoff_on_the_description_sentences_alone():
+    # class 0: template, d1 (noise), d2, d3; class 1: template, d1 (noise), d2. Templates never count.
+    corpus = Corpus(sentences=[["t", "a", "b", "c"], ["t", "d", "e"]],
+                    source=[["template"] + ["description"] * 3, ["template"] + ["description"] * 2],
+                    informative=[[True, False, True, True], [True, False, True]])
+    scores = torch.tensor([0.1, 0.95, 0.9, 0.2, 0.0, 0.3, 0.4])
+    r = description_precision(scores, torch.tensor([0, 4, 7]), corpus, M=2)
+    # AnSS: class 0 keeps c (0.2), b (0.9) -> 2 informative; class 1 keeps d, e -> 1. 3 of 4.
+    # cut-off: class 0 keeps a, b -> 1; class 1 keeps d, e -> 1. 2 of 4. All descriptions: 3 of 5.
+    assert r == pytest.approx({"anss": 0.75, "cutoff": 0.5, "corpus": 0.6, "kept": 4})
 
 
 def test_attention_weights_are_the_softmax_of_qk_over_sqrt_d_and_padded_anchors_get_zero():
@@ -533,3 +546,17 @@ def test_accuracy_by_shot_splits_test_images_by_their_class_training_count():
     assert r["overall"] == pytest.approx(100 * 4 / 6)
     assert (r["many"], r["medium"], r["few"]) == pytest.approx((100.0, 50.0, 50.0))
     assert r["per_class"] == [100.0, 50.0, 50.0]
+
+
+def test_table_cells_are_mean_and_sample_std_over_seeds():
+    assert mean_std([70.0, 72.0, 74.0]) == pytest.approx((72.0, 2.0))        # std: sqrt((4 + 0 + 4) / 2)
+    assert mean_std([65.5]) == (65.5, 0.0)
+    cell = {k: {"mean": 72.0, "std": 2.0} for k in ("overall", "many", "medium", "few")}
+    report = {"data": "shapes_lt", "split": "test", "seeds": [0, 1, 2], "device": "cpu", "torch": "2", "date": "d",
+              "epochs": {"cvlp": 10, "lgr": 20, "baseline": 30}, "wall_seconds": 60.0, "table8": {"VL-LTR": cell},
+              "table4": {"#1 full VL-LTR": {**cell, "paper": 70.1}}, "branches": {"P^T": cell},
+              "anss_precision": {"AnSS, M = 64 from the descriptions alone": {"mean": 0.75, "std": 0.05}}}
+    md = table_markdown(report)
+    assert "| VL-LTR | 72.0 ± 2.0 | 72.0 ± 2.0 | 72.0 ± 2.0 | 72.0 ± 2.0 |" in md
+    assert "| #1 full VL-LTR | 72.0 ± 2.0 | 72.0 ± 2.0 | 72.0 ± 2.0 | 72.0 ± 2.0 | 70.1 |" in md
+    assert "| AnSS, M = 64 from the descriptions alone | 75.0% ± 5.0 |" in md

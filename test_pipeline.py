@@ -144,3 +144,32 @@ def test_ablation_flags_train_and_write_a_cvlp_checkpoint(run, tmp_path, flags):
         lgr.main(run["common"][:5] + [str(tmp_path)] + run["common"][6:] + ["--variant", "official", "--batch", "16",
                  "--stop-after-steps", "1"])
         assert torch.load(tmp_path / "lgr.pt", weights_only=True)["variant"] == "official"
+
+
+def test_table_runner_runs_every_row_and_writes_the_results(shapes_env, tmp_path):
+    """python evaluate.py --table all, shortened: one seed, two steps per training stage."""
+    root, clip = shapes_env["root"], shapes_env["clip"]
+    evaluate.main(["--data", "shapes_lt", "--data-root", str(root), "--device", "cpu", "--clip-weights", str(clip),
+                   "--table", "all", "--seeds", "0", "--table-out", str(tmp_path / "runs"),
+                   "--results", str(tmp_path / "results"), "--stage-args", "--epochs 1 --stop-after-steps 2 --batch 32"])
+    report = json.loads((tmp_path / "results" / "shapes_lt.json").read_text())
+    assert list(report["table8"])[:3] == ["Zero-shot CLIP", "Baseline (CLIP + FC)", "VL-LTR"]
+    assert len(report["table4"]) == 8 and report["table4"]["#3 without CLIP weights (scratch, no L_dis)"]["paper"] == 46.8
+    for row in report["table4"].values():
+        assert 0 <= row["overall"]["mean"] <= 100 and row["overall"]["std"] == 0.0      # one seed: std 0
+    runs = tmp_path / "runs" / "shapes_lt" / "seed0"
+    for folder, f in (("full", "fc_clip.pt"), ("full", "lgr_clip.pt"), ("no_dis", "lgr.pt"), ("scratch", "lgr.pt"),
+                      ("cutoff", "lgr.pt"), ("prompt", "lgr.pt"), ("equal_epochs", "fc_clip.pt")):
+        assert (runs / folder / f).exists(), f"{folder}/{f}"
+    assert torch.load(runs / "no_dis" / "cvlp.pt", weights_only=True)["args"]["lam"] == 1.0
+    assert json.loads((runs / "cutoff" / "anchors.json").read_text())["select"] == "cutoff"
+    assert "| VL-LTR |" in (tmp_path / "results" / "shapes_lt.md").read_text()
+
+
+def test_table_runner_skips_finished_stages_and_resumes_stopped_ones(tmp_path):
+    args = lgr.get_args(["--out", str(tmp_path), "--epochs", "3"])
+    assert evaluate.stage_output(lgr, args) == (str(tmp_path / "lgr.pt"), False)            # nothing yet
+    torch.save({"epoch": 2}, tmp_path / "lgr.pt")
+    assert evaluate.stage_output(lgr, args)[1] is False                                       # stopped: resume
+    torch.save({"epoch": 3}, tmp_path / "lgr.pt")
+    assert evaluate.stage_output(lgr, args)[1] is True                                        # finished: skip
