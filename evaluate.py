@@ -18,6 +18,7 @@ runs each row's stages (run_table), then writes results/<data>.json and .md (mea
 and, with matplotlib installed, the README's plots.
 """
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -54,8 +55,10 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--table", default=None, choices=["all"],
                    help="run and evaluate every Table 8 and Table 4 row for each of --seeds (see run_table)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--table: seeds (world, stand-in, training)")
-    p.add_argument("--table-out", default=os.path.join("runs", "table"), help="--table: run folders <this>/<data>/seed<s>/<row>")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="--table: seeds (each a new world, CLIP stand-in and training run)")
+    p.add_argument("--table-out", default=os.path.join("runs", "table"),
+                   help="--table: run folders <this>/<data>/seed<s>/<row>")
     p.add_argument("--results", default="results", help="--table: where <data>.json, <data>.md and the plots go")
     p.add_argument("--stage-args", default="", help="--table: extra arguments for every cvlp.py and lgr.py run, "
                    "for example '--batch 64'")
@@ -171,6 +174,7 @@ def run(args):
 # ----------------------------------------------------------------------------------------------
 # The experiment table: python evaluate.py --table all  (Table 8 and Table 4 rows, several seeds)
 
+SPLITS = ("overall", "many", "medium", "few")
 # Each row: the folder its checkpoints live in and the method name evaluate_folder() gives it there.
 TABLE8 = [("Zero-shot CLIP", "full", "Zero-Shot CLIP"), ("Baseline (CLIP + FC)", "full", "Baseline (CLIP + FC)"),
           ("VL-LTR", "full", "VL-LTR (LGR)"),
@@ -223,19 +227,25 @@ def run_table(args):
     """Every Table 8 and Table 4 row for each seed, under runs/table/<data>/seed<s>/<folder>; a finished stage
     is skipped and a stopped one resumed, so rerunning the command continues. Writes <results>/<data>.json
     and .md (mean and std over seeds) and, with matplotlib installed, the plots."""
-    common = ["--data", args.data, "--data-root", args.data_root, "--device", str(args.device), "--workers", str(args.workers)]
+    common = ["--data", args.data, "--data-root", args.data_root, "--device", str(args.device),
+              "--workers", str(args.workers)]
     if args.clip_weights:
         common += ["--clip-weights", args.clip_weights]
     root = os.path.join(args.table_out, args.data)
     per_seed, timings, t_start = {}, {}, time.time()
     for seed in args.seeds:
         seed_root = os.path.join(root, f"seed{seed}")
+        timings_path = os.path.join(seed_root, "stage_seconds.json")   # kept across reruns of the command
+        if os.path.exists(timings_path):
+            with open(timings_path) as f:
+                timings.update(json.load(f))
         for folder, stage, extra in table_jobs(args.data):
             out = os.path.join(seed_root, folder)
             if folder == "cutoff" and not os.path.exists(os.path.join(out, "cvlp.pt")):
                 os.makedirs(out, exist_ok=True)                  # cut-off selects from the full run's CVLP model
                 shutil.copyfile(os.path.join(seed_root, "full", "cvlp.pt"), os.path.join(out, "cvlp.pt"))
-            argv = common + ["--seed", str(seed), "--out", out] + extra + (args.stage_args.split() if stage is not anss else [])
+            argv = common + ["--seed", str(seed), "--out", out] + extra
+            argv += args.stage_args.split() if stage is not anss else []
             stage_args = stage.get_args(argv)
             path, done = stage_output(stage, stage_args)
             label = f"seed {seed} {folder}: {stage.__name__}.py {' '.join(extra)}".rstrip()
@@ -248,6 +258,8 @@ def run_table(args):
             t0 = time.time()
             stage.run(stage_args)
             timings[f"seed{seed}/{folder}/{stage.__name__} {' '.join(extra)}".rstrip()] = round(time.time() - t0, 1)
+            mine = {k: v for k, v in timings.items() if k.startswith(f"seed{seed}/")}
+            atomic_write(timings_path, lambda f: f.write(json.dumps(mine, indent=1).encode()))
 
         data = load_data(args.data, args.data_root, seed)
         args.num_classes, args.seed = data.num_classes, seed
@@ -269,12 +281,9 @@ def run_table(args):
     atomic_write(md_path, lambda f: f.write(table_markdown(report).encode()))
     print(table_markdown(report))
     print(f"wrote {json_path} and {md_path}")
-    try:
-        import matplotlib
-    except ImportError:
-        print("note: matplotlib is not installed, so no plots: pip install matplotlib, then rerun (finished stages are skipped)")
+    if importlib.util.find_spec("matplotlib") is None:          # optional: only the plots need it
+        print("note: no plots without matplotlib: pip install matplotlib and rerun (finished stages are skipped)")
         return
-    matplotlib.use("Agg")
     for path in make_plots(args, report, root):
         print(f"wrote {path}")
 
@@ -285,125 +294,140 @@ def table_report(args, per_seed, timings, seconds):
 
     def cells(folder, method):
         rows = [per_seed[s]["results"][folder][method] for s in seeds]
-        return {k: dict(zip(("mean", "std"), mean_std([r[k] for r in rows]))) for k in ("overall", "many", "medium", "few")}
+        return {k: dict(zip(("mean", "std"), mean_std([r[k] for r in rows]))) for k in SPLITS}
 
-    def precision(key):
-        return dict(zip(("mean", "std"), mean_std([key(per_seed[s]["precision"]) for s in seeds])))
+    def precision(pick):                                         # pick: the full run's anchors.json "precision"
+        return dict(zip(("mean", "std"), mean_std([pick(per_seed[s]["precision"]["full"]) for s in seeds])))
 
+    epochs = {"cvlp": cvlp.get_args(["--data", args.data]).epochs, "lgr": lgr.get_args(["--data", args.data]).epochs,
+              "baseline": lgr.get_args(["--data", args.data, "--head", "fc", "--init", "clip"]).epochs}
     return {
-        "data": args.data, "backbone": args.backbone, "split": args.split, "seeds": seeds,
+        "data": args.data, "backbone": args.backbone, "split": args.split, "seeds": seeds, "epochs": epochs,
         "device": str(args.device), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "wall_seconds": round(seconds, 1), "stage_seconds": timings,
-        "epochs": {"cvlp": cvlp.get_args(["--data", args.data]).epochs, "lgr": lgr.get_args(["--data", args.data]).epochs,
-                   "baseline": lgr.get_args(["--data", args.data, "--head", "fc", "--init", "clip"]).epochs},
         "table8": {row: cells(folder, method) for row, folder, method in TABLE8},
         "table4": {row: {**cells(folder, method), "paper": paper} for row, folder, method, paper in TABLE4},
         "branches": {m: cells("full", f"VL-LTR (LGR): {m} only") for m in ("P^I", "P^T")},
         "anss_precision": {
-            "AnSS, M = 64 from templates + descriptions": precision(lambda p: p["full"]["anss"]["precision"]),
-            "cut-off, M = 64 from templates + descriptions": precision(lambda p: p["full"]["cutoff"]["precision"]),
-            "AnSS, description sentences kept": precision(lambda p: p["full"]["anss"]["descriptions_kept"]),
-            "AnSS, M = 64 from the descriptions alone": precision(lambda p: p["full"]["descriptions_only"]["anss"]),
-            "cut-off, M = 64 from the descriptions alone": precision(lambda p: p["full"]["descriptions_only"]["cutoff"]),
-            "informative share of all description sentences": precision(lambda p: p["full"]["descriptions_only"]["corpus"])},
-        "per_seed": {s: {"results": {f: {m: r for m, r in res.items()} for f, res in per_seed[s]["results"].items()},
-                         "precision": per_seed[s]["precision"], "train_counts": per_seed[s]["train_counts"]}
-                     for s in seeds},
+            "AnSS, M = 64 from templates + descriptions": precision(lambda p: p["anss"]["precision"]),
+            "cut-off, M = 64 from templates + descriptions": precision(lambda p: p["cutoff"]["precision"]),
+            "AnSS, description sentences kept": precision(lambda p: p["anss"]["descriptions_kept"]),
+            "AnSS, M = 64 from the descriptions alone": precision(lambda p: p["descriptions_only"]["anss"]),
+            "cut-off, M = 64 from the descriptions alone": precision(lambda p: p["descriptions_only"]["cutoff"]),
+            "informative share of all description sentences": precision(lambda p: p["descriptions_only"]["corpus"])},
+        "per_seed": per_seed,
     }
 
 
 def table_markdown(report):
     """results/<data>.md: the tables as the README shows them (mean ± std over seeds, top-1 %)."""
-    def cell(c):
-        return f"{c['mean']:.1f} ± {c['std']:.1f}"
+    def row(name, c, extra=""):
+        return f"| {name} | " + " | ".join(f"{c[k]['mean']:.1f} ± {c[k]['std']:.1f}" for k in SPLITS) + f" |{extra}"
 
-    n = len(report["seeds"])
-    lines = [f"# {report['data']}: Table 8 and Table 4 rows, {report['split']} top-1 (%), mean ± std over {n} seeds",
-             "", f"Seeds {report['seeds']} (each a new world, CLIP stand-in and training run); {report['device']}, "
-             f"torch {report['torch']}, {report['date']}; epochs: CVLP {report['epochs']['cvlp']}, LGR {report['epochs']['lgr']}, "
-             f"baseline {report['epochs']['baseline']}; whole table {report['wall_seconds'] / 60:.0f} min.",
-             "", "| method (Table 8) | overall | many | medium | few |", "|---|---|---|---|---|"]
-    lines += [f"| {row} | " + " | ".join(cell(c[k]) for k in ("overall", "many", "medium", "few")) + " |"
-              for row, c in report["table8"].items()]
+    e = report["epochs"]
+    lines = [f"# {report['data']}: Table 8 and Table 4 rows, {report['split']} top-1 (%), mean ± std over "
+             f"{len(report['seeds'])} seeds", "",
+             f"Seeds {report['seeds']} (each a new world, CLIP stand-in and training run); {report['device']}, "
+             f"torch {report['torch']}, {report['date']}; epochs: CVLP {e['cvlp']}, LGR {e['lgr']}, baseline "
+             f"{e['baseline']}. Regenerate: `python evaluate.py --table all`.", "",
+             "| method (Table 8) | overall | many | medium | few |", "|---|---|---|---|---|"]
+    lines += [row(name, c) for name, c in report["table8"].items()]
     lines += ["", "| Table 4 row | overall | many | medium | few | paper, ImageNet-LT RN50 |", "|---|---|---|---|---|---|"]
-    lines += [f"| {row} | " + " | ".join(cell(c[k]) for k in ("overall", "many", "medium", "few")) + f" | {c['paper']} |"
-              for row, c in report["table4"].items()]
+    lines += [row(name, c, f" {c['paper']} |") for name, c in report["table4"].items()]
     lines += ["", "| VL-LTR branch (Eq. 7) | overall | many | medium | few |", "|---|---|---|---|---|"]
-    lines += [f"| {row} alone | " + " | ".join(cell(c[k]) for k in ("overall", "many", "medium", "few")) + " |"
-              for row, c in report["branches"].items()]
+    lines += [row(f"{name} alone", c) for name, c in report["branches"].items()]
     lines += ["", "| anchor sentences (ground-truth informative flags) | value |", "|---|---|"]
-    for row, c in report["anss_precision"].items():
-        value = f"{c['mean']:.0f} ± {c['std']:.0f}" if "kept" in row else f"{100 * c['mean']:.1f}% ± {100 * c['std']:.1f}"
-        lines.append(f"| {row} | {value} |")
+    for name, c in report["anss_precision"].items():
+        value = (f"{c['mean']:.0f} ± {c['std']:.0f}" if "kept" in name
+                 else f"{100 * c['mean']:.1f}% ± {100 * c['std']:.1f}")
+        lines.append(f"| {name} | {value} |")
     return "\n".join(lines) + "\n"
 
 
 def make_plots(args, report, root):
-    """The README's figures, from the table's runs: per-class accuracy against training images (all seeds),
-    the contact sheet and one example of LGR attention (seed of the first run)."""
-    import matplotlib.pyplot as plt
-    import numpy as np
+    """The README's figures from the table's runs: per-class accuracy against training images (all seeds),
+    the contact sheet of the first seed's world, and one example of LGR attention in that world."""
+    import matplotlib
+    matplotlib.use("Agg")
     paths = [os.path.join(args.results, f) for f in ("per_class_accuracy.png", "contact_sheet.png", "lgr_attention.png")]
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))                     # 1. per-class accuracy against n_c
-    for (method, name), colour in zip((("Baseline (CLIP + FC)", "baseline"), ("VL-LTR (LGR)", "VL-LTR")), ("C0", "C3")):
-        n = np.concatenate([report["per_seed"][s]["train_counts"] for s in report["seeds"]])
-        acc = np.concatenate([report["per_seed"][s]["results"]["full"][method]["per_class"] for s in report["seeds"]])
-        ax.scatter(n, acc, s=8, alpha=0.25, color=colour)
-        edges = np.geomspace(n.min(), n.max() + 1, 12)
-        bins = np.digitize(n, edges)
-        centres = [np.exp(np.log(n[bins == b]).mean()) for b in np.unique(bins)]
-        ax.plot(centres, [acc[bins == b].mean() for b in np.unique(bins)], "-o", color=colour, label=f"{name} (binned mean)")
-    for x in (20, 100):
-        ax.axvline(x, color="grey", ls="--", lw=1)
-    for x, text in ((9, "few"), (45, "medium"), (230, "many")):
-        ax.text(x, 2, text, ha="center", color="grey")
-    ax.set(xscale="log", xlabel="training images of the class (log)", ylabel="test top-1 of the class (%)", ylim=(0, 102),
-           title=f"{args.data}: per-class accuracy, {len(report['seeds'])} seeds (dots: one class of one seed)")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
-
-    seed = report["seeds"][0]                                    # 2. the contact sheet of the first seed's world
+    plot_per_class_accuracy(report, args.data, paths[0])
+    seed = report["seeds"][0]
     data = load_data(args.data, args.data_root, seed)
     contact_sheet(data, paths[1])
+    args.out, args.seed, args.num_classes = os.path.join(root, f"seed{seed}", "full"), seed, data.num_classes
+    plot_lgr_attention(args, data, report["per_seed"][seed]["results"]["full"], paths[2])
+    return paths
 
-    args.out, args.head, args.init, args.seed = os.path.join(root, f"seed{seed}", "full"), "lgr", "cvlp", seed
+
+def plot_per_class_accuracy(report, name, path):
+    """Test top-1 of every class of every seed against its training images (log x), baseline vs VL-LTR,
+    with the binned means and the many / medium / few boundaries."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    seeds = report["seeds"]
+    n = np.concatenate([report["per_seed"][s]["train_counts"] for s in seeds])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for method, label, colour in (("Baseline (CLIP + FC)", "baseline", "C0"), ("VL-LTR (LGR)", "VL-LTR", "C3")):
+        acc = np.concatenate([report["per_seed"][s]["results"]["full"][method]["per_class"] for s in seeds])
+        ax.scatter(n, acc, s=8, alpha=0.25, color=colour)
+        bins = np.digitize(n, np.geomspace(n.min(), n.max() + 1, 12))
+        centres = [np.exp(np.log(n[bins == b]).mean()) for b in np.unique(bins)]
+        ax.plot(centres, [acc[bins == b].mean() for b in np.unique(bins)], "-o", color=colour,
+                label=f"{label} (binned mean)")
+    for x in (19.5, 100.5):                                      # few < 20 <= medium <= 100 < many
+        ax.axvline(x, color="grey", ls="--", lw=1)
+    for x, text in ((9.5, "few"), (45, "medium"), (230, "many")):
+        ax.text(x, 97, text, ha="center", va="top", color="grey")
+    ax.set(xscale="log", xlabel="training images of the class (log)", ylabel="test top-1 of the class (%)",
+           ylim=(0, 102), title=f"{name}: per-class accuracy, seeds {seeds} (dots: one class of one seed)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_lgr_attention(args, data, results, path):
+    """Eq. (6) on one test image of the few-shot class where VL-LTR gains most over the baseline: the
+    attention weights over that class's anchor sentences, coloured by their ground-truth flag."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    args.head, args.init = "lgr", "cvlp"
     ckpt = load_checkpoint(os.path.join(args.out, "lgr.pt"), "lgr", "python lgr.py")
     args.variant, args.tau = ckpt["args"]["variant"], ckpt["args"]["tau"]
     model = build_recognizer(args, args.device, ckpt).eval()
     with open(os.path.join(args.out, "anchors.json")) as f:
         anchors = json.load(f)["classes"]
-    res = report["per_seed"][seed]["results"]["full"]
-    gain = np.array(res["VL-LTR (LGR)"]["per_class"]) - np.array(res["Baseline (CLIP + FC)"]["per_class"])
+    gain = np.array(results["VL-LTR (LGR)"]["per_class"]) - np.array(results["Baseline (CLIP + FC)"]["per_class"])
     gain[shot_split(data.counts) != "few"] = -np.inf
-    c = int(gain.argmax())                                       # 3. the few-shot class VL-LTR gains most on
+    c = int(gain.argmax())
     i = int(np.flatnonzero(data.test.labels == c)[0])
     x = make_transform(args.image_size, *clip_mean_std(), train=False)(torch.from_numpy(data.test.images[i]).permute(2, 0, 1))
     with torch.no_grad():
         logits_I, logits_T, A = model(x[None].to(args.device))
     predicted = int(lgr_probabilities(logits_I, logits_T, args.variant, official_alpha(args.data)).argmax())
-    weights = A[0, c, :len(anchors[c]["sentences"])].cpu()       # (M,) attention over class c's real anchors
+    weights = A[0, c, :len(anchors[c]["sentences"])].cpu()       # (M,) over class c's real anchors
     kind = {s: ("template" if src == "template" else "informative" if inf else "noise") for s, src, inf in
             zip(data.corpus.sentences[c], data.corpus.source[c], data.corpus.informative[c])}
-    top = weights.argsort(descending=True)[:12].tolist()[::-1]
+    order = weights.argsort(descending=True).tolist()
+    rank = {k: r + 1 for r, k in enumerate(order)}
+    descriptions = [k for k in order if kind[anchors[c]["sentences"][k]] != "template"]
+    top = sorted(set(order[:8]) | set(descriptions[:8]), key=rank.get)[::-1]   # the top 8, and the top 8 descriptions
+    sentences = [anchors[c]["sentences"][k] for k in top]
     colours = {"template": "C7", "informative": "C2", "noise": "C3"}
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 3.2]})
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 5), gridspec_kw={"width_ratios": [1, 3.2]})
     ax0.imshow(data.test.images[i], interpolation="nearest")
     ax0.set_title(f"test image of '{data.classnames[c]}'\n({data.counts[c]} training images)", fontsize=9)
     ax0.axis("off")
-    sentences = [anchors[c]["sentences"][k] for k in top]
-    ax1.barh(range(len(top)), weights[top].numpy(), color=[colours[kind.get(s, "template")] for s in sentences])
-    ax1.set_yticks(range(len(top)), sentences, fontsize=8)
-    ax1.set_xlabel(f"attention weight A (Eq. 6) over the {len(weights)} anchors of the class (uniform = {1 / len(weights):.3f})")
-    ax1.set_title(f"LGR attention, seed {seed}; predicted '{data.classnames[predicted]}'; "
-                  "green informative, grey template, red noise", fontsize=9)
+    ax1.barh(range(len(top)), weights[top].numpy(), color=[colours[kind[s]] for s in sentences])
+    ax1.set_yticks(range(len(top)), [f"#{rank[k]}  {t}" for k, t in zip(top, sentences)], fontsize=8)
+    ax1.set_xlabel(f"attention weight A (Eq. 6) over the {len(weights)} anchors of the class "
+                   f"(uniform = {1 / len(weights):.3f})")
+    ax1.set_title(f"LGR attention: the top 8 anchors and the top descriptions (#rank); VL-LTR predicts "
+                  f"'{data.classnames[predicted]}'\ngreen: informative description, grey: prompt template, red: noise",
+                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(paths[2], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return paths
-
 
 if __name__ == "__main__":
     main()
