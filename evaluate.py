@@ -422,9 +422,8 @@ def plot_lgr_attention(args, data, results, path):
     ax1.set_yticks(range(len(top)), [f"#{rank[k]}  {t}" for k, t in zip(top, sentences)], fontsize=8)
     ax1.set_xlabel(f"attention weight A (Eq. 6) over the {len(weights)} anchors of the class "
                    f"(uniform = {1 / len(weights):.3f})")
-    ax1.set_title(f"LGR attention: the top 8 anchors and the top descriptions (#rank); VL-LTR predicts "
-                  f"'{data.classnames[predicted]}'\ngreen: informative description, grey: prompt template, red: noise",
-                  fontsize=9)
+    ax1.set_title(f"LGR attention: top 8 anchors and top descriptions (#rank); predicted '{data.classnames[predicted]}'"
+                  "\ngreen: informative description, grey: prompt template, red: noise", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
