@@ -213,7 +213,7 @@ def stage_output(stage, stage_args):
     path = os.path.join(stage_args.out, f"{name}.pt")
     if not os.path.exists(path):
         return path, False
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # reads the epoch, not the weights
     return path, ckpt.get("epoch") == stage_args.epochs
 
 
