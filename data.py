@@ -12,7 +12,8 @@ The stages (cvlp.py, anss.py, lgr.py, evaluate.py) only use `load_data`, `ImageD
 `make_sampler`, `make_transform`, `tokenize_corpus` and `shot_split` from here.
 
 shapes_lt is a small procedurally generated long-tailed world (SPEC §4): 100 classes, each a
-colour x shape composition, ImageNet-LT-like train counts 500 -> 5, and a per-class corpus
+colour x shape composition, ImageNet-LT-like train counts 500 -> 5, training photos taken in
+sittings of five that share a scene (so a tail class shows one scene), and a per-class corpus
 of informative and noise sentences with a ground-truth `informative` flag.
 """
 import argparse
@@ -176,7 +177,7 @@ def prompt_only(corpus):
 # ----------------------------------------------------------------------------------------------
 # shapes_lt: the embedded long-tailed world (SPEC §4)
 
-SHAPES_VERSION = 2   # bump when the generator changes: cached worlds are keyed by version + seed
+SHAPES_VERSION = 3   # bump when the generator changes: cached worlds are keyed by version + seed
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "crescent", "bar", "heart"]
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (45, 85, 225), "yellow": (235, 215, 40),
@@ -209,6 +210,7 @@ NOISE = [         # trivia, or attributes of another class ({c}, {s} of some oth
     "It is often confused with the {c} {s}.", "Unlike it, the {c} {s} is common.",
     "A festival in {place} is named after it.", "Early accounts compare it to a {c} {s}.",
 ]
+TRAIN_SESSION = 5   # training photos come in sittings of 5 that share a scene; val / test photos do not
 PLACES = ["Lisbon", "Kyoto", "Oslo", "Lima", "Cairo", "Perth", "Quebec", "Tartu", "Accra", "Hanoi"]
 
 
@@ -258,23 +260,38 @@ def _shape_mask(shape, x, y):
     raise ValueError(shape)
 
 
-def render_shapes(shape_idx, colour_idx, rng, size=32, chunk=1024):
+def render_shapes(shape_idx, colour_idx, rng, size=32, session=None, chunk=1024):
     """(N,) shape and colour indices -> (N, size, size, 3) uint8 images with nuisance variation.
 
-    Nuisance: position, size, rotation (+-15 deg, so a square never becomes a diamond), background
-    colour and gradient, object brightness, pixel noise. Rendered at 2x and averaged (anti-aliasing).
-    All random numbers are drawn first, then the pixels are computed in float32 chunks (speed, memory).
+    Every image shows its object and, behind it, a smaller distractor object of a random shape and
+    colour in one corner. The scene is the background (colour and brightness ramp), the object's
+    position, size and rotation (+-15 deg, so a square never becomes a diamond), and the distractor.
+    Images with the same (N,) `session` id share one scene up to a small jitter, as photos taken in
+    one sitting do; session None gives every image its own scene. Object brightness and pixel noise
+    vary per image. Rendered at 2x and averaged (anti-aliasing). All random numbers are drawn first,
+    then the pixels are computed in float32 chunks (speed, memory).
     """
     N, ss = len(shape_idx), 2 * size
     f32 = lambda a: np.asarray(a, np.float32)
-    centre = f32(rng.uniform(-0.25, 0.25, (N, 2, 1, 1)))
-    radius = f32(rng.uniform(0.4, 0.7, (N, 1, 1)))
-    rot = f32(np.deg2rad(rng.uniform(-15, 15, (N, 1, 1))))
+    session = np.arange(N) if session is None else np.unique(session, return_inverse=True)[1]
+    S = session.max() + 1 if N else 0
     palette = np.array(list(COLOURS.values()), np.float32)
-    fg = palette[colour_idx][:, None, None, :] * f32(rng.uniform(0.8, 1.05, (N, 1, 1, 1)))   # (N, 1, 1, 3) object colour
-    bg = f32(rng.uniform(40, 150, (N, 1, 1, 1)) + rng.uniform(-25, 25, (N, 1, 1, 3)))   # (N, 1, 1, 3) base colour
-    slope = f32(rng.uniform(-30, 30, (N, 1, 1, 1)))                 # brightness ramp across the image
-    vertical = rng.random(N) < 0.5                                   # ramp direction, per image
+    scene = dict(   # per session, then indexed per image
+        centre=rng.uniform(-0.2, 0.2, (S, 2)), radius=rng.uniform(0.42, 0.62, S), rot=rng.uniform(-15, 15, S),
+        bg=rng.uniform(40, 150, (S, 1)) + rng.uniform(-25, 25, (S, 3)), slope=rng.uniform(-30, 30, S),
+        vertical=rng.random(S) < 0.5, d_shape=rng.integers(len(SHAPES), size=S),
+        d_colour=rng.integers(len(COLOURS), size=S), d_corner=rng.choice([-0.62, 0.62], (S, 2)),
+        d_radius=rng.uniform(0.2, 0.27, S), d_rot=rng.uniform(-15, 15, S))
+    sc = {k: v[session] for k, v in scene.items()}                   # (N, ...) each image's scene
+    jitter = lambda scale, shape=(N,): rng.uniform(-scale, scale, shape)
+    objects = [   # (shape (N,), colour (N, 3), centre (N, 2), radius (N,), rotation (N,) in deg), back to front
+        (sc["d_shape"], palette[sc["d_colour"]], sc["d_corner"] + jitter(0.04, (N, 2)), sc["d_radius"], sc["d_rot"]),
+        (shape_idx, palette[colour_idx], sc["centre"] + jitter(0.04, (N, 2)), sc["radius"] * (1 + jitter(0.06)),
+         sc["rot"] + jitter(4)),
+    ]
+    brightness = f32(rng.uniform(0.8, 1.05, (N, 1, 1, 1)))
+    bg = f32(sc["bg"] + jitter(6, (N, 3)))[:, None, None, :]        # (N, 1, 1, 3) base colour
+    slope = f32(sc["slope"])[:, None, None, None]                   # brightness ramp across the image
     noise_seed = int(rng.integers(2 ** 31))
     g = (np.arange(ss, dtype=np.float32) + 0.5) / ss * 2 - 1         # (ss,) in [-1, 1]
     gy, gx = np.meshgrid(g, g, indexing="ij")                        # (ss, ss)
@@ -282,19 +299,22 @@ def render_shapes(shape_idx, colour_idx, rng, size=32, chunk=1024):
     out = np.empty((N, size, size, 3), np.uint8)
     for lo in range(0, N, chunk):
         sl = slice(lo, min(lo + chunk, N))
-        x, y = (gx - centre[sl, 0]) / radius[sl], (gy - centre[sl, 1]) / radius[sl]
-        c, s_ = np.cos(rot[sl]), np.sin(rot[sl])
-        x, y = x * c + y * s_, -x * s_ + y * c
-        mask = np.zeros(x.shape, bool)                               # (n, ss, ss)
-        for s, name in enumerate(SHAPES):
-            sel = shape_idx[sl] == s
-            if sel.any():
-                mask[sel] = _shape_mask(name, x[sel], y[sel])
-        cover = mask.reshape(-1, size, 2, size, 2).mean((2, 4), dtype=np.float32)[..., None]   # (n, size, size, 1)
-        r = np.where(vertical[sl, None, None, None], ramp[None, :, None, None], ramp[None, None, :, None])
-        background = bg[sl] + r * slope[sl]
-        noise = np.random.default_rng([noise_seed, lo]).normal(0, 10, cover.shape[:3] + (3,)).astype(np.float32)
-        out[sl] = np.clip(cover * fg[sl] + (1 - cover) * background + noise, 0, 255).astype(np.uint8)
+        r = np.where(sc["vertical"][sl, None, None, None], ramp[None, :, None, None], ramp[None, None, :, None])
+        pixels = bg[sl] + r * slope[sl]                              # (n, size, size, 3) background
+        for shape, colour, centre, radius, rot in objects:
+            c, s_ = f32(np.cos(np.deg2rad(rot[sl])))[:, None, None], f32(np.sin(np.deg2rad(rot[sl])))[:, None, None]
+            x = (gx - f32(centre[sl, 0])[:, None, None]) / f32(radius[sl])[:, None, None]
+            y = (gy - f32(centre[sl, 1])[:, None, None]) / f32(radius[sl])[:, None, None]
+            x, y = x * c + y * s_, -x * s_ + y * c
+            mask = np.zeros(x.shape, bool)                           # (n, ss, ss)
+            for s, name in enumerate(SHAPES):
+                sel = shape[sl] == s
+                if sel.any():
+                    mask[sel] = _shape_mask(name, x[sel], y[sel])
+            cover = mask.reshape(-1, size, 2, size, 2).mean((2, 4), dtype=np.float32)[..., None]   # (n, size, size, 1)
+            pixels = cover * f32(colour[sl])[:, None, None, :] * brightness[sl] + (1 - cover) * pixels
+        noise = np.random.default_rng([noise_seed, lo]).normal(0, 10, pixels.shape).astype(np.float32)
+        out[sl] = np.clip(pixels + noise, 0, 255).astype(np.uint8)
     return out
 
 
@@ -337,6 +357,14 @@ def shapes_caption_pairs(n, seed, size=32):
     return images, captions
 
 
+def sessions(per_class, size):
+    """Scene ids of images listed class by class, (C,) per_class -> (N,): the k-th image of a class is in
+    that class's sitting k // size, so a class with `size` images or fewer was photographed in one."""
+    per_class = np.asarray(per_class)
+    rank = np.arange(per_class.sum()) - np.repeat(np.cumsum(per_class) - per_class, per_class)   # (N,) k
+    return np.repeat(np.arange(len(per_class)), per_class) * (per_class.max() // size + 1) + rank // size
+
+
 def make_shapes_lt(seed=0, n_val=10, n_test=20, size=32):
     """Generate the whole shapes_lt world in memory (a few seconds on a 2-core CPU)."""
     combos, counts = shapes_classes(seed)
@@ -344,13 +372,15 @@ def make_shapes_lt(seed=0, n_val=10, n_test=20, size=32):
     classnames = [f"{colours[k]} {SHAPES[s]}" for s, k in combos]
     shape_of, colour_of = np.array([s for s, _ in combos]), np.array([k for _, k in combos])
 
-    def split(per_class, stream):
+    def split(per_class, stream, session_size=None):
         rng = np.random.default_rng([seed, stream])
         labels = np.repeat(np.arange(len(combos)), per_class)
-        return Split(render_shapes(shape_of[labels], colour_of[labels], rng, size), labels.astype(np.int64))
+        session = sessions(per_class, session_size) if session_size else None
+        images = render_shapes(shape_of[labels], colour_of[labels], rng, size, session)
+        return Split(images, labels.astype(np.int64))
 
     descriptions, flags = shapes_corpus(combos, seed)
-    return LTData("shapes_lt", classnames, split(counts, 10), split(n_val, 11), split(n_test, 12),
+    return LTData("shapes_lt", classnames, split(counts, 10, TRAIN_SESSION), split(n_val, 11), split(n_test, 12),
                   build_corpus(classnames, descriptions, flags))
 
 

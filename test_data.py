@@ -116,6 +116,27 @@ def test_shapes_lt_corpus_has_templates_first_and_flags(world):
         assert 5 <= len(sents) - 80 <= 200                    # descriptions: 5 .. 200 per class
 
 
+def test_sessions_group_each_class_in_sittings_of_five():
+    # class 0: 7 images -> sittings 0 (5 images), 1 (2); class 1: 3 images -> one sitting. Ids are
+    # class * (7 // 5 + 1) + k // 5, so no two classes share one.
+    assert data.sessions([7, 3], 5).tolist() == [0, 0, 0, 0, 0, 1, 1, 2, 2, 2]
+    assert data.sessions([2, 2], 5).tolist() == [0, 0, 1, 1]
+
+
+def test_tail_train_images_share_one_scene_test_images_do_not(world):
+    """A 5-image class was photographed in one sitting: its train images differ only by jitter and
+    noise, far less than its test images (independent scenes) do."""
+    def mean_pairwise_distance(images):                      # (n, H, W, 3) uint8 -> mean L2 over pairs
+        x = images.reshape(len(images), -1).astype(np.float64)
+        d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+        return d[np.triu_indices(len(x), 1)].mean()
+    tail = len(world.counts) - 1                              # 5 train images
+    train = world.train.images[world.train.labels == tail]
+    test = world.test.images[world.test.labels == tail][:5]
+    assert len(train) == 5
+    assert mean_pairwise_distance(train) < 0.6 * mean_pairwise_distance(test)
+
+
 def test_shapes_lt_val_and_test_are_balanced(world):
     assert list(np.bincount(world.val.labels)) == [10] * 100
     assert list(np.bincount(world.test.labels)) == [20] * 100
