@@ -54,6 +54,62 @@ def test_instance_sampler_draws_classes_in_proportion_to_count():
     np.testing.assert_allclose(draw_frequencies(sampler, epochs=3), [400 / 525, 100 / 525, 25 / 525])
 
 
+# ----------------------------------------------------------------------------------------------
+# Transforms: in-memory images are augmented a batch at a time
+
+
+def test_crop_boxes_fall_back_to_the_centred_largest_box_with_clamped_aspect():
+    # scale (2, 3): no box of 2-3x the image area fits, so every image gets the fallback box. A 10 x 40
+    # image is wider than 4/3: height 10, width round(10 * 4/3) = 13, centred: left (40 - 13) // 2 = 13.
+    boxes = data.random_crop_boxes(5, 10, 40, scale=(2.0, 3.0))
+    assert boxes.tolist() == [[0, 13, 10, 13]] * 5
+    assert data.random_crop_boxes(3, 8, 8, scale=(2.0, 3.0)).tolist() == [[0, 0, 8, 8]] * 3   # square: all of it
+
+
+def test_crop_boxes_stay_inside_the_image_with_area_and_aspect_in_range():
+    torch.manual_seed(0)
+    top, left, h, w = data.random_crop_boxes(20000, 32, 32, scale=(0.5, 1.0)).T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
+    # Rounding w and h to whole pixels moves the area by at most (w + h) / 2 + 1/4 pixels: 33 of 1024.
+    area = (h * w).float() / 1024
+    assert area.min() >= 0.5 - 33 / 1024 and area.max() <= 1.0
+    aspect = w.float() / h.float()                           # in [3/4, 4/3] up to the rounding of w, h
+    assert aspect.min() > 0.7 and aspect.max() < 1.4
+    assert len(set(top.tolist())) > 5 and len(set(left.tolist())) > 5   # positions vary
+
+
+def test_resized_crop_of_a_box_the_output_size_is_that_box():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    boxes = torch.tensor([[1, 1, 2, 2], [0, 2, 2, 2]])         # (top, left, h, w)
+    out = data.resized_crops(x, boxes, 2)
+    assert torch.equal(out[0], x[0, :, 1:3, 1:3]) and torch.equal(out[1], x[1, :, 0:2, 2:4])
+    one_pixel = data.resized_crops(x, torch.tensor([[3, 0, 1, 1], [0, 3, 1, 1]]), 3)  # 1 px -> 3 x 3 of it
+    assert torch.allclose(one_pixel[0], x[0, :, 3:4, 0:1].expand(3, 3, 3))
+    assert torch.allclose(one_pixel[1], x[1, :, 0:1, 3:4].expand(3, 3, 3))
+
+
+def test_batch_transform_with_full_crops_returns_each_image_or_its_mirror():
+    # crop scale (1, 1) leaves one box, the whole 8 x 8 image: the only randomness left is the flip.
+    t = data.make_transform(8, (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255), train=True, crop_scale=(1.0, 1.0))
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    out = t.batch(x)                                         # mean 0, std 1/255: back to 0..255
+    same = ((out - x.float()).abs() < 1e-3).flatten(1).all(1)
+    mirrored = ((out - x.flip(-1).float()).abs() < 1e-3).flatten(1).all(1)
+    assert (same | mirrored).all() and 15 < mirrored.sum() < 49     # Binomial(64, 1/2): 32 +- 4
+
+
+def test_batch_transform_matches_the_per_image_eval_transform_and_loader_uses_it():
+    x = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    split = data.Split(x, np.array([3, 1, 4, 1, 5, 9]))
+    t = data.make_transform(24, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4), train=False)   # resize 32 -> 24
+    one_by_one = torch.stack([t(torch.from_numpy(im).permute(2, 0, 1)) for im in x])
+    loader = torch.utils.data.DataLoader(data.ImageDataset(split, t), batch_size=4)
+    batches = list(loader)
+    assert [y.tolist() for _, y in batches] == [[3, 1, 4, 1], [5, 9]]
+    torch.testing.assert_close(torch.cat([b for b, _ in batches]), one_by_one, atol=1e-5, rtol=0)
+
+
 def test_shot_split_boundaries_many_above_100_few_below_20():
     counts = [500, 101, 100, 50, 20, 19, 5]
     assert list(data.shot_split(counts)) == ["many", "many", "medium", "medium", "medium", "few", "few"]
