@@ -758,7 +758,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if not isinstance(images, np.ndarray):
             return [self[i] for i in indices]
         x = self.transform.batch(torch.from_numpy(images[indices]).permute(0, 3, 1, 2))   # (B, 3, S, S)
-        return list(zip(x.unbind(), (int(self.split.labels[i]) for i in indices)))
+        return list(zip(x.unbind(), self.split.labels[indices].tolist()))
 
 
 def make_transform(image_size, mean, std, train, crop_scale=(0.08, 1.0)):
