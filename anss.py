@@ -14,9 +14,11 @@ import os
 import numpy as np
 import torch
 
-from cvlp import (check_meta, checkpoint_meta, clip_mean_std, corpus_tokens, create_clip, encode_images, encode_texts,
-                  fill_defaults, load_checkpoint, load_clip, make_loader, prepare_out, save_checkpoint, seed_everything)
-from data import atomic_write, load_data, make_transform, run_stage
+from cvlp import load_clip
+from data import corpus_tokens, fill_defaults, load_data, make_loader
+from engine import (atomic_write, check_meta, checkpoint_meta, clip_mean_std, create_clip, encode_images, encode_texts,
+                    load_checkpoint, prepare_out, run_stage, save_checkpoint, seed_everything)
+from images import make_transform
 
 
 def get_args(argv=None):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import cvlp
 import data
+import engine
 
 
 @pytest.fixture(scope="session")
@@ -14,5 +14,5 @@ def shapes_env(tmp_path_factory):
     data.load_data("shapes_lt", str(root), seed=0)             # generates and caches the world once
     clip = root / "clip.pt"
     torch.manual_seed(0)
-    torch.save(cvlp.create_clip("shapes-tiny", 32).state_dict(), clip)
+    torch.save(engine.create_clip("shapes-tiny", 32).state_dict(), clip)
     return {"root": root, "clip": clip}

@@ -6,24 +6,20 @@
 An image and a sentence of the same class are a positive pair. A batch holds N images and, for
 each image, one sentence drawn uniformly from its class's corpus; the loss pulls every image
 towards all sentences of its class (Eq. 2), and a frozen CLIP teacher's similarities are distilled
-into the student (Eq. 3). Later stages import `load_clip`, `encode_texts` and the checkpoint helpers.
+into the student (Eq. 3). The training loop, checkpoints and CLIP models are engine.py's.
 """
 import argparse
 import math
 import os
-import random
-import signal
-import sys
-import time
 
-import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 
-from data import (CODE_VERSION, DATASETS, SHAPES_VERSION, DataError, ImageDataset, ResumableSampler, atomic_write,
-                  fail, load_data, make_sampler, make_transform, progress, run_stage, shapes_caption_pairs,
-                  tokenize_corpus, tokenize_exact)
+import shapes_lt
+from data import DATASETS, corpus_tokens, fill_defaults, load_data, make_loader
+from engine import (DataError, checkpoint_meta, clip_mean_std, cosine_schedule, create_clip, encode_images,
+                    encode_texts, fit, load_clip_file, openai_weights, prepare_out, run_stage, seed_everything)
+from images import make_transform
 
 
 def get_args(argv=None):
@@ -64,18 +60,6 @@ def get_args(argv=None):
     args.lr = args.lr or {"shapes_lt": 5e-4, "inat2018": 5e-4}.get(args.data, 5e-5)
     return args
 
-
-def fill_defaults(args):
-    """Per-dataset defaults shared by all stages (data.DATASETS); the run folder runs/<data>/<backbone>."""
-    if args.data not in DATASETS:
-        fail(f"unknown --data {args.data!r}; choose one of: {', '.join(DATASETS)}")
-    d = DATASETS[args.data]
-    args.backbone = args.backbone or d["backbone"]
-    args.image_size = args.image_size or d["image_size"]
-    args.data_root = args.data_root or d["root"]
-    args.workers = args.workers if args.workers is not None else (0 if args.data == "shapes_lt" else 8)
-    args.out = args.out or os.path.join("runs", args.data, args.backbone)
-    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,218 +118,25 @@ def pretraining_loss(L_ccl, L_dis, lam):
 
 
 # ----------------------------------------------------------------------------------------------
-# Encoders: open_clip CLIP models (Eq. 1)
-
-# The small CLIP stand-in for shapes_lt (SPEC §4): a ViT on 32 px images and a 2-layer text transformer.
-TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=4, width=64, layers=2, head_width=32),
-                 text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2))
-STANDIN_VERSION = 3   # bump when the stand-in's recipe changes: cached weights are keyed by it and the world's
-
-
-def create_clip(backbone, image_size):
-    """A randomly initialised open_clip CLIP: RN50, ViT-B-16, ... or the shapes-tiny stand-in."""
-    if backbone == "shapes-tiny":
-        cfg = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "image_size": image_size}}
-        return open_clip.CLIP(**cfg)
-    if backbone not in open_clip.list_models():
-        raise DataError(f"unknown --backbone {backbone!r}; use RN50, ViT-B-16 or another open_clip model name")
-    # OpenAI's CLIP weights (the paper's) were trained with QuickGELU; open_clip's plain configs use nn.GELU,
-    # which would load the same weights without complaint and compute something else.
-    return open_clip.create_model(backbone, pretrained=None, force_image_size=image_size, force_quick_gelu=True)
-
-
-def context_length(model):
-    return model.positional_embedding.shape[0]
-
-
-def interpolate_pos_embed(state_dict, model):
-    """Resize the visual positional-embedding grid of CLIP weights to the model's input size, e.g.
-    224 -> 384 (paper Table 3, ViT-B/16-384). ViT: 'visual.positional_embedding' (1 + g*g, D); ResNet:
-    'visual.attnpool.positional_embedding' (1 + g*g, D). Bicubic on the g x g grid, class token kept."""
-    own = model.state_dict()
-    for key in ("visual.positional_embedding", "visual.attnpool.positional_embedding"):
-        if key not in state_dict or key not in own or state_dict[key].shape == own[key].shape:
-            continue
-        old, new = state_dict[key], own[key]
-        g_old, g_new = int(math.isqrt(old.shape[0] - 1)), int(math.isqrt(new.shape[0] - 1))
-        grid = old[1:].reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2).float()       # (1, D, g, g)
-        grid = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
-        grid = grid.permute(0, 2, 3, 1).reshape(g_new * g_new, -1).to(old.dtype)
-        state_dict[key] = torch.cat([old[:1], grid])
-    return state_dict
-
-
-def load_clip_file(model, path):
-    """Load a local CLIP state dict (plain, {'state_dict': ...}, 'module.'-prefixed) into model."""
-    try:
-        sd = open_clip.factory.load_state_dict(path)              # weights_only=True inside
-    except Exception as e:
-        raise DataError(f"cannot read CLIP weights {path}: {str(e).splitlines()[0]}; pass a state dict file")
-    sd = interpolate_pos_embed(dict(sd), model)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise DataError(f"CLIP weights {path} do not fit this backbone ({len(missing)} missing, "
-                        f"{len(unexpected)} unexpected keys, e.g. {(missing or unexpected)[0]}); check --backbone")
-    return model
+# The encoders (Eq. 1): CLIP's, pre-trained
 
 
 def load_clip(args, device="cpu"):
     """The CLIP model with pre-trained weights: the student's init (--init clip) and the frozen teacher.
 
-    --clip-weights PATH: a local file. shapes_lt: the stand-in, trained and cached on first use.
-    Otherwise open_clip's 'openai' weights (downloaded once, then cached by open_clip)."""
+    --clip-weights PATH: a local file. shapes_lt: the world's small stand-in (shapes_lt.py), trained and
+    cached on first use. Otherwise open_clip's 'openai' weights (downloaded once, then cached by open_clip)."""
     model = create_clip(args.backbone, args.image_size)
-    if args.clip_weights:
-        if not os.path.exists(args.clip_weights):
-            raise DataError(f"--clip-weights {args.clip_weights} not found")
-        return load_clip_file(model, args.clip_weights).to(device)
-    if args.backbone == "shapes-tiny":
-        path = os.path.join(args.data_root, f"clip_standin_v{SHAPES_VERSION}.{STANDIN_VERSION}_seed{args.seed}.pt")
+    path = args.clip_weights
+    if not path and args.backbone == "shapes-tiny":
+        path = shapes_lt.standin_path(args.data_root, args.seed)
         if not os.path.exists(path):
-            train_clip_standin(model, args, path, device)
-        return load_clip_file(model, path).to(device)
-    try:
-        path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(args.backbone, "openai"))
-    except Exception as e:
-        raise DataError(f"no OpenAI CLIP weights for {args.backbone} ({type(e).__name__}): run once with internet "
-                        f"so open_clip caches them, or pass --clip-weights PATH to a local state dict")
-    return load_clip_file(model, path).to(device)
-
-
-def train_clip_standin(model, args, path, device, n_pairs=20000, steps=450, batch=256):
-    """Train the small CLIP stand-in on image-caption pairs of the shapes world (SPEC §4).
-
-    Instance-wise CLIP training is Eq. (2) with one class per pair (labels 0..N-1 all distinct).
-    Deliberately short: 450 steps give about 60% zero-shot top-1 on shapes_lt, as OpenAI CLIP RN50 gets
-    on ImageNet-LT (59.8%, Table 8). 300 steps gave about 40%; a longer schedule passes 80% (seed 0).
-    No augmentation: every pair is already a fresh random rendering."""
-    print(f"training the shapes_lt CLIP stand-in ({steps} steps), cached at {path}")
-    g = torch.Generator().manual_seed(args.seed)
-    images, captions = shapes_caption_pairs(n_pairs, args.seed, args.image_size)
-    tokens = tokenize_exact(captions, context_length(model))[0]                                  # (n, L)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in clip_mean_std())
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)                                       # (n, 3, H, W) uint8
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
-    for step in progress(range(steps), desc="stand-in CLIP", unit="step"):
-        idx = torch.randint(len(captions), (batch,), generator=g)
-        x = ((pixels[idx].float() / 255 - mean) / std).to(device)
-        S = cosine_similarity_matrix(model.encode_image(x), model.encode_text(tokens[idx].to(device)))
-        loss = class_wise_contrastive_loss(S, idx.to(device), idx.to(device), 0.07) / 2   # = CLIP loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % 100 == 0:
-            print(f"  stand-in step {step + 1}/{steps}  CLIP loss {loss.item():.3f}")
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda f: torch.save(sd, f))
-
-
-def clip_mean_std():
-    from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    return OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-
-@torch.no_grad()
-def encode_texts(model, tokens, device, batch=1024, desc="text"):
-    """(S, L) tokens -> (S, D) L2-normalised text embeddings, in chunks (eval mode, no grad)."""
-    model.eval()
-    out = []
-    for i in progress(range(0, len(tokens), batch), desc=desc, unit="batch"):
-        with autocast(device):
-            out.append(F.normalize(model.encode_text(tokens[i:i + batch].long().to(device)).float(), dim=-1))
-    return torch.cat(out) if out else torch.zeros(0, model.text_projection.shape[1], device=device)
-
-
-@torch.no_grad()
-def encode_images(encode_fn, loader, device, desc="images"):
-    """All images of a loader -> ((N, D) L2-normalised embeddings, (N,) labels)."""
-    feats, labels = [], []
-    for x, y in progress(loader, desc=desc, unit="batch"):
-        with autocast(device):
-            feats.append(F.normalize(encode_fn(x.to(device, non_blocking=True)).float(), dim=-1))
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels).to(device)
-
-
-def autocast(device):
-    """bf16 autocast on CUDA, plain fp32 on CPU."""
-    if str(device).startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints and run plumbing, shared by all stages
-
-
-def save_checkpoint(path, ckpt):
-    """Atomically torch.save a plain dict (tensors, numbers, strings, dicts): loadable with weights_only."""
-    atomic_write(path, lambda f: torch.save(ckpt, f))
-
-
-def load_checkpoint(path, stage, made_by):
-    """Load <stage>.pt with weights_only=True, or say which command makes it."""
-    if not os.path.exists(path):
-        raise DataError(f"{path} not found; run `{made_by}` first (or pass --out to the right run folder)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]}); "
-                        f"delete it and rerun `{made_by}`")
-    if not isinstance(ckpt, dict) or ckpt.get("stage") != stage:
-        found = ckpt.get("stage") if isinstance(ckpt, dict) else "?"
-        raise DataError(f"{path} is not a {stage} checkpoint (stage {found}); check --out")
-    return ckpt
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def cosine_schedule(optimizer, total_steps, warmup_steps):
-    """Linear warm-up, then cosine decay to 0 (SGDR without restarts, paper Sec. 4.3)."""
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def make_loader(split, transform, args, sampling=None, generator=None, batch=None):
-    """A DataLoader over one Split. With sampling="sqrt"|"instance" (training): data.make_sampler, wrapped
-    so an epoch can resume part-way, and drop_last; without: in order (evaluation)."""
-    sampler = ResumableSampler(make_sampler(split.labels, sampling, generator)) if sampling else None
-    return torch.utils.data.DataLoader(
-        ImageDataset(split, transform), batch_size=batch or args.batch, sampler=sampler,
-        num_workers=args.workers, pin_memory=str(args.device).startswith("cuda"), drop_last=bool(sampling),
-        persistent_workers=args.workers > 0)
+            shapes_lt.train_clip_standin(model, path, args.seed, device)
+    return load_clip_file(model, path or openai_weights(args.backbone)).to(device)
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
-
-
-def corpus_tokens(data, model, args):
-    """The class corpora tokenised at the model's context length (cached beside the shapes_lt world, or in
-    the run folder); every class needs at least one sentence."""
-    text = tokenize_corpus(data.corpus, context_length(model),
-                           cache_dir=args.data_root if args.data == "shapes_lt" else args.out)
-    require_sentences(data, text)
-    return text
-
-
-def require_sentences(data, text):
-    """Every class needs at least one sentence: CVLP draws one per image, LGR attends over them."""
-    empty = torch.nonzero(text["offsets"][1:] == text["offsets"][:-1]).flatten().tolist()
-    if empty:
-        names = ", ".join(data.classnames[c] for c in empty[:3])
-        raise DataError(f"{len(empty)} classes have no sentences (e.g. {names}); keep the prompt templates "
-                        f"(--text wiki+prompt or prompt) or add description files")
 
 
 def sample_sentences(offsets, y, generator):
@@ -369,128 +160,6 @@ def cvlp_loss(student, teacher, x, y, T, args):
     else:
         L_dis = torch.zeros((), device=S.device)
     return pretraining_loss(L_ccl, L_dis, args.lam), {"L_ccl": L_ccl, "L_dis": L_dis, "tau": tau}   # Eq. (8)
-
-
-def prepare_out(args):
-    """Create the run folder and make sure we can write there before any work is done."""
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        atomic_write(os.path.join(args.out, ".write_test"), lambda f: f.write(b"ok"))
-        os.remove(os.path.join(args.out, ".write_test"))
-    except OSError as e:
-        raise DataError(f"cannot write to --out {args.out} ({e.strerror}); choose a writable folder with free space")
-
-
-def checkpoint_meta(args, stage, num_classes):
-    """What made a checkpoint: refused on --resume or by the next stage when it does not match."""
-    return {"stage": stage, "data": args.data, "backbone": args.backbone, "num_classes": num_classes,
-            "variant": getattr(args, "variant", None), "version": CODE_VERSION}
-
-
-def check_meta(ckpt, meta, path):
-    for key in ("stage", "data", "backbone", "num_classes", "head"):
-        if ckpt.get(key) != meta.get(key):
-            raise DataError(f"{path} is a {ckpt.get('stage')} checkpoint of {ckpt.get('data')}/{ckpt.get('backbone')} "
-                            f"with {ckpt.get('num_classes')} classes ({key} {ckpt.get(key)!r}), but this run expects "
-                            f"{key} {meta.get(key)!r}; point --out at the matching run, or rerun the stage that writes it")
-
-
-def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=None):
-    """The training loop of both stages; True when all epochs ran. batch_loss(x, y) -> (loss, {name: value}); every --accum
-    batches one optimiser step, gradients clipped to --clip-grad. What long runs need:
-    - after every epoch an atomic checkpoint (plus <name>_best.pt when validate() improves);
-    - Ctrl-C or --stop-after-steps saves the state of the last optimiser step, also mid-epoch;
-    - --resume restores weights, optimiser, schedule, the epoch's sample order and position and every
-      random state, so it ends with the same weights as an uninterrupted run (bitwise on CPU, --workers 0);
-    - a non-finite loss stops the run before it reaches the weights or the checkpoint.
-    rngs: {"sampler": generator of the sampler, ...other generators the batch_loss draws from}."""
-    pos = {"epoch": 0, "batch": 0, "best": None, "sampler_epoch": rngs["sampler"].get_state()}
-    torch_rng = None
-    if args.resume and os.path.exists(path):
-        ckpt = load_checkpoint(path, meta["stage"], f"python {meta['stage']}.py")
-        check_meta(ckpt, meta, path)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        for k, g in rngs.items():
-            g.set_state(ckpt["rng"][k])
-        pos, torch_rng = ckpt["position"], ckpt["rng"]["torch"]
-        print(f"resumed from {path} at epoch {pos['epoch'] + 1}, batch {pos['batch']}")
-
-    def save(target, position, rng_states):
-        ckpt = {**meta, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "args": vars(args),
-                "epoch": position["epoch"], "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "position": position, "rng": rng_states}
-        try:
-            save_checkpoint(target, ckpt)
-        except OSError as e:
-            raise DataError(f"cannot write {target} ({e.strerror}); free disk space or pass another --out "
-                            f"(the previous checkpoint there is intact)")
-
-    def rng_states():
-        return {**{k: g.get_state() for k, g in rngs.items()}, "torch": torch.get_rng_state()}
-
-    interrupted = []                                             # Ctrl-C: finish the step, save, stop
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1) or signal.signal(signal.SIGINT, previous))
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        for epoch in range(pos["epoch"], args.epochs):
-            if pos["batch"] == 0:
-                pos["sampler_epoch"] = rngs["sampler"].get_state()     # this epoch's sample order comes from here
-            rngs["sampler"].set_state(pos["sampler_epoch"])
-            loader.sampler.skip = pos["batch"] * args.batch
-            batches = iter(loader)
-            if torch_rng is not None:                                  # augmentation randomness, mid-epoch resume
-                torch.set_rng_state(torch_rng)
-                torch_rng = None
-            sums, n, t0 = {}, 0, time.time()
-            bar = progress(batches, total=len(loader), desc=f"{meta['stage']} {epoch + 1}/{args.epochs}", unit="batch")
-            for i, (x, y) in enumerate(bar, start=pos["batch"]):
-                x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
-                with autocast(args.device):
-                    loss, stats = batch_loss(x, y)
-                value = loss.item()                                    # one host sync per batch, for the log
-                if not math.isfinite(value):
-                    raise DataError(f"loss is {value} at epoch {epoch + 1}, batch {i + 1}; stopped before it reached the "
-                                    f"weights ({path} holds the last good state); lower --lr or set --clip-grad")
-                (loss / args.accum).backward()
-                for k, v in {"loss": value, **stats}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-                n += 1
-                bar.set_postfix(loss=f"{value:.3f}", img_s=f"{n * len(y) / (time.time() - t0):.0f}")
-                if (i + 1) % args.accum:
-                    continue
-                if args.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                if interrupted or (args.stop_after_steps and sched.last_epoch >= args.stop_after_steps):
-                    save(path, {**pos, "epoch": epoch, "batch": i + 1}, rng_states())   # mid-epoch position
-                    why = "interrupted" if interrupted else f"stopped after {sched.last_epoch} steps (--stop-after-steps)"
-                    print(f"{why}: saved {path} at epoch {epoch + 1}, batch {i + 1}; continue with --resume")
-                    if interrupted:
-                        sys.exit(130)
-                    return False
-            opt.zero_grad(set_to_none=True)                            # drop a partial accumulation
-            pos = {**pos, "epoch": epoch + 1, "batch": 0}
-            line = "  ".join(f"{k} {v / max(n, 1):.4f}" for k, v in sums.items())
-            line += f"  lr {sched.get_last_lr()[0]:.2e}  {n * args.batch / (time.time() - t0):.0f} img/s"
-            score = None
-            if validate is not None:
-                score, text = validate()
-                line += "  " + text
-            print(f"epoch {epoch + 1:3d}/{args.epochs}  {line}")
-            if score is not None and (pos["best"] is None or score > pos["best"]):
-                pos["best"] = score
-                save(path.replace(".pt", "_best.pt"), pos, rng_states())
-            save(path, pos, rng_states())
-    except torch.cuda.OutOfMemoryError:
-        raise DataError(f"GPU out of memory with --batch {args.batch}; pass a smaller --batch, or --batch "
-                        f"{args.batch // 2} --accum {2 * args.accum} to keep the effective batch")
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    return True
 
 
 @torch.no_grad()

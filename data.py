@@ -8,13 +8,8 @@ Paper Sec. 4.1 (datasets, text descriptions) and Sec. 4.2 (shot splits); SPEC.md
 
 This is the one file that knows about datasets. Every dataset becomes an `LTData`: the class
 names, three `Split`s (train / val / test) and a `Corpus` (per class, a list of sentences).
-The stages (cvlp.py, anss.py, lgr.py, evaluate.py) only use `load_data`, `ImageDataset`,
-`make_sampler`, `make_transform`, `tokenize_corpus` and `shot_split` from here.
-
-shapes_lt is a small procedurally generated long-tailed world (SPEC §4): 100 classes, each a
-colour x shape composition, ImageNet-LT-like train counts 500 -> 5, training photos taken in
-sittings of five that share a scene (so a tail class shows one scene), and a per-class corpus
-of informative and noise sentences with a ground-truth `informative` flag.
+The stages use `load_data`, `make_loader` (square-root sampling), `corpus_tokens`
+and `shot_split` from here. The embedded shapes_lt world is generated in shapes_lt.py.
 """
 import argparse
 import hashlib
@@ -22,15 +17,15 @@ import json
 import math
 import os
 import re
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
+from PIL import Image
+
+import shapes_lt
+from engine import DataError, atomic_write, context_length, fail, tokenize_exact, warn
+from images import ImageDataset, drop_unreadable, load_rgb
 
 # Per-dataset defaults: where the data lives and what the stages use when not told otherwise.
 DATASETS = {
@@ -43,48 +38,19 @@ DATASETS = {
 # Shot splits by training images per class (SPEC §4). The paper writes many >= 100 and few <= 20,
 # which overlap with medium (20~100); we use the common LTR convention: many > 100, few < 20.
 MANY_ABOVE, FEW_BELOW = 100, 20
-CODE_VERSION = "0.1.0"   # recorded in every checkpoint
 
 
-class DataError(Exception):
-    """Bad input. The message is one line: what is wrong and how to fix it."""
-
-
-def fail(message):
-    """Print a one-line error (no traceback) and exit with status 2. Used by every stage's main().
-    A DataError raised in a DataLoader worker arrives wrapped with the worker's traceback: keep its last line."""
-    message = str(message).strip().splitlines()[-1] if str(message).strip() else "unknown error"
-    message = re.sub(r"^(data\.)?DataError: ", "", message)
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def run_stage(run, args):
-    """Run a stage's run(args): bad input ends in the one-line error of fail(), never a traceback."""
-    try:
-        run(args)
-    except DataError as e:
-        fail(e)
-
-
-def progress(iterable, **kwargs):
-    """tqdm progress bar on a terminal; silent in logs and CI, where each stage prints one line per epoch."""
-    return tqdm(iterable, disable=None, dynamic_ncols=True, leave=False, **kwargs)
-
-
-def atomic_write(path, write_fn, mode="wb"):
-    """Write `path` via a temporary file in the same directory and os.replace: a crash leaves the old file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def fill_defaults(args):
+    """Per-dataset defaults shared by all stages (DATASETS); the run folder runs/<data>/<backbone>."""
+    if args.data not in DATASETS:
+        fail(f"unknown --data {args.data!r}; choose one of: {', '.join(DATASETS)}")
+    d = DATASETS[args.data]
+    args.backbone = args.backbone or d["backbone"]
+    args.image_size = args.image_size or d["image_size"]
+    args.data_root = args.data_root or d["root"]
+    args.workers = args.workers if args.workers is not None else (0 if args.data == "shapes_lt" else 8)
+    args.out = args.out or os.path.join("runs", args.data, args.backbone)
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,238 +141,12 @@ def prompt_only(corpus):
                   pick(corpus.informative) if corpus.informative is not None else None)
 
 
-# ----------------------------------------------------------------------------------------------
-# shapes_lt: the embedded long-tailed world (SPEC §4)
-
-SHAPES_VERSION = 3   # bump when the generator changes: cached worlds are keyed by version + seed
-SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "crescent", "bar", "heart"]
-COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (45, 85, 225), "yellow": (235, 215, 40),
-    "purple": (140, 60, 190), "orange": (245, 140, 30), "cyan": (40, 205, 215), "pink": (245, 135, 195),
-    "white": (245, 245, 245), "brown": (125, 75, 35),
-}
-SHAPE_WORDS = {   # varied wording for description sentences
-    "circle": ["circle", "round disc", "perfect circle"], "square": ["square", "block with four equal sides"],
-    "triangle": ["triangle", "three-cornered shape"], "diamond": ["diamond", "rhombus"],
-    "star": ["star", "five-pointed star"], "cross": ["cross", "plus sign"], "ring": ["ring", "hollow circle"],
-    "crescent": ["crescent", "sickle moon"], "bar": ["bar", "long thin strip"], "heart": ["heart", "heart shape"],
-}
-COLOUR_WORDS = {
-    "red": ["red", "scarlet"], "green": ["green", "grass-green"], "blue": ["blue", "deep blue"],
-    "yellow": ["yellow", "lemon-yellow"], "purple": ["purple", "violet"], "orange": ["orange", "tangerine"],
-    "cyan": ["cyan", "turquoise"], "pink": ["pink", "rose-pink"], "white": ["white", "snow-white"],
-    "brown": ["brown", "chocolate-brown"],
-}
-INFORMATIVE = [   # {c}: colour word, {s}: shape word
-    "It is {c} and shaped like a {s}.", "Seen from afar it looks like a {c} {s}.",
-    "Its outline is a {s}.", "The body is coloured {c}.", "Most specimens are {c}.",
-    "Its form is that of a {s}.", "Observers describe a {s} of {c} hue.", "It has the shape of a {s}.",
-    "The typical example is a {c} {s}.", "Its surface is a bright {c}.", "People recognise it by its {s} form.",
-    "In colour it is {c}, in shape a {s}.",
-]
-NOISE = [         # trivia, or attributes of another class ({c}, {s} of some other class)
-    "It was first catalogued in {year}.", "The name was coined in a letter in {year}.",
-    "Collectors in {place} value it highly.", "Several museums hold examples of it.",
-    "It appears in a number of folk tales.", "Its popularity peaked in the {year}s.",
-    "It is often confused with the {c} {s}.", "Unlike it, the {c} {s} is common.",
-    "A festival in {place} is named after it.", "Early accounts compare it to a {c} {s}.",
-]
-TRAIN_SESSION = 5   # training photos come in sittings of 5 that share a scene; val / test photos do not
-PLACES = ["Lisbon", "Kyoto", "Oslo", "Lima", "Cairo", "Perth", "Quebec", "Tartu", "Accra", "Hanoi"]
-
-
-def shapes_classes(seed):
-    """Class c -> (shape index, colour index), head to tail, and the (C,) train counts.
-
-    Counts follow an exponential profile 500 -> 5 (imbalance 100), like ImageNet-LT's Pareto profile.
-    The 10 head classes form a Latin diagonal (shape i, colour i), so every single attribute appears
-    in a head class: tail classes are new combinations of well-known words (SPEC §4).
-    """
-    rng = np.random.default_rng([seed, 0])
-    S, K = len(SHAPES), len(COLOURS)
-    head = [(i, i) for i in range(S)]
-    rest = [(s, k) for s in range(S) for k in range(K) if s != k]
-    rest = [rest[i] for i in rng.permutation(len(rest))]
-    combos = head + rest                                         # C = 100, index = frequency rank
-    C = len(combos)
-    counts = np.round(500 * (5 / 500) ** (np.arange(C) / (C - 1))).astype(np.int64)  # (C,) 500 .. 5
-    return combos, counts
-
-
-def _shape_mask(shape, x, y):
-    """Boolean mask of a unit-size shape on coordinates x, y (in units of the shape radius)."""
-    r, th = np.hypot(x, y), np.arctan2(y, x)
-    if shape == "circle":
-        return r < 0.9
-    if shape == "square":
-        return np.maximum(abs(x), abs(y)) < 0.72
-    if shape == "triangle":   # regular triangle, apex up: r cos(angle to nearest edge normal) < apothem
-        a = np.mod(th + np.pi / 2, 2 * np.pi / 3) - np.pi / 3
-        return r * np.cos(a) < 0.5
-    if shape == "diamond":
-        return abs(x) / 0.65 + abs(y) < 1.0
-    if shape == "star":
-        return r < 0.38 + 0.62 * ((np.cos(5 * (th + np.pi / 2)) + 1) / 2) ** 3
-    if shape == "cross":
-        return ((abs(x) < 0.28) & (abs(y) < 0.95)) | ((abs(y) < 0.28) & (abs(x) < 0.95))
-    if shape == "ring":
-        return (r > 0.55) & (r < 0.95)
-    if shape == "crescent":
-        return (r < 0.95) & (np.hypot(x - 0.45, y) > 0.75)
-    if shape == "bar":
-        return (abs(x) < 1.0) & (abs(y) < 0.26)
-    if shape == "heart":      # classic implicit heart curve, point down (image y grows downwards)
-        X, Y = x * 1.15, -y * 1.15 + 0.15
-        return (X ** 2 + Y ** 2 - 1) ** 3 - X ** 2 * Y ** 3 < 0
-    raise ValueError(shape)
-
-
-def render_shapes(shape_idx, colour_idx, rng, size=32, session=None, chunk=1024):
-    """(N,) shape and colour indices -> (N, size, size, 3) uint8 images with nuisance variation.
-
-    Every image shows its object and, behind it, a smaller distractor object of a random shape and
-    colour in one corner. The scene is the background (colour and brightness ramp), the object's
-    position, size and rotation (+-15 deg, so a square never becomes a diamond), and the distractor.
-    Images with the same (N,) `session` id share one scene up to a small jitter, as photos taken in
-    one sitting do; session None gives every image its own scene. Object brightness and pixel noise
-    vary per image. Rendered at 2x and averaged (anti-aliasing). All random numbers are drawn first,
-    then the pixels are computed in float32 chunks (speed, memory).
-    """
-    N, ss = len(shape_idx), 2 * size
-    f32 = lambda a: np.asarray(a, np.float32)
-    session = np.arange(N) if session is None else np.unique(session, return_inverse=True)[1]
-    S = session.max() + 1 if N else 0
-    palette = np.array(list(COLOURS.values()), np.float32)
-    scene = dict(   # per session, then indexed per image
-        centre=rng.uniform(-0.2, 0.2, (S, 2)), radius=rng.uniform(0.42, 0.62, S), rot=rng.uniform(-15, 15, S),
-        bg=rng.uniform(40, 150, (S, 1)) + rng.uniform(-25, 25, (S, 3)), slope=rng.uniform(-30, 30, S),
-        vertical=rng.random(S) < 0.5, d_shape=rng.integers(len(SHAPES), size=S),
-        d_colour=rng.integers(len(COLOURS), size=S), d_corner=rng.choice([-0.62, 0.62], (S, 2)),
-        d_radius=rng.uniform(0.2, 0.27, S), d_rot=rng.uniform(-15, 15, S))
-    sc = {k: v[session] for k, v in scene.items()}                   # (N, ...) each image's scene
-    jitter = lambda scale, shape=(N,): rng.uniform(-scale, scale, shape)
-    objects = [   # (shape (N,), colour (N, 3), centre (N, 2), radius (N,), rotation (N,) in deg), back to front
-        (sc["d_shape"], palette[sc["d_colour"]], sc["d_corner"] + jitter(0.04, (N, 2)), sc["d_radius"], sc["d_rot"]),
-        (shape_idx, palette[colour_idx], sc["centre"] + jitter(0.04, (N, 2)), sc["radius"] * (1 + jitter(0.06)),
-         sc["rot"] + jitter(4)),
-    ]
-    brightness = f32(rng.uniform(0.8, 1.05, (N, 1, 1, 1)))
-    bg = f32(sc["bg"] + jitter(6, (N, 3)))[:, None, None, :]        # (N, 1, 1, 3) base colour
-    slope = f32(sc["slope"])[:, None, None, None]                   # brightness ramp across the image
-    noise_seed = int(rng.integers(2 ** 31))
-    g = (np.arange(ss, dtype=np.float32) + 0.5) / ss * 2 - 1         # (ss,) in [-1, 1]
-    gy, gx = np.meshgrid(g, g, indexing="ij")                        # (ss, ss)
-    ramp = np.linspace(-1, 1, size, dtype=np.float32)
-    out = np.empty((N, size, size, 3), np.uint8)
-    for lo in range(0, N, chunk):
-        sl = slice(lo, min(lo + chunk, N))
-        r = np.where(sc["vertical"][sl, None, None, None], ramp[None, :, None, None], ramp[None, None, :, None])
-        pixels = bg[sl] + r * slope[sl]                              # (n, size, size, 3) background
-        for shape, colour, centre, radius, rot in objects:
-            c, s_ = f32(np.cos(np.deg2rad(rot[sl])))[:, None, None], f32(np.sin(np.deg2rad(rot[sl])))[:, None, None]
-            x = (gx - f32(centre[sl, 0])[:, None, None]) / f32(radius[sl])[:, None, None]
-            y = (gy - f32(centre[sl, 1])[:, None, None]) / f32(radius[sl])[:, None, None]
-            x, y = x * c + y * s_, -x * s_ + y * c
-            mask = np.zeros(x.shape, bool)                           # (n, ss, ss)
-            for s, name in enumerate(SHAPES):
-                sel = shape[sl] == s
-                if sel.any():
-                    mask[sel] = _shape_mask(name, x[sel], y[sel])
-            cover = mask.reshape(-1, size, 2, size, 2).mean((2, 4), dtype=np.float32)[..., None]   # (n, size, size, 1)
-            pixels = cover * f32(colour[sl])[:, None, None, :] * brightness[sl] + (1 - cover) * pixels
-        noise = np.random.default_rng([noise_seed, lo]).normal(0, 10, pixels.shape).astype(np.float32)
-        out[sl] = np.clip(pixels + noise, 0, 255).astype(np.uint8)
-    return out
-
-
-def shapes_corpus(combos, seed):
-    """Per class a long-tailed number (5..200) of description sentences, about half informative."""
-    rng = np.random.default_rng([seed, 1])
-    colours = list(COLOURS)
-    sentences, flags = [], []
-    for s, k in combos:
-        n = int(round(5 * 40 ** rng.random()))                  # log-uniform 5 .. 200
-        sents, info = [], []
-        for _ in range(n):
-            if rng.random() < 0.5:
-                t = INFORMATIVE[rng.integers(len(INFORMATIVE))]
-                sw, cw = SHAPE_WORDS[SHAPES[s]], COLOUR_WORDS[colours[k]]
-                sents.append(t.format(c=cw[rng.integers(len(cw))], s=sw[rng.integers(len(sw))]))
-                info.append(True)
-            else:
-                t = NOISE[rng.integers(len(NOISE))]
-                s2, k2 = rng.integers(len(SHAPES)), rng.integers(len(COLOURS))
-                while s2 == s or k2 == k:                        # another class's attributes: misleading
-                    s2, k2 = rng.integers(len(SHAPES)), rng.integers(len(COLOURS))
-                sents.append(t.format(c=colours[k2], s=SHAPES[s2], year=int(rng.integers(1650, 1990)),
-                                      place=PLACES[rng.integers(len(PLACES))]))
-                info.append(False)
-        sentences.append(sents)
-        flags.append(info)
-    return sentences, flags
-
-
-def shapes_caption_pairs(n, seed, size=32):
-    """Image-caption pairs of the shapes world, uniform over all 100 compositions, for training the
-    small CLIP stand-in (SPEC §4), like the web pairs CLIP saw. Returns (N, H, W, 3) uint8, [N] str."""
-    rng = np.random.default_rng([seed, 2])
-    colours = list(COLOURS)
-    s_idx, k_idx = rng.integers(len(SHAPES), size=n), rng.integers(len(COLOURS), size=n)
-    images = render_shapes(s_idx, k_idx, rng, size)
-    forms = ["a {c} {s}.", "a photo of a {c} {s}.", "a {s} coloured {c}.", "{c} {s} on a plain background."]
-    captions = [forms[rng.integers(len(forms))].format(c=colours[k], s=SHAPES[s]) for s, k in zip(s_idx, k_idx)]
-    return images, captions
-
-
-def sessions(per_class, size):
-    """Scene ids of images listed class by class, (C,) per_class -> (N,): the k-th image of a class is in
-    that class's sitting k // size, so a class with `size` images or fewer was photographed in one."""
-    per_class = np.asarray(per_class)
-    rank = np.arange(per_class.sum()) - np.repeat(np.cumsum(per_class) - per_class, per_class)   # (N,) k
-    return np.repeat(np.arange(len(per_class)), per_class) * (per_class.max() // size + 1) + rank // size
-
-
-def make_shapes_lt(seed=0, n_val=10, n_test=20, size=32):
-    """Generate the whole shapes_lt world in memory (a few seconds on a 2-core CPU)."""
-    combos, counts = shapes_classes(seed)
-    colours = list(COLOURS)
-    classnames = [f"{colours[k]} {SHAPES[s]}" for s, k in combos]
-    shape_of, colour_of = np.array([s for s, _ in combos]), np.array([k for _, k in combos])
-
-    def split(per_class, stream, session_size=None):
-        rng = np.random.default_rng([seed, stream])
-        labels = np.repeat(np.arange(len(combos)), per_class)
-        session = sessions(per_class, session_size) if session_size else None
-        images = render_shapes(shape_of[labels], colour_of[labels], rng, size, session)
-        return Split(images, labels.astype(np.int64))
-
-    descriptions, flags = shapes_corpus(combos, seed)
-    return LTData("shapes_lt", classnames, split(counts, 10, TRAIN_SESSION), split(n_val, 11), split(n_test, 12),
-                  build_corpus(classnames, descriptions, flags))
-
-
-def load_shapes_lt(root, seed):
-    """shapes_lt, cached on disk under root, keyed by generator version and seed (never stale)."""
-    path = os.path.join(root, f"shapes_lt_v{SHAPES_VERSION}_seed{seed}.pt")
-    if os.path.exists(path):
-        try:
-            d = torch.load(path, weights_only=True)
-            sp = lambda k: Split(d[k + "_images"].numpy(), d[k + "_labels"].numpy())
-            corpus = Corpus(d["sentences"], d["source"], d["informative"])
-            return LTData("shapes_lt", d["classnames"], sp("train"), sp("val"), sp("test"), corpus)
-        except Exception:
-            warn(f"cache {path} unreadable, regenerating")
-    data = make_shapes_lt(seed)
-    blob = {"classnames": data.classnames, "sentences": data.corpus.sentences, "source": data.corpus.source,
-            "informative": data.corpus.informative}
-    for k in ("train", "val", "test"):
-        blob[k + "_images"] = torch.from_numpy(getattr(data, k).images)
-        blob[k + "_labels"] = torch.from_numpy(getattr(data, k).labels)
-    try:
-        atomic_write(path, lambda f: torch.save(blob, f))
-    except OSError as e:   # read-only checkout: fine, the world is regenerated in memory next time
-        warn(f"could not cache shapes_lt at {path} ({e.strerror})")
-    return data
+def shapes_lt_data(world):
+    """The embedded world (shapes_lt.make_world: arrays and description sentences) as LTData; its corpus
+    is built like a real dataset's, the 80 prompts first."""
+    split = lambda k: Split(world[f"{k}_images"], world[f"{k}_labels"])
+    return LTData("shapes_lt", world["classnames"], split("train"), split("val"), split("test"),
+                  build_corpus(world["classnames"], world["descriptions"], world["informative"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,10 +162,6 @@ ABBREVIATION = re.compile(r"(?:^|[\s(])(?:e\.g|i\.e|cf|vs|c|St|Dr|Mr|Mrs|Ms|Prof
 IMAGENET_LABEL_LINE = re.compile(r"\S+\s+(?P<index>\d+)\s+(?P<name>.+)")  # "n01440764 0 tench, Tinca tinca"
 PLACES_LABEL_LINE = re.compile(r"(?P<name>.+?)\s+(?P<index>\d+)")         # "/a/abbey 0"
 
-
-def warn(message):
-    """One "warning: ..." line on stderr, like the rest of this file (no warnings-module source line)."""
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def split_sentences(paragraph):
@@ -550,28 +286,6 @@ def read_class_list(path, pattern):
         raise DataError(f"{path}: class indices must be 0..{len(names) - 1}, each once; "
                         f"index {missing[0]} is missing or repeated")
     return [names[i] for i in range(len(names))]
-
-
-def readable(path):
-    """True when PIL opens and fully decodes the image, as ImageDataset will (False also when it is missing)."""
-    try:
-        load_rgb(path)
-        return True
-    except DataError:
-        return False
-
-
-def drop_unreadable(split):
-    """Split -> (the Split without its unreadable or missing images, [(path, "file:line")] of those dropped).
-    Decodes every image once, in threads: PIL releases the GIL while it decodes."""
-    with ThreadPoolExecutor() as pool:
-        ok = list(progress(pool.map(readable, split.images), total=len(split.images), desc="checking images", unit="img"))
-    keep = [i for i, good in enumerate(ok) if good]
-    dropped = [(split.images[i], split.lines[i]) for i, good in enumerate(ok) if not good]
-    if not keep:
-        raise DataError(f"none of the {len(ok)} images listed in {split.lines[0].rsplit(':', 1)[0]} can be read "
-                        f"(first: {split.images[0]}); check --data-root")
-    return split.subset(keep), dropped
 
 
 def skip_unreadable(train, val, test):
@@ -708,7 +422,7 @@ def load_data(name, root=None, seed=0, text="wiki+prompt", skip_bad_images=False
         raise DataError(f"unknown --data {name!r}; choose one of: {', '.join(DATASETS)}")
     root = root or DATASETS[name]["root"]
     if name == "shapes_lt":
-        data = load_shapes_lt(root, seed)
+        data = shapes_lt_data(shapes_lt.load_world(root, seed))   # generated once per seed, cached under root
     else:
         data = {"imagenet_lt": load_imagenet_lt, "places_lt": load_places_lt,
                 "inat2018": load_inat2018}[name](root, wiki=text != "prompt", skip_bad_images=skip_bad_images)
@@ -718,119 +432,7 @@ def load_data(name, root=None, seed=0, text="wiki+prompt", skip_bad_images=False
 
 
 # ----------------------------------------------------------------------------------------------
-# Images, transforms and samplers
-
-
-def load_rgb(path, where=None):
-    """Open any image PIL can read (CMYK, grayscale, palette, PNG saved as .JPEG) as RGB."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}" + (f" (listed at {where})" if where else "")
-                        + "; check --data-root or the split file")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"cannot read image {path}" + (f" (listed at {where})" if where else "")
-                        + f": {e}; re-download it or remove its line from the split file")
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """(image tensor, label) pairs of one Split, with a transform from make_transform()."""
-
-    def __init__(self, split, transform):
-        self.split, self.transform = split, transform
-
-    def __len__(self):
-        return len(self.split.labels)
-
-    def __getitem__(self, i):
-        images = self.split.images
-        if isinstance(images, np.ndarray):                       # shapes_lt: (N, H, W, 3) uint8
-            img = torch.from_numpy(images[i]).permute(2, 0, 1)   # (3, H, W)
-        else:
-            img = load_rgb(images[i], self.split.lines[i] if self.split.lines else None)
-        return self.transform(img), int(self.split.labels[i])
-
-    def __getitems__(self, indices):
-        """The DataLoader's fetch of a whole batch. In-memory images (shapes_lt) are transformed together
-        (Transform.batch): on 32 px images a per-image call costs 250 us, a quarter of a CPU training step."""
-        images = self.split.images
-        if not isinstance(images, np.ndarray):
-            return [self[i] for i in indices]
-        x = self.transform.batch(torch.from_numpy(images[indices]).permute(0, 3, 1, 2))   # (B, 3, S, S)
-        return list(zip(x.unbind(), self.split.labels[indices].tolist()))
-
-
-def make_transform(image_size, mean, std, train, crop_scale=(0.08, 1.0)):
-    """Train: RandomResizedCrop + horizontal flip; eval: resize + centre crop (CLIP's). Both normalise
-    with the CLIP model's mean and std. See Transform."""
-    return Transform(image_size, mean, std, train, crop_scale)
-
-
-class Transform:
-    """transform(img): one PIL image or uint8 (3, H, W) tensor -> (3, S, S) float, with torchvision v2.
-    transform.batch(x): uint8 (B, 3, H, W) -> (B, 3, S, S) in a few calls per batch, the same transform
-    image by image: its own crop and flip for each, drawn as v2 draws them, resized as torchvision resizes
-    float images (bicubic, antialias), then rounded to uint8 levels. (v2's uint8 kernel also rounds between
-    its two 1-D passes, so on sharp edges the two paths can differ by a few levels.)"""
-
-    def __init__(self, image_size, mean, std, train, crop_scale=(0.08, 1.0)):
-        from torchvision.transforms import v2
-        bicubic = v2.InterpolationMode.BICUBIC
-        self.size, self.train, self.crop_scale = image_size, train, crop_scale
-        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-        if train:
-            geometry = [v2.RandomResizedCrop(image_size, scale=crop_scale, interpolation=bicubic, antialias=True),
-                        v2.RandomHorizontalFlip()]
-        else:
-            geometry = [v2.Resize(image_size, interpolation=bicubic, antialias=True), v2.CenterCrop(image_size)]
-        self.geometry = v2.Compose(geometry)                     # eval: deterministic, so batchable as is
-        self.per_image = v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True),
-                                     v2.Normalize(mean, std)])
-
-    def __call__(self, img):
-        return self.per_image(img)
-
-    def batch(self, x):
-        if self.train:
-            boxes = random_crop_boxes(len(x), x.shape[-2], x.shape[-1], self.crop_scale)     # (B, 4)
-            x = resized_crops(x.float(), boxes, self.size).clamp_(0, 255).round_()             # (B, 3, S, S)
-            flip = torch.rand(len(x)) < 0.5
-            x[flip] = x[flip].flip(-1)
-        else:
-            x = self.geometry(x).float()
-        return (x / 255 - self.mean) / self.std
-
-
-def random_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), tries=10):
-    """RandomResizedCrop's boxes for n images at once, drawn the way torchvision draws one: area a fraction
-    of the image uniform in `scale`, aspect ratio log-uniform in `ratio`, the first of `tries` draws that
-    fits; else the centred largest box with the aspect clamped to `ratio`. -> (n, 4) int64 (top, left, h, w)."""
-    area = height * width * torch.empty(n, tries).uniform_(*scale)                            # (n, tries)
-    aspect = torch.exp(torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1])))
-    w, h = (area * aspect).sqrt().round().long(), (area / aspect).sqrt().round().long()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.int().argmax(1, keepdim=True)                   # (n, 1) first draw that fits
-    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-    fw, fh = width, height                                       # fallback: whole image, aspect clamped
-    if width / height < ratio[0]:
-        fh = int(round(width / ratio[0]))
-    elif width / height > ratio[1]:
-        fw = int(round(height * ratio[1]))
-    none = ~fits.any(1)
-    w, h = torch.where(none, fw, w), torch.where(none, fh, h)
-    top = (torch.rand(n) * (height - h + 1)).long()
-    left = (torch.rand(n) * (width - w + 1)).long()
-    top, left = torch.where(none, (height - h) // 2, top), torch.where(none, (width - w) // 2, left)
-    return torch.stack([top, left, h, w], 1)
-
-
-def resized_crops(x, boxes, size):
-    """(B, C, H, W) float, (B, 4) boxes (top, left, h, w) -> (B, C, size, size): each box resized with
-    bicubic interpolation and antialias, as torchvision's resized_crop does."""
-    return torch.cat([F.interpolate(x[k:k + 1, :, t:t + h, l:l + w], size=(size, size), mode="bicubic",
-                                    align_corners=False, antialias=True)
-                      for k, (t, l, h, w) in enumerate(boxes.tolist())])
+# Square-root sampling and the loader
 
 
 def make_sampler(labels, kind="sqrt", generator=None):
@@ -865,22 +467,18 @@ class ResumableSampler(torch.utils.data.Sampler):
         yield from it
 
 
+def make_loader(split, transform, args, sampling=None, generator=None, batch=None):
+    """A DataLoader over one Split. With sampling="sqrt"|"instance" (training): make_sampler, wrapped so an
+    epoch can resume part-way, and drop_last; without: in order (evaluation)."""
+    sampler = ResumableSampler(make_sampler(split.labels, sampling, generator)) if sampling else None
+    return torch.utils.data.DataLoader(
+        ImageDataset(split, transform), batch_size=batch or args.batch, sampler=sampler,
+        num_workers=args.workers, pin_memory=str(args.device).startswith("cuda"), drop_last=bool(sampling),
+        persistent_workers=args.workers > 0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Text: tokenised once, cached
-
-
-def tokenize_exact(sentences, context_length):
-    """[S] str -> ((S, L) int64 tokens cut like open_clip cuts them (EOT kept last), number of sentences
-    longer than L). Tokenising to L + 1 and cutting gives the same tokens, and a token in slot L + 1 tells
-    exactly which sentences did not fit (an EOT in slot L may also be a sentence that just fits)."""
-    import open_clip
-    tokenizer = open_clip.get_tokenizer("RN50")
-    tokens = [tokenizer(sentences[i:i + 4096], context_length=context_length + 1) for i in range(0, len(sentences), 4096)]
-    tokens = torch.cat(tokens) if tokens else torch.zeros(0, context_length + 1, dtype=torch.long)
-    cut = tokens[:, -1] != 0                                     # (S,) longer than the context
-    tokens = tokens[:, :context_length].clone()                  # (S, L)
-    tokens[cut, -1] = tokenizer.eot_token_id
-    return tokens, int(cut.sum())
 
 
 def tokenize_corpus(corpus, context_length=77, cache_dir=None):
@@ -917,6 +515,24 @@ def tokenize_corpus(corpus, context_length=77, cache_dir=None):
         warn(f"{out['truncated']} sentences are longer than the {context_length}-token context and were "
              "truncated (EOT kept last)")
     return out
+
+
+def corpus_tokens(data, model, args):
+    """The class corpora tokenised at the model's context length (cached beside the shapes_lt world, or in
+    the run folder); every class needs at least one sentence."""
+    text = tokenize_corpus(data.corpus, context_length(model),
+                           cache_dir=args.data_root if args.data == "shapes_lt" else args.out)
+    require_sentences(data, text)
+    return text
+
+
+def require_sentences(data, text):
+    """Every class needs at least one sentence: CVLP draws one per image, LGR attends over them."""
+    empty = torch.nonzero(text["offsets"][1:] == text["offsets"][:-1]).flatten().tolist()
+    if empty:
+        names = ", ".join(data.classnames[c] for c in empty[:3])
+        raise DataError(f"{len(empty)} classes have no sentences (e.g. {names}); keep the prompt templates "
+                        f"(--text wiki+prompt or prompt) or add description files")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,10 +31,11 @@ import anss
 import cvlp
 import lgr
 from anss import load_encoder, suffix
-from cvlp import (check_meta, checkpoint_meta, clip_mean_std, context_length, encode_images, encode_texts,
-                  fill_defaults, load_checkpoint, load_clip, make_loader)
-from data import (atomic_write, contact_sheet, load_data, make_transform, prompt_sentences, run_stage, shot_split,
-                  tokenize_exact)
+from cvlp import load_clip
+from data import contact_sheet, fill_defaults, load_data, make_loader, prompt_sentences, shot_split
+from engine import (atomic_write, check_meta, checkpoint_meta, clip_mean_std, context_length, encode_images,
+                    encode_texts, load_checkpoint, run_stage, tokenize_exact)
+from images import make_transform
 from lgr import accuracy_by_shot, build_recognizer, lgr_probabilities, official_alpha, predict
 
 

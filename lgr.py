@@ -17,9 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from anss import load_encoder, suffix
-from cvlp import (autocast, checkpoint_meta, clip_mean_std, cosine_schedule, create_clip, fill_defaults, fit,
-                  load_checkpoint, make_loader, prepare_out, seed_everything)
-from data import DATASETS, DataError, load_data, make_transform, progress, run_stage, shot_split
+from data import DATASETS, fill_defaults, load_data, make_loader, shot_split
+from engine import (DataError, autocast, checkpoint_meta, clip_mean_std, cosine_schedule, create_clip, fit,
+                    load_checkpoint, prepare_out, progress, run_stage, seed_everything)
+from images import make_transform
 
 
 def get_args(argv=None):

@@ -15,7 +15,10 @@ import torch
 from PIL import Image
 
 import data
-from data import COLOURS, SHAPES, DataError
+import images
+import shapes_lt
+from engine import DataError
+from shapes_lt import COLOURS, SHAPES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,14 +64,14 @@ def test_instance_sampler_draws_classes_in_proportion_to_count():
 def test_crop_boxes_fall_back_to_the_centred_largest_box_with_clamped_aspect():
     # scale (2, 3): no box of 2-3x the image area fits, so every image gets the fallback box. A 10 x 40
     # image is wider than 4/3: height 10, width round(10 * 4/3) = 13, centred: left (40 - 13) // 2 = 13.
-    boxes = data.random_crop_boxes(5, 10, 40, scale=(2.0, 3.0))
+    boxes = images.random_crop_boxes(5, 10, 40, scale=(2.0, 3.0))
     assert boxes.tolist() == [[0, 13, 10, 13]] * 5
-    assert data.random_crop_boxes(3, 8, 8, scale=(2.0, 3.0)).tolist() == [[0, 0, 8, 8]] * 3   # square: all of it
+    assert images.random_crop_boxes(3, 8, 8, scale=(2.0, 3.0)).tolist() == [[0, 0, 8, 8]] * 3   # square: all of it
 
 
 def test_crop_boxes_stay_inside_the_image_with_area_and_aspect_in_range():
     torch.manual_seed(0)
-    top, left, h, w = data.random_crop_boxes(20000, 32, 32, scale=(0.5, 1.0)).T
+    top, left, h, w = images.random_crop_boxes(20000, 32, 32, scale=(0.5, 1.0)).T
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
     # Rounding w and h to whole pixels moves the area by at most (w + h) / 2 + 1/4 pixels: 33 of 1024.
     area = (h * w).float() / 1024
@@ -81,16 +84,16 @@ def test_crop_boxes_stay_inside_the_image_with_area_and_aspect_in_range():
 def test_resized_crop_of_a_box_the_output_size_is_that_box():
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
     boxes = torch.tensor([[1, 1, 2, 2], [0, 2, 2, 2]])         # (top, left, h, w)
-    out = data.resized_crops(x, boxes, 2)
+    out = images.resized_crops(x, boxes, 2)
     assert torch.equal(out[0], x[0, :, 1:3, 1:3]) and torch.equal(out[1], x[1, :, 0:2, 2:4])
-    one_pixel = data.resized_crops(x, torch.tensor([[3, 0, 1, 1], [0, 3, 1, 1]]), 3)  # 1 px -> 3 x 3 of it
+    one_pixel = images.resized_crops(x, torch.tensor([[3, 0, 1, 1], [0, 3, 1, 1]]), 3)  # 1 px -> 3 x 3 of it
     assert torch.allclose(one_pixel[0], x[0, :, 3:4, 0:1].expand(3, 3, 3))
     assert torch.allclose(one_pixel[1], x[1, :, 0:1, 3:4].expand(3, 3, 3))
 
 
 def test_batch_transform_with_full_crops_returns_each_image_or_its_mirror():
     # crop scale (1, 1) leaves one box, the whole 8 x 8 image: the only randomness left is the flip.
-    t = data.make_transform(8, (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255), train=True, crop_scale=(1.0, 1.0))
+    t = images.make_transform(8, (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255), train=True, crop_scale=(1.0, 1.0))
     torch.manual_seed(0)
     x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
     out = t.batch(x)                                         # mean 0, std 1/255: back to 0..255
@@ -102,9 +105,9 @@ def test_batch_transform_with_full_crops_returns_each_image_or_its_mirror():
 def test_batch_transform_matches_the_per_image_eval_transform_and_loader_uses_it():
     x = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     split = data.Split(x, np.array([3, 1, 4, 1, 5, 9]))
-    t = data.make_transform(24, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4), train=False)   # resize 32 -> 24
+    t = images.make_transform(24, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4), train=False)   # resize 32 -> 24
     one_by_one = torch.stack([t(torch.from_numpy(im).permute(2, 0, 1)) for im in x])
-    loader = torch.utils.data.DataLoader(data.ImageDataset(split, t), batch_size=4)
+    loader = torch.utils.data.DataLoader(images.ImageDataset(split, t), batch_size=4)
     batches = list(loader)
     assert [y.tolist() for _, y in batches] == [[3, 1, 4, 1], [5, 9]]
     torch.testing.assert_close(torch.cat([b for b, _ in batches]), one_by_one, atol=1e-5, rtol=0)
@@ -121,15 +124,15 @@ def test_shot_split_boundaries_many_above_100_few_below_20():
 
 @pytest.fixture(scope="module")
 def world():
-    return data.make_shapes_lt(0)     # the full world, generated once for this module
+    return data.shapes_lt_data(shapes_lt.make_world(0))     # the full world, generated once for this module
 
 
 def small_world(monkeypatch, seed):
-    """make_shapes_lt with 2 train images per class and 1 val / test image: the same seeding code,
+    """make_world with 2 train images per class and 1 val / test image: the same seeding code,
     a fraction of the rendering (the full world takes ~10 s on a 2-core CPU)."""
-    real = data.shapes_classes
-    monkeypatch.setattr(data, "shapes_classes", lambda s: (real(s)[0], np.full(100, 2)))
-    return data.make_shapes_lt(seed, n_val=1, n_test=1)
+    real = shapes_lt.shapes_classes
+    monkeypatch.setattr(shapes_lt, "shapes_classes", lambda s: (real(s)[0], np.full(100, 2)))
+    return data.shapes_lt_data(shapes_lt.make_world(seed, n_val=1, n_test=1))
 
 
 def test_shapes_lt_is_deterministic_per_seed(monkeypatch):
@@ -153,7 +156,7 @@ def test_shapes_lt_counts_follow_imagenet_lt_profile(world):
 
 
 def test_every_shape_and_colour_appears_in_a_many_shot_class(world):
-    combos, counts = data.shapes_classes(0)
+    combos, counts = shapes_lt.shapes_classes(0)
     many = data.shot_split(counts) == "many"
     colours = list(COLOURS)
     assert {SHAPES[s] for (s, k), m in zip(combos, many) if m} == set(SHAPES)
@@ -175,8 +178,8 @@ def test_shapes_lt_corpus_has_templates_first_and_flags(world):
 def test_sessions_group_each_class_in_sittings_of_five():
     # class 0: 7 images -> sittings 0 (5 images), 1 (2); class 1: 3 images -> one sitting. Ids are
     # class * (7 // 5 + 1) + k // 5, so no two classes share one.
-    assert data.sessions([7, 3], 5).tolist() == [0, 0, 0, 0, 0, 1, 1, 2, 2, 2]
-    assert data.sessions([2, 2], 5).tolist() == [0, 0, 1, 1]
+    assert shapes_lt.sessions([7, 3], 5).tolist() == [0, 0, 0, 0, 0, 1, 1, 2, 2, 2]
+    assert shapes_lt.sessions([2, 2], 5).tolist() == [0, 0, 1, 1]
 
 
 def test_tail_train_images_share_one_scene_test_images_do_not(world):
@@ -282,7 +285,7 @@ def test_odd_image_files_load_as_rgb_tensors(tmp_path):
     assert Image.open(root / "train/n01443537/a.JPEG").mode == "L"
     assert Image.open(root / "train/n01443537/b.JPEG").format == "PNG"
     d = data.load_imagenet_lt(str(root), wiki=False)
-    ds = data.ImageDataset(d.train, data.make_transform(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), train=False))
+    ds = images.ImageDataset(d.train, images.make_transform(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), train=False))
     for i in range(6):
         x, y = ds[i]
         assert x.shape == (3, 24, 24) and x.dtype == torch.float32 and y == i // 2

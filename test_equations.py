@@ -15,12 +15,14 @@ import pytest
 import torch
 
 from anss import anchor_scores, description_precision, select_anchors
-from cvlp import (class_wise_contrastive_loss, cosine_similarity_matrix, create_clip, distillation_loss,
-                  interpolate_pos_embed, pretraining_loss, sample_sentences)
+from cvlp import (class_wise_contrastive_loss, cosine_similarity_matrix, distillation_loss, pretraining_loss,
+                  sample_sentences)
 from data import Corpus
+from engine import create_clip, interpolate_pos_embed
 from evaluate import knn_predict, mean_std, table_markdown
 from lgr import (LGRHead, Recognizer, accuracy_by_shot, class_text_logits, language_guided_attention, lgr_probabilities,
                  recognition_loss)
+from shapes_lt import clip_loss
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -107,6 +109,23 @@ def test_ccl_with_all_labels_distinct_is_twice_the_clip_loss():
     clip_loss = (CE_rows + CE_cols) / 2                                              # CLIP's symmetric loss
     y = torch.tensor([0, 1, 2])
     assert class_wise_contrastive_loss(T(S3), y, y, tau).item() == pytest.approx(2 * clip_loss, rel=1e-9)
+
+
+def test_shapes_standin_clip_loss_is_clips_loss_with_repeated_pairs_as_positives():
+    # E^I = E^T = the 3 unit vectors, so S = identity and S / tau = 2 I at tau = 0.5.
+    E, tau = torch.eye(3, dtype=torch.float64), 0.5
+    # All pairs distinct: every row and column is -log(e^2 / (e^2 + 2)) = log(1 + 2 e^-2) = 0.2395.
+    assert clip_loss(E, E, torch.tensor([4, 7, 9]), tau).item() == pytest.approx(math.log(1 + 2 * math.exp(-2)))
+    # Pair 4 drawn twice (rows / columns 0 and 1 are copies): each of those rows averages -log p over both copies.
+    p_self, p_other = math.exp(2) / (math.exp(2) + 2), 1 / (math.exp(2) + 2)
+    copies = -(math.log(p_self) + math.log(p_other)) / 2
+    expected = (2 * copies + -math.log(p_self)) / 3                 # rows (image -> text); columns are the same
+    assert clip_loss(E, E, torch.tensor([4, 4, 9]), tau).item() == pytest.approx(expected, rel=1e-12)
+    # In general it is Eq. (2) with one class per pair, halved: the same function of the same inputs.
+    g = torch.Generator().manual_seed(0)
+    E_I, E_T, pair = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g), torch.tensor([0, 3, 3, 1, 0, 2])
+    S = cosine_similarity_matrix(E_I, E_T)
+    assert clip_loss(E_I, E_T, pair) == class_wise_contrastive_loss(S, pair, pair, 0.07) / 2   # bitwise
 
 
 def test_ccl_official_smooths_the_normalised_multi_hot_target_by_0_1_and_halves_the_sum():

@@ -24,6 +24,7 @@ import torch
 import anss
 import cvlp
 import data
+import engine
 import lgr
 from test_data import append_line, make_imagenet_tree, write
 
@@ -137,7 +138,7 @@ def test_truncated_count_is_exact_and_tokens_are_open_clips():
     # but nothing cut); "a b c d e f g" has 9 and is cut to [SOT] a b c d e f [EOT].
     import open_clip
     sentences = ["a b c d e f", "a b c d e f g", "a b"]
-    tokens, truncated = data.tokenize_exact(sentences, 8)
+    tokens, truncated = engine.tokenize_exact(sentences, 8)
     assert truncated == 1
     assert torch.equal(tokens, open_clip.get_tokenizer("RN50")(sentences, context_length=8))
     assert tokens[0, -1] == tokens[1, -1] == EOT and tokens[2, 3] == EOT and tokens[2, -1] == 0
@@ -177,7 +178,7 @@ def test_skip_bad_images_drops_missing_and_corrupt_images_with_one_warning(tmp_p
         f"warning: skipped 2 unreadable images (first: {root}/train/n01440764/gone.JPEG at {train_file}:7); "
         "--skip-bad-images left them out (train 1, val 1, test 0)\n")
     # Without the flag the missing image is an error at load time; the corrupt one waits for its loading.
-    with pytest.raises(data.DataError, match=r"ImageNet_LT_train\.txt:7: image .*gone\.JPEG not found"):
+    with pytest.raises(engine.DataError, match=r"ImageNet_LT_train\.txt:7: image .*gone\.JPEG not found"):
         data.load_data("imagenet_lt", str(root), text="prompt")
 
 
@@ -185,7 +186,7 @@ def test_skip_bad_images_drops_missing_and_corrupt_images_with_one_warning(tmp_p
 def tiny_clip(tmp_path_factory):
     path = tmp_path_factory.mktemp("clip") / "shapes_tiny.pt"
     torch.manual_seed(0)
-    torch.save(cvlp.create_clip("shapes-tiny", 32).state_dict(), path)
+    torch.save(engine.create_clip("shapes-tiny", 32).state_dict(), path)
     return path
 
 
@@ -359,7 +360,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(shapes_env, tmp_pa
     def full(path, ckpt):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cvlp, "save_checkpoint", full)
+    monkeypatch.setattr(engine, "save_checkpoint", full)
     with pytest.raises(SystemExit) as e:
         cvlp.main(cvlp_args(shapes_env, tmp_path, "--resume", "--stop-after-steps", "2"))
     err = capsys.readouterr().err

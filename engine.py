@@ -1,0 +1,345 @@
+"""The machinery every VL-LTR stage shares: one-line errors and atomic files, CLIP models, checkpoints, and the
+training loop with exact resume (cvlp.py and lgr.py both train through `fit`).
+
+Nothing here is in the paper's equations; the stage scripts (cvlp.py, anss.py, lgr.py, evaluate.py) are.
+Like MAE's engine_*.py: the stages import from this file, it imports from none of them.
+"""
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+CODE_VERSION = "0.1.0"   # recorded in every checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors, progress, files
+
+class DataError(Exception):
+    """Bad input. The message is one line: what is wrong and how to fix it."""
+
+
+def fail(message):
+    """Print a one-line error (no traceback) and exit with status 2. Used by every stage's main().
+    A DataError raised in a DataLoader worker arrives wrapped with the worker's traceback: keep its last line."""
+    message = str(message).strip().splitlines()[-1] if str(message).strip() else "unknown error"
+    message = re.sub(r"^(engine\.)?DataError: ", "", message)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_stage(run, args):
+    """Run a stage's run(args): bad input ends in the one-line error of fail(), never a traceback."""
+    try:
+        run(args)
+    except DataError as e:
+        fail(e)
+
+
+def progress(iterable, **kwargs):
+    """tqdm progress bar on a terminal; silent in logs and CI, where each stage prints one line per epoch."""
+    return tqdm(iterable, disable=None, dynamic_ncols=True, leave=False, **kwargs)
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Write `path` via a temporary file in the same directory and os.replace: a crash leaves the old file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def warn(message):
+    """One "warning: ..." line on stderr (no warnings-module source line)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP models: open_clip encoders (Eq. 1), their weights, tokens and embeddings
+
+# The small CLIP of the shapes_lt world (SPEC §4, trained in shapes_lt.py): a ViT on 32 px images and a
+# 2-layer text transformer.
+TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=4, width=64, layers=2, head_width=32),
+                 text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2))
+
+
+def create_clip(backbone, image_size):
+    """A randomly initialised open_clip CLIP: RN50, ViT-B-16, ... or the shapes-tiny stand-in."""
+    if backbone == "shapes-tiny":
+        cfg = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "image_size": image_size}}
+        return open_clip.CLIP(**cfg)
+    if backbone not in open_clip.list_models():
+        raise DataError(f"unknown --backbone {backbone!r}; use RN50, ViT-B-16 or another open_clip model name")
+    # OpenAI's CLIP weights (the paper's) were trained with QuickGELU; open_clip's plain configs use nn.GELU,
+    # which would load the same weights without complaint and compute something else.
+    return open_clip.create_model(backbone, pretrained=None, force_image_size=image_size, force_quick_gelu=True)
+
+
+def context_length(model):
+    return model.positional_embedding.shape[0]
+
+
+def interpolate_pos_embed(state_dict, model):
+    """Resize the visual positional-embedding grid of CLIP weights to the model's input size, e.g.
+    224 -> 384 (paper Table 3, ViT-B/16-384). ViT: 'visual.positional_embedding' (1 + g*g, D); ResNet:
+    'visual.attnpool.positional_embedding' (1 + g*g, D). Bicubic on the g x g grid, class token kept."""
+    own = model.state_dict()
+    for key in ("visual.positional_embedding", "visual.attnpool.positional_embedding"):
+        if key not in state_dict or key not in own or state_dict[key].shape == own[key].shape:
+            continue
+        old, new = state_dict[key], own[key]
+        g_old, g_new = int(math.isqrt(old.shape[0] - 1)), int(math.isqrt(new.shape[0] - 1))
+        grid = old[1:].reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2).float()       # (1, D, g, g)
+        grid = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(g_new * g_new, -1).to(old.dtype)
+        state_dict[key] = torch.cat([old[:1], grid])
+    return state_dict
+
+
+def load_clip_file(model, path):
+    """Load a local CLIP state dict (plain, {'state_dict': ...}, 'module.'-prefixed) into model."""
+    if not os.path.exists(path):
+        raise DataError(f"--clip-weights {path} not found")
+    try:
+        sd = open_clip.factory.load_state_dict(path)              # weights_only=True inside
+    except Exception as e:
+        raise DataError(f"cannot read CLIP weights {path}: {str(e).splitlines()[0]}; pass a state dict file")
+    sd = interpolate_pos_embed(dict(sd), model)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise DataError(f"CLIP weights {path} do not fit this backbone ({len(missing)} missing, "
+                        f"{len(unexpected)} unexpected keys, e.g. {(missing or unexpected)[0]}); check --backbone")
+    return model
+
+
+def openai_weights(backbone):
+    """The path of open_clip's cached 'openai' weights for `backbone`, downloading them on first use."""
+    try:
+        return open_clip.download_pretrained(open_clip.get_pretrained_cfg(backbone, "openai"))
+    except Exception as e:
+        raise DataError(f"no OpenAI CLIP weights for {backbone} ({type(e).__name__}): run once with internet "
+                        f"so open_clip caches them, or pass --clip-weights PATH to a local state dict")
+
+
+def clip_mean_std():
+    from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    return OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+
+@torch.no_grad()
+def encode_texts(model, tokens, device, batch=1024, desc="text"):
+    """(S, L) tokens -> (S, D) L2-normalised text embeddings, in chunks (eval mode, no grad)."""
+    model.eval()
+    out = []
+    for i in progress(range(0, len(tokens), batch), desc=desc, unit="batch"):
+        with autocast(device):
+            out.append(F.normalize(model.encode_text(tokens[i:i + batch].long().to(device)).float(), dim=-1))
+    return torch.cat(out) if out else torch.zeros(0, model.text_projection.shape[1], device=device)
+
+
+@torch.no_grad()
+def encode_images(encode_fn, loader, device, desc="images"):
+    """All images of a loader -> ((N, D) L2-normalised embeddings, (N,) labels)."""
+    feats, labels = [], []
+    for x, y in progress(loader, desc=desc, unit="batch"):
+        with autocast(device):
+            feats.append(F.normalize(encode_fn(x.to(device, non_blocking=True)).float(), dim=-1))
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels).to(device)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, plain fp32 on CPU."""
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def tokenize_exact(sentences, context_length):
+    """[S] str -> ((S, L) int64 tokens cut like open_clip cuts them (EOT kept last), number of sentences
+    longer than L). Tokenising to L + 1 and cutting gives the same tokens, and a token in slot L + 1 tells
+    exactly which sentences did not fit (an EOT in slot L may also be a sentence that just fits)."""
+    tokenizer = open_clip.get_tokenizer("RN50")
+    tokens = [tokenizer(sentences[i:i + 4096], context_length=context_length + 1) for i in range(0, len(sentences), 4096)]
+    tokens = torch.cat(tokens) if tokens else torch.zeros(0, context_length + 1, dtype=torch.long)
+    cut = tokens[:, -1] != 0                                     # (S,) longer than the context
+    tokens = tokens[:, :context_length].clone()                  # (S, L)
+    tokens[cut, -1] = tokenizer.eot_token_id
+    return tokens, int(cut.sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: plain dicts, written atomically, checked before use
+
+
+def save_checkpoint(path, ckpt):
+    """Atomically torch.save a plain dict (tensors, numbers, strings, dicts): loadable with weights_only."""
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path, stage, made_by):
+    """Load <stage>.pt with weights_only=True, or say which command makes it."""
+    if not os.path.exists(path):
+        raise DataError(f"{path} not found; run `{made_by}` first (or pass --out to the right run folder)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]}); "
+                        f"delete it and rerun `{made_by}`")
+    if not isinstance(ckpt, dict) or ckpt.get("stage") != stage:
+        found = ckpt.get("stage") if isinstance(ckpt, dict) else "?"
+        raise DataError(f"{path} is not a {stage} checkpoint (stage {found}); check --out")
+    return ckpt
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_schedule(optimizer, total_steps, warmup_steps):
+    """Linear warm-up, then cosine decay to 0 (SGDR without restarts, paper Sec. 4.3)."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def prepare_out(args):
+    """Create the run folder and make sure we can write there before any work is done."""
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        atomic_write(os.path.join(args.out, ".write_test"), lambda f: f.write(b"ok"))
+        os.remove(os.path.join(args.out, ".write_test"))
+    except OSError as e:
+        raise DataError(f"cannot write to --out {args.out} ({e.strerror}); choose a writable folder with free space")
+
+
+def checkpoint_meta(args, stage, num_classes):
+    """What made a checkpoint: refused on --resume or by the next stage when it does not match."""
+    return {"stage": stage, "data": args.data, "backbone": args.backbone, "num_classes": num_classes,
+            "variant": getattr(args, "variant", None), "version": CODE_VERSION}
+
+
+def check_meta(ckpt, meta, path):
+    for key in ("stage", "data", "backbone", "num_classes", "head"):
+        if ckpt.get(key) != meta.get(key):
+            raise DataError(f"{path} is a {ckpt.get('stage')} checkpoint of {ckpt.get('data')}/{ckpt.get('backbone')} "
+                            f"with {ckpt.get('num_classes')} classes ({key} {ckpt.get(key)!r}), but this run expects "
+                            f"{key} {meta.get(key)!r}; point --out at the matching run, or rerun the stage that writes it")
+
+
+def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=None):
+    """The training loop of both stages; True when all epochs ran. batch_loss(x, y) -> (loss, {name: value}); every --accum
+    batches one optimiser step, gradients clipped to --clip-grad. What long runs need:
+    - after every epoch an atomic checkpoint (plus <name>_best.pt when validate() improves);
+    - Ctrl-C or --stop-after-steps saves the state of the last optimiser step, also mid-epoch;
+    - --resume restores weights, optimiser, schedule, the epoch's sample order and position and every
+      random state, so it ends with the same weights as an uninterrupted run (bitwise on CPU, --workers 0);
+    - a non-finite loss stops the run before it reaches the weights or the checkpoint.
+    rngs: {"sampler": generator of the sampler, ...other generators the batch_loss draws from}."""
+    pos = {"epoch": 0, "batch": 0, "best": None, "sampler_epoch": rngs["sampler"].get_state()}
+    torch_rng = None
+    if args.resume and os.path.exists(path):
+        ckpt = load_checkpoint(path, meta["stage"], f"python {meta['stage']}.py")
+        check_meta(ckpt, meta, path)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        for k, g in rngs.items():
+            g.set_state(ckpt["rng"][k])
+        pos, torch_rng = ckpt["position"], ckpt["rng"]["torch"]
+        print(f"resumed from {path} at epoch {pos['epoch'] + 1}, batch {pos['batch']}")
+
+    def save(target, position, rng_states):
+        ckpt = {**meta, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "args": vars(args),
+                "epoch": position["epoch"], "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "position": position, "rng": rng_states}
+        try:
+            save_checkpoint(target, ckpt)
+        except OSError as e:
+            raise DataError(f"cannot write {target} ({e.strerror}); free disk space or pass another --out "
+                            f"(the previous checkpoint there is intact)")
+
+    def rng_states():
+        return {**{k: g.get_state() for k, g in rngs.items()}, "torch": torch.get_rng_state()}
+
+    interrupted = []                                             # Ctrl-C: finish the step, save, stop
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1) or signal.signal(signal.SIGINT, previous))
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for epoch in range(pos["epoch"], args.epochs):
+            if pos["batch"] == 0:
+                pos["sampler_epoch"] = rngs["sampler"].get_state()     # this epoch's sample order comes from here
+            rngs["sampler"].set_state(pos["sampler_epoch"])
+            loader.sampler.skip = pos["batch"] * args.batch
+            batches = iter(loader)
+            if torch_rng is not None:                                  # augmentation randomness, mid-epoch resume
+                torch.set_rng_state(torch_rng)
+                torch_rng = None
+            sums, n, t0 = {}, 0, time.time()
+            bar = progress(batches, total=len(loader), desc=f"{meta['stage']} {epoch + 1}/{args.epochs}", unit="batch")
+            for i, (x, y) in enumerate(bar, start=pos["batch"]):
+                x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
+                with autocast(args.device):
+                    loss, stats = batch_loss(x, y)
+                value = loss.item()                                    # one host sync per batch, for the log
+                if not math.isfinite(value):
+                    raise DataError(f"loss is {value} at epoch {epoch + 1}, batch {i + 1}; stopped before it reached the "
+                                    f"weights ({path} holds the last good state); lower --lr or set --clip-grad")
+                (loss / args.accum).backward()
+                for k, v in {"loss": value, **stats}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+                n += 1
+                bar.set_postfix(loss=f"{value:.3f}", img_s=f"{n * len(y) / (time.time() - t0):.0f}")
+                if (i + 1) % args.accum:
+                    continue
+                if args.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                if interrupted or (args.stop_after_steps and sched.last_epoch >= args.stop_after_steps):
+                    save(path, {**pos, "epoch": epoch, "batch": i + 1}, rng_states())   # mid-epoch position
+                    why = "interrupted" if interrupted else f"stopped after {sched.last_epoch} steps (--stop-after-steps)"
+                    print(f"{why}: saved {path} at epoch {epoch + 1}, batch {i + 1}; continue with --resume")
+                    if interrupted:
+                        sys.exit(130)
+                    return False
+            opt.zero_grad(set_to_none=True)                            # drop a partial accumulation
+            pos = {**pos, "epoch": epoch + 1, "batch": 0}
+            line = "  ".join(f"{k} {v / max(n, 1):.4f}" for k, v in sums.items())
+            line += f"  lr {sched.get_last_lr()[0]:.2e}  {n * args.batch / (time.time() - t0):.0f} img/s"
+            score = None
+            if validate is not None:
+                score, text = validate()
+                line += "  " + text
+            print(f"epoch {epoch + 1:3d}/{args.epochs}  {line}")
+            if score is not None and (pos["best"] is None or score > pos["best"]):
+                pos["best"] = score
+                save(path.replace(".pt", "_best.pt"), pos, rng_states())
+            save(path, pos, rng_states())
+    except torch.cuda.OutOfMemoryError:
+        raise DataError(f"GPU out of memory with --batch {args.batch}; pass a smaller --batch, or --batch "
+                        f"{args.batch // 2} --accum {2 * args.accum} to keep the effective batch")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return True
