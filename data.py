@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import shapes_lt
-from engine import DataError, atomic_write, context_length, fail, tokenize_exact, warn
+from engine import DataError, ResumableSampler, atomic_write, context_length, fail, tokenize_exact, warn
 from images import ImageDataset, drop_unreadable, load_rgb
 
 # Per-dataset defaults: where the data lives and what the stages use when not told otherwise.
@@ -447,24 +447,6 @@ def make_sampler(labels, kind="sqrt", generator=None):
     counts = np.bincount(labels)
     weights = torch.as_tensor(counts[labels], dtype=torch.float64) ** -0.5
     return torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
-
-
-class ResumableSampler(torch.utils.data.Sampler):
-    """Wraps a sampler so that an epoch can start part-way through, for exact resume: the first `skip`
-    indices of the epoch's draw are consumed without loading their images. The caller restores the
-    draw's random state and sets `skip`; the training loop resets it to 0 after that epoch."""
-
-    def __init__(self, sampler):
-        self.sampler, self.skip = sampler, 0
-
-    def __len__(self):
-        return len(self.sampler) - self.skip
-
-    def __iter__(self):
-        it = iter(self.sampler)
-        for _ in range(self.skip):
-            next(it)
-        yield from it
 
 
 def make_loader(split, transform, args, sampling=None, generator=None, batch=None):

@@ -208,21 +208,6 @@ def load_checkpoint(path, stage, made_by):
     return ckpt
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def cosine_schedule(optimizer, total_steps, warmup_steps):
-    """Linear warm-up, then cosine decay to 0 (SGDR without restarts, paper Sec. 4.3)."""
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def prepare_out(args):
     """Create the run folder and make sure we can write there before any work is done."""
     try:
@@ -245,6 +230,43 @@ def check_meta(ckpt, meta, path):
             raise DataError(f"{path} is a {ckpt.get('stage')} checkpoint of {ckpt.get('data')}/{ckpt.get('backbone')} "
                             f"with {ckpt.get('num_classes')} classes ({key} {ckpt.get(key)!r}), but this run expects "
                             f"{key} {meta.get(key)!r}; point --out at the matching run, or rerun the stage that writes it")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: seeding, schedule, resumable sampling and the loop both stages share
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_schedule(optimizer, total_steps, warmup_steps):
+    """Linear warm-up, then cosine decay to 0 (SGDR without restarts, paper Sec. 4.3)."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Wraps a sampler so that an epoch can start part-way through, for exact resume: the first `skip`
+    indices of the epoch's draw are consumed without loading their images. The caller restores the
+    draw's random state and sets `skip`; the training loop resets it to 0 after that epoch."""
+
+    def __init__(self, sampler):
+        self.sampler, self.skip = sampler, 0
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
+
+    def __iter__(self):
+        it = iter(self.sampler)
+        for _ in range(self.skip):
+            next(it)
+        yield from it
 
 
 def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=None):
