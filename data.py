@@ -102,7 +102,7 @@ def shot_split(counts):
 
 
 # ----------------------------------------------------------------------------------------------
-# Prompt templates (the 80 CLIP ImageNet templates, shipped by open_clip)
+# Class corpora: the 80 CLIP ImageNet prompt templates (shipped by open_clip) + description sentences
 
 
 def prompt_sentences(classname):
@@ -139,6 +139,10 @@ def prompt_only(corpus):
     pick = lambda lists: [[lst[i] for i in k] for lst, k in zip(lists, keep)]
     return Corpus(pick(corpus.sentences), pick(corpus.source),
                   pick(corpus.informative) if corpus.informative is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes_lt: the embedded world, generated in shapes_lt.py
 
 
 def shapes_lt_data(world):
