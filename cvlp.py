@@ -126,13 +126,15 @@ def load_clip(args, device="cpu"):
 
     --clip-weights PATH: a local file. shapes_lt: the world's small stand-in (shapes_lt.py), trained and
     cached on first use. Otherwise open_clip's 'openai' weights (downloaded once, then cached by open_clip)."""
-    model = create_clip(args.backbone, args.image_size)
     path = args.clip_weights
-    if not path and args.backbone == "shapes-tiny":
+    if not path and args.backbone != "shapes-tiny":
+        path = openai_weights(args.backbone)                     # before building the model: offline fails at once
+    model = create_clip(args.backbone, args.image_size)
+    if not path:
         path = shapes_lt.standin_path(args.data_root, args.seed)
         if not os.path.exists(path):
             shapes_lt.train_clip_standin(model, path, args.seed, device)
-    return load_clip_file(model, path or openai_weights(args.backbone)).to(device)
+    return load_clip_file(model, path).to(device)
 
 
 # ----------------------------------------------------------------------------------------------

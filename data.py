@@ -48,9 +48,16 @@ def fill_defaults(args):
     args.backbone = args.backbone or d["backbone"]
     args.image_size = args.image_size or d["image_size"]
     args.data_root = args.data_root or d["root"]
-    args.workers = args.workers if args.workers is not None else (0 if args.data == "shapes_lt" else 8)
+    args.workers = args.workers if args.workers is not None else (0 if args.data == "shapes_lt" else default_workers())
     args.out = args.out or os.path.join("runs", args.data, args.backbone)
     return args
+
+
+def default_workers():
+    """Loader processes for image files: 8, or fewer when this process may use fewer CPU cores (more only
+    compete for them, and torch's DataLoader warns about it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,18 +4,26 @@ training loop with exact resume (cvlp.py and lgr.py both train through `fit`).
 Nothing here is in the paper's equations; the stage scripts (cvlp.py, anss.py, lgr.py, evaluate.py) are.
 Like MAE's engine_*.py: the stages import from this file, it imports from none of them.
 """
+import contextlib
+import logging
 import math
 import os
 import random
 import re
 import signal
+import socket
 import sys
 import time
+import urllib.parse
+import urllib.request
+import warnings
+import zipfile
 
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from tqdm import tqdm
 
 CODE_VERSION = "0.1.0"   # recorded in every checkpoint
@@ -88,7 +96,20 @@ def create_clip(backbone, image_size):
         raise DataError(f"unknown --backbone {backbone!r}; use RN50, ViT-B-16 or another open_clip model name")
     # OpenAI's CLIP weights (the paper's) were trained with QuickGELU; open_clip's plain configs use nn.GELU,
     # which would load the same weights without complaint and compute something else.
-    return open_clip.create_model(backbone, pretrained=None, force_image_size=image_size, force_quick_gelu=True)
+    with without_log_line("No pretrained weights loaded"):   # the weights come next, from load_clip_file
+        return open_clip.create_model(backbone, pretrained=None, force_image_size=image_size, force_quick_gelu=True)
+
+
+@contextlib.contextmanager
+def without_log_line(prefix):
+    """Drop the root-logger lines starting with `prefix` inside the block (open_clip logs through the root
+    logger; its "Model initialized randomly." reads as a failure when our weights are loaded right after)."""
+    drop = lambda record: not record.getMessage().startswith(prefix)
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
 
 
 def context_length(model):
@@ -113,28 +134,105 @@ def interpolate_pos_embed(state_dict, model):
 
 
 def load_clip_file(model, path):
-    """Load a local CLIP state dict (plain, {'state_dict': ...}, 'module.'-prefixed) into model."""
+    """Load local CLIP weights into model: a state dict (plain, {'state_dict': ...}, 'module.'-prefixed, or
+    .safetensors), or one of OpenAI's TorchScript archives (RN50.pt, ViT-B-16.pt, as the `clip` package and the
+    official VL-LTR code keep them in pretrained/)."""
     if not os.path.exists(path):
         raise DataError(f"--clip-weights {path} not found")
     try:
-        sd = open_clip.factory.load_state_dict(path)              # weights_only=True inside
+        if is_torchscript_archive(path):
+            sd = torchscript_state_dict(path, model)
+        else:
+            sd = open_clip.factory.load_state_dict(path)          # weights_only=True inside
     except Exception as e:
-        raise DataError(f"cannot read CLIP weights {path}: {str(e).splitlines()[0]}; pass a state dict file")
+        raise DataError(f"cannot read CLIP weights {path}: {str(e).splitlines()[0]}; pass a state dict file "
+                        f"or one of OpenAI's CLIP archives (RN50.pt, ViT-B-16.pt)")
     sd = interpolate_pos_embed(dict(sd), model)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing, unexpected = model.load_state_dict(sd, strict=False)   # fp16 archive tensors are cast to the model's
     if missing or unexpected:
         raise DataError(f"CLIP weights {path} do not fit this backbone ({len(missing)} missing, "
                         f"{len(unexpected)} unexpected keys, e.g. {(missing or unexpected)[0]}); check --backbone")
     return model
 
 
+def is_torchscript_archive(path):
+    """True for a TorchScript archive (torch.jit.save): a zip holding <name>/code/... and <name>/constants.pkl,
+    which torch.save's zip files never hold. Checked before torch.jit.load sees the file."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.split("/")[1:2] == ["code"] or n.endswith("/constants.pkl") for n in z.namelist())
+
+
+def torchscript_state_dict(path, model):
+    """The tensors of a TorchScript archive, read by the TorchScript loader (no Python pickle runs). OpenAI's
+    archives name CLIP's weights as open_clip does (RN50, ViT-B/16) and add three numbers that are not weights;
+    an archive traced from an open_clip model also holds its non-persistent buffers (attn_mask)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)            # "torch.jit.load is deprecated"
+        sd = torch.jit.load(path, map_location="cpu").state_dict()
+    persistent = model.state_dict()
+    not_weights = {"input_resolution", "context_length", "vocab_size"}
+    not_weights |= {name for name, _ in model.named_buffers() if name not in persistent}
+    return {k: v for k, v in sd.items() if k not in not_weights}
+
+
 def openai_weights(backbone):
-    """The path of open_clip's cached 'openai' weights for `backbone`, downloading them on first use."""
+    """The path of OpenAI's CLIP weights for `backbone` (the paper's initialisation): open_clip's cached copy,
+    else a download through open_clip when its server can be reached. Offline, one line at once (open_clip
+    itself retries for about 46 s before failing, SPEC.md §7)."""
+    cfg = open_clip.get_pretrained_cfg(backbone, "openai")
+    if not cfg:
+        raise DataError(f"open_clip has no OpenAI CLIP weights for --backbone {backbone}; pass --clip-weights PATH")
+    path = cached_openai_weights(cfg)
+    if path:
+        return path
+    how = (f"pass --clip-weights PATH to a local file ({backbone}.pt from OpenAI, as the official code keeps it "
+           f"in pretrained/, or a state dict), or run once with internet so open_clip caches them")
+    host = download_host(cfg)
+    if not reachable(host):
+        raise DataError(f"no OpenAI CLIP weights for {backbone} in open_clip's cache and {host} cannot be reached: {how}")
     try:
-        return open_clip.download_pretrained(open_clip.get_pretrained_cfg(backbone, "openai"))
+        return open_clip.download_pretrained(cfg)
     except Exception as e:
-        raise DataError(f"no OpenAI CLIP weights for {backbone} ({type(e).__name__}): run once with internet "
-                        f"so open_clip caches them, or pass --clip-weights PATH to a local state dict")
+        raise DataError(f"downloading OpenAI CLIP weights for {backbone} failed ({type(e).__name__}): {how}")
+
+
+def cached_openai_weights(cfg):
+    """Where open_clip 3.3 keeps downloaded 'openai' weights, if they are there: the Hugging Face hub cache
+    (cfg['hf_hub'], a safetensors or .bin state dict; used when huggingface_hub is installed), or
+    ~/.cache/clip/<name>.pt (cfg['url'], OpenAI's TorchScript archive). None when neither is there."""
+    if cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():
+        import huggingface_hub
+        repo, filename = os.path.split(cfg["hf_hub"])
+        for name in [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]:
+            path = huggingface_hub.try_to_load_from_cache(repo, name)
+            if isinstance(path, str):
+                return path
+    if cfg.get("url"):
+        path = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def download_host(cfg):
+    """The server open_clip.download_pretrained(cfg) fetches from: the Hugging Face hub when it is installed."""
+    if cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():
+        return urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    return urllib.parse.urlparse(cfg["url"]).hostname
+
+
+def reachable(host, timeout=5):
+    """True when a TCP connection to host:443 opens within `timeout` s (or an HTTPS proxy is set: then the
+    download's own error speaks)."""
+    if urllib.request.getproxies().get("https"):
+        return True
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def clip_mean_std():

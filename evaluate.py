@@ -12,6 +12,11 @@ Heads, each evaluated when its file is there:
   LGR, no CVLP  CLIP weights straight into LGR (Table 4 #2)                 lgr_clip.pt
 Prints the table and writes eval.json (accuracies per head and split, per-class accuracy, confusions).
 
+    python evaluate.py --data imagenet_lt --backbone RN50 --released checkpoint.pth
+
+evaluates a fine-tuned model released with the official code (SPEC.md §8) with its inference rule, beside
+the paper's number (run_released).
+
     python evaluate.py --table all                 # every Table 8 / Table 4 row, 3 seeds -> results/
 
 runs each row's stages (run_table), then writes results/<data>.json and .md (mean and std over seeds)
@@ -20,6 +25,7 @@ and, with matplotlib installed, the README's plots.
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import time
@@ -33,10 +39,10 @@ import lgr
 from anss import load_encoder, suffix
 from cvlp import load_clip
 from data import contact_sheet, fill_defaults, load_data, make_loader, prompt_sentences, shot_split
-from engine import (atomic_write, check_meta, checkpoint_meta, clip_mean_std, context_length, encode_images,
+from engine import (DataError, atomic_write, check_meta, checkpoint_meta, clip_mean_std, context_length, encode_images,
                     encode_texts, load_checkpoint, run_stage, tokenize_exact)
 from images import make_transform
-from lgr import accuracy_by_shot, build_recognizer, lgr_probabilities, official_alpha, predict
+from lgr import accuracy_by_shot, build_recognizer, lgr_probabilities, official_alpha, predict, recognizer_from_released
 
 
 def get_args(argv=None):
@@ -54,6 +60,9 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--released", default=None, metavar="CHECKPOINT",
+                   help="evaluate a released VL-LTR checkpoint.pth of the official code (SPEC.md §8) with its "
+                        "inference rule (alpha 0.2, iNat 0.7) and evaluation crop (256 -> 224)")
     p.add_argument("--table", default=None, choices=["all"],
                    help="run and evaluate every Table 8 and Table 4 row for each of --seeds (see run_table)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -100,16 +109,22 @@ def confusions(pred, y, classnames, n=10):
 
 
 def format_table(results, title):
-    """The paper's Table 8 layout: method, overall / many / medium / few."""
+    """The paper's Table 8 layout: method, overall / many / medium / few ("-": a group without test classes)."""
     lines = [title, f"{'method':<26}{'overall':>9}{'many':>8}{'medium':>8}{'few':>8}", "-" * 59]
     for name, r in results.items():
-        lines.append(f"{name:<26}{r['overall']:9.1f}{r['many']:8.1f}{r['medium']:8.1f}{r['few']:8.1f}")
+        lines.append(f"{name:<26}{percent(r['overall']):>9}{percent(r['many']):>8}{percent(r['medium']):>8}"
+                     f"{percent(r['few']):>8}")
     return "\n".join(lines)
+
+
+def percent(value):
+    """One table cell: 70.1, or "-" for NaN (accuracy_by_shot's value for a group with no classes)."""
+    return "-" if math.isnan(value) else f"{value:.1f}"
 
 
 def main(argv=None):
     args = get_args(argv)
-    run_stage(run_table if args.table == "all" else run, args)
+    run_stage(run_table if args.table == "all" else run_released if args.released else run, args)
 
 
 def evaluate_folder(args, data, zero_shot=True):
@@ -168,6 +183,40 @@ def run(args):
               "results": {k: {**v, "confusions": confusions(*preds[k], data.classnames)} for k, v in results.items()},
               "classes": data.classnames, "train_counts": data.counts.tolist()}
     path = os.path.join(args.out, "eval.json")
+    atomic_write(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
+    print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The released VL-LTR checkpoints: python evaluate.py --data imagenet_lt --released checkpoint.pth
+
+# The paper's VL-LTR rows (Table 1-3; SPEC.md §6), test top-1 %, overall / many / medium / few where given.
+PAPER_VLLTR = {("imagenet_lt", "RN50"): "70.1 / 77.8 / 67.0 / 50.8", ("imagenet_lt", "ViT-B-16"): "77.2",
+               ("places_lt", "RN50"): "48.0 / 51.9 / 47.2 / 38.4", ("places_lt", "ViT-B-16"): "50.1",
+               ("inat2018", "RN50"): "74.6", ("inat2018", "ViT-B-16"): "76.8 (81.0 at --image-size 384)"}
+
+
+def run_released(args):
+    """A released checkpoint.pth (SPEC.md §8) on args.split with the official code's inference rule and
+    evaluation images (short side to 256, centre crop 224), beside the paper's number. Writes eval_released.json."""
+    model = recognizer_from_released(args.released, args.backbone, args.image_size).to(args.device)
+    data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
+    if len(model.anchors) != data.num_classes:
+        raise DataError(f"--released {args.released} has {len(model.anchors)} classes, {args.data} has "
+                        f"{data.num_classes}; pass the --data it was trained on")
+    args.variant, alpha = "official", official_alpha(args.data)
+    transform = make_transform(args.image_size, *clip_mean_std(), train=False, crop_pct=0.875)
+    p, y = predict(model, make_loader(getattr(data, args.split), transform, args), args, desc="released")
+    results = {f"VL-LTR released, alpha {alpha}": accuracy_by_shot(p["P"], y, data.counts),
+               "  P^I only": accuracy_by_shot(p["P_I"], y, data.counts),
+               "  P^T only": accuracy_by_shot(p["P_T"], y, data.counts)}
+    print(format_table(results, f"{args.released}: {args.data} {args.backbone}, {args.split} split, top-1 (%)"))
+    paper = PAPER_VLLTR.get((args.data, args.backbone))
+    if paper:
+        print(f"paper (test split): {paper}")
+    path = os.path.join(args.out, "eval_released.json")
+    report = {"data": args.data, "backbone": args.backbone, "split": args.split, "checkpoint": args.released,
+              "alpha": alpha, "results": results, "paper": paper}
     atomic_write(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
     print(f"wrote {path}")
 
@@ -323,7 +372,8 @@ def table_report(args, per_seed, timings, seconds):
 def table_markdown(report):
     """results/<data>.md: the tables as the README shows them (mean ± std over seeds, top-1 %)."""
     def row(name, c, extra=""):
-        return f"| {name} | " + " | ".join(f"{c[k]['mean']:.1f} ± {c[k]['std']:.1f}" for k in SPLITS) + f" |{extra}"
+        return f"| {name} | " + " | ".join("-" if math.isnan(c[k]["mean"]) else f"{c[k]['mean']:.1f} ± {c[k]['std']:.1f}"
+                                          for k in SPLITS) + f" |{extra}"
 
     e = report["epochs"]
     lines = [f"# {report['data']}: Table 8 and Table 4 rows, {report['split']} top-1 (%), mean ± std over "

@@ -78,10 +78,11 @@ class ImageDataset(torch.utils.data.Dataset):
         return list(zip(x.unbind(), self.split.labels[indices].tolist()))
 
 
-def make_transform(image_size, mean, std, train, crop_scale=(0.08, 1.0)):
-    """Train: RandomResizedCrop + horizontal flip; eval: resize + centre crop (CLIP's). Both normalise
+def make_transform(image_size, mean, std, train, crop_scale=(0.08, 1.0), crop_pct=1.0):
+    """Train: RandomResizedCrop + horizontal flip; eval: resize + centre crop (CLIP's; crop_pct 0.875 resizes
+    the short side to image_size / 0.875 first, 256 for 224, as the official code evaluates). Both normalise
     with the CLIP model's mean and std. See Transform."""
-    return Transform(image_size, mean, std, train, crop_scale)
+    return Transform(image_size, mean, std, train, crop_scale, crop_pct)
 
 
 class Transform:
@@ -91,7 +92,7 @@ class Transform:
     float images (bicubic, antialias), then rounded to uint8 levels. (v2's uint8 kernel also rounds between
     its two 1-D passes, so on sharp edges the two paths can differ by a few levels.)"""
 
-    def __init__(self, image_size, mean, std, train, crop_scale=(0.08, 1.0)):
+    def __init__(self, image_size, mean, std, train, crop_scale=(0.08, 1.0), crop_pct=1.0):
         from torchvision.transforms import v2
         bicubic = v2.InterpolationMode.BICUBIC
         self.size, self.train, self.crop_scale = image_size, train, crop_scale
@@ -100,7 +101,8 @@ class Transform:
             geometry = [v2.RandomResizedCrop(image_size, scale=crop_scale, interpolation=bicubic, antialias=True),
                         v2.RandomHorizontalFlip()]
         else:
-            geometry = [v2.Resize(image_size, interpolation=bicubic, antialias=True), v2.CenterCrop(image_size)]
+            geometry = [v2.Resize(int(image_size / crop_pct), interpolation=bicubic, antialias=True),
+                        v2.CenterCrop(image_size)]
         self.geometry = v2.Compose(geometry)                     # eval: deterministic, so batchable as is
         self.per_image = v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True),
                                      v2.Normalize(mean, std)])

@@ -11,6 +11,7 @@ added to a plain MLP classifier on E^I (Eq. 7). Both branches are trained with c
 import argparse
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -161,6 +162,71 @@ def build_recognizer(args, device, ckpt=None):
     model = Recognizer(encoder.visual, D, C, args.head, args.tau, args.variant, anchors, mask).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# The released VL-LTR checkpoints of the official code (SPEC.md §8): read with our Recognizer
+
+# Our LGRHead's parameters and the official head's (its "text_block"), one to one.
+RELEASED_HEAD = {"ln_q.weight": "text_block.attn.norm1q.weight", "ln_q.bias": "text_block.attn.norm1q.bias",
+                 "W_q.weight": "text_block.attn.wq.weight",
+                 "ln_k.weight": "text_block.attn.norm1k.weight", "ln_k.bias": "text_block.attn.norm1k.bias",
+                 "W_k.weight": "text_block.attn.wk.weight",
+                 "mlp.0.weight": "text_block.visual_fc.0.weight", "mlp.0.bias": "text_block.visual_fc.0.bias",
+                 "mlp.2.weight": "text_block.visual_fc.2.weight", "mlp.2.bias": "text_block.visual_fc.2.bias",
+                 "log_inv_tau": "logit_scale"}
+
+
+def read_released(path):
+    """The "model" state dict of a released checkpoint.pth, read with weights_only=True. The file also holds
+    the training run's argparse.Namespace under "args": that one class is allowed, nothing else."""
+    if not os.path.isfile(path):
+        raise DataError(f"--released {path} not found")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        why = f"it holds a {found.group(1)} object, refused without running it" if found else str(e).splitlines()[0][:120]
+        raise DataError(f"--released {path} is not a VL-LTR checkpoint.pth that can be read safely ({why})")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise DataError(f"--released {path} has no \"model\" state dict; pass the checkpoint.pth of a released VL-LTR run")
+    return ckpt["model"]
+
+
+def recognizer_from_released(path, backbone, image_size):
+    """A released VL-LTR checkpoint (SPEC.md §8) as our Recognizer, --variant official: its visual encoder,
+    its anchor embeddings "text_embeddings" (C, M, D) with the zero rows (padding) masked, and its head
+    mapped onto LGRHead (RELEASED_HEAD): the official W_q, W_k have no bias (ours are set to zero), its tau
+    is the fixed exp(-logit_scale). The image embedding reaches both branches as it is (Eq. 4, 7)."""
+    sd = read_released(path)
+    missing = [k for k in ["text_embeddings", *RELEASED_HEAD.values()] if k not in sd]
+    unknown = [k for k in sd if k.startswith("text_block.") and k not in RELEASED_HEAD.values()]
+    if missing or unknown or not any(k.startswith("visual.") for k in sd):
+        what = f"no {missing[0]}" if missing else f"an unknown head weight {unknown[0]}" if unknown else "no visual.*"
+        raise DataError(f"--released {path} is not in the released VL-LTR format ({what}, SPEC.md §8)")
+    E_T = sd["text_embeddings"].float()                          # (C, M, D) anchors, zero rows = padding
+    if E_T.dim() != 3:
+        raise DataError(f"--released {path}: text_embeddings has shape {tuple(E_T.shape)}, expected (C, M, D)")
+    C, M, D = E_T.shape
+    mask = E_T.ne(0).any(dim=-1)                                 # (C, M) True for real anchor sentences
+    if not mask.any(dim=1).all():
+        raise DataError(f"--released {path}: class {int((~mask.any(dim=1)).nonzero()[0])} has no anchor sentence")
+    encoder = create_clip(backbone, image_size)
+    if encoder.text_projection.shape[1] != D:
+        raise DataError(f"--released {path} has D = {D}, --backbone {backbone} D = {encoder.text_projection.shape[1]}; "
+                        f"pass the backbone it was trained with (RN50: 1024, ViT-B-16: 512)")
+    model = Recognizer(encoder.visual, D, C, "lgr", variant="official", anchors=E_T, mask=mask)
+    state = {k: v for k, v in sd.items() if k.startswith("visual.")}
+    state.update({f"head.{ours}": sd[theirs] for ours, theirs in RELEASED_HEAD.items()})
+    state["head.W_q.bias"] = state["head.W_k.bias"] = torch.zeros(D)   # the official W_q, W_k: no bias
+    try:
+        model.load_state_dict(state)                             # strict: every key, every shape
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise DataError(f"--released {path} does not fit --backbone {backbone} at --image-size {image_size}: "
+                        f"{detail[:200]}")
     return model
 
 
