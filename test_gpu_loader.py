@@ -13,6 +13,8 @@ these noisy photo-like images that moves a pixel by at most 3 levels and by 0.13
 (5 seeds of boxes); the test allows 4 and 0.5. (A hard 0-to-255 edge, where bicubic overshoots and the uint8
 kernel clips the overshoot between passes, can differ by ~12 levels at a few pixels.)
 """
+from argparse import Namespace
+
 import numpy as np
 import pytest
 import torch
@@ -112,8 +114,7 @@ def test_drawn_boxes_come_from_each_images_own_size_as_torchvision_draws_them(tm
     files = [images.read_bytes(p) for p in paths]
     torch.manual_seed(3)
     out = t(files, paths, [None] * len(paths))
-    # The same draws by hand: random_crop_boxes one image at a time would draw in another order, so draw
-    # the batch's boxes again from the same seed and per-image sizes, then the flips.
+    # The same draws again from the same seed: the batch's boxes, each from its own image's size, then the flips.
     torch.manual_seed(3)
     sizes = torch.tensor([[60, 80], [97, 45], [64, 64], [33, 120], [60, 80], [97, 45], [64, 64]])
     boxes = images.random_crop_boxes(7, sizes[:, 0], sizes[:, 1], (0.08, 1.0))
@@ -125,6 +126,11 @@ def test_drawn_boxes_come_from_each_images_own_size_as_torchvision_draws_them(tm
     assert in_levels(out, ref).max() <= 4 + 1e-4
 
 
+def loader_args(**kw):
+    """What make_loader reads from a stage's arguments."""
+    return Namespace(**{"batch": 4, "workers": 0, "device": "cpu", "loader": "gpu", **kw})
+
+
 def test_eval_path_and_odd_files_match_the_pil_loader(tmp_path):
     # RGB JPEGs, a grey JPEG, a CMYK JPEG and a PNG named .JPEG, through both loaders in eval mode.
     paths = save_images(tmp_path)
@@ -132,7 +138,7 @@ def test_eval_path_and_odd_files_match_the_pil_loader(tmp_path):
     transform = images.make_transform(32, MEAN, STD, train=False)
     out = {}
     for loader in ("pil", "gpu"):
-        args = engine_args(loader=loader, batch=4)
+        args = loader_args(loader=loader, batch=4)
         batches = data.make_loader(split, transform, args)
         assert len(batches) == 2
         out[loader] = [torch.cat(t) for t in zip(*batches)]
@@ -142,25 +148,25 @@ def test_eval_path_and_odd_files_match_the_pil_loader(tmp_path):
     assert in_levels(x_gpu, x_pil).max() <= 1 + 1e-4
 
 
-def engine_args(**kw):
-    """What make_loader reads from a stage's arguments."""
-    from argparse import Namespace
-    return Namespace(**{"batch": 4, "workers": 0, "device": "cpu", "loader": "gpu", **kw})
-
-
 def test_unreadable_file_is_load_rgbs_one_line_error(tmp_path):
+    # Not a JPEG past its first bytes (goes to load_rgb at once), and a JPEG cut in half (its header passes,
+    # the device decoder refuses it, the batch is decoded again image by image, load_rgb names the file).
     paths = save_images(tmp_path)[:2]
     write(tmp_path / "bad.JPEG", b"\xff\xd8\xff\xe0 not really a JPEG")
-    split = data.Split(paths + [str(tmp_path / "bad.JPEG")], np.array([0, 1, 0]), ["s.txt:1", "s.txt:2", "s.txt:3"])
-    loader = data.make_loader(split, images.make_transform(32, MEAN, STD, train=False), engine_args())
-    with pytest.raises(engine.DataError) as e:
-        list(loader)
-    with pytest.raises(engine.DataError) as e_pil:
-        images.load_rgb(str(tmp_path / "bad.JPEG"), "s.txt:3")
-    assert str(e.value) == str(e_pil.value) and "(listed at s.txt:3)" in str(e.value)
+    whole = images.read_bytes(paths[0]).numpy().tobytes()
+    write(tmp_path / "cut.JPEG", whole[:len(whole) // 2])
+    eval_transform = images.make_transform(32, MEAN, STD, train=False)
+    for name in ("bad.JPEG", "cut.JPEG"):
+        bad = str(tmp_path / name)
+        split = data.Split(paths + [bad], np.array([0, 1, 0]), ["s.txt:1", "s.txt:2", "s.txt:3"])
+        with pytest.raises(engine.DataError) as e:
+            list(data.make_loader(split, eval_transform, loader_args()))
+        with pytest.raises(engine.DataError) as e_pil:
+            images.load_rgb(bad, "s.txt:3")
+        assert str(e.value) == str(e_pil.value) and f"cannot read image {bad} (listed at s.txt:3)" in str(e.value)
     missing = data.Split([str(tmp_path / "gone.JPEG")], np.array([0]), ["s.txt:9"])
     with pytest.raises(engine.DataError, match=r"image not found: \S+gone\.JPEG \(listed at s\.txt:9\)"):
-        list(data.make_loader(missing, images.make_transform(32, MEAN, STD, train=False), engine_args()))
+        list(data.make_loader(missing, eval_transform, loader_args()))
 
 
 # ----------------------------------------------------------------------------------------------
