@@ -221,7 +221,7 @@ class DeviceTransform:
     normalised with the CLIP mean and std. The random draws come from torch's global generator in the main
     process, in order, so --resume continues them exactly (as --workers 0 does for --loader pil).
     Given the same boxes and decoder it matches Transform to within a few uint8 levels: Transform's uint8
-    resize rounds between its two 1-D passes, this one once at the end (test_gpu_loader.py)."""
+    resize rounds and clips between its two 1-D passes, this one once at the end (test_gpu_loader.py)."""
 
     def __init__(self, transform, device):
         self.transform, self.device = transform, torch.device(device)
