@@ -25,7 +25,7 @@ from PIL import Image
 
 import shapes_lt
 from engine import DataError, ResumableSampler, atomic_write, context_length, fail, tokenize_exact, warn
-from images import ImageDataset, drop_unreadable, load_rgb
+from images import DeviceLoader, DeviceTransform, FileBytes, ImageDataset, collate_files, drop_unreadable, load_rgb
 
 # Per-dataset defaults: where the data lives and what the stages use when not told otherwise.
 DATASETS = {
@@ -462,8 +462,17 @@ def make_sampler(labels, kind="sqrt", generator=None):
 
 def make_loader(split, transform, args, sampling=None, generator=None, batch=None):
     """A DataLoader over one Split. With sampling="sqrt"|"instance" (training): make_sampler, wrapped so an
-    epoch can resume part-way, and drop_last; without: in order (evaluation)."""
+    epoch can resume part-way, and drop_last; without: in order (evaluation). args.loader "gpu" and image
+    files: an images.DeviceLoader, which yields the same (x, y) batches with x already on args.device."""
     sampler = ResumableSampler(make_sampler(split.labels, sampling, generator)) if sampling else None
+    if getattr(args, "loader", "pil") == "gpu" and not isinstance(split.images, np.ndarray):
+        # --loader gpu: the workers read file bytes; each batch is decoded and augmented on args.device.
+        # A generator of its own: the loader's seed draw leaves torch's generator to the augmentation (resume).
+        files = torch.utils.data.DataLoader(
+            FileBytes(split), batch_size=batch or args.batch, sampler=sampler, num_workers=args.workers,
+            collate_fn=collate_files, drop_last=bool(sampling), persistent_workers=args.workers > 0,
+            generator=torch.Generator())
+        return DeviceLoader(files, DeviceTransform(transform, args.device), sampler)
     return torch.utils.data.DataLoader(
         ImageDataset(split, transform), batch_size=batch or args.batch, sampler=sampler,
         num_workers=args.workers, pin_memory=str(args.device).startswith("cuda"), drop_last=bool(sampling),

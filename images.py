@@ -124,18 +124,18 @@ class Transform:
 def random_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), tries=10):
     """RandomResizedCrop's boxes for n images at once, drawn the way torchvision draws one: area a fraction
     of the image uniform in `scale`, aspect ratio log-uniform in `ratio`, the first of `tries` draws that
-    fits; else the centred largest box with the aspect clamped to `ratio`. -> (n, 4) int64 (top, left, h, w)."""
-    area = height * width * torch.empty(n, tries).uniform_(*scale)                            # (n, tries)
+    fits; else the centred largest box with the aspect clamped to `ratio`. height, width: ints (n images of
+    one size) or (n,) tensors (each image its own, --loader gpu). -> (n, 4) int64 (top, left, h, w)."""
+    height, width = torch.as_tensor(height).expand(n), torch.as_tensor(width).expand(n)       # (n,)
+    area = (height * width)[:, None] * torch.empty(n, tries).uniform_(*scale)                # (n, tries)
     aspect = torch.exp(torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1])))
     w, h = (area * aspect).sqrt().round().long(), (area / aspect).sqrt().round().long()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = fits.int().argmax(1, keepdim=True)                   # (n, 1) first draw that fits
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-    fw, fh = width, height                                       # fallback: whole image, aspect clamped
-    if width / height < ratio[0]:
-        fh = int(round(width / ratio[0]))
-    elif width / height > ratio[1]:
-        fw = int(round(height * ratio[1]))
+    image_aspect = width.double() / height                       # fallback: whole image, aspect clamped
+    fh = torch.where(image_aspect < ratio[0], (width.double() / ratio[0]).round().long(), height)
+    fw = torch.where(image_aspect > ratio[1], (height.double() * ratio[1]).round().long(), width)
     none = ~fits.any(1)
     w, h = torch.where(none, fw, w), torch.where(none, fh, h)
     top = (torch.rand(n) * (height - h + 1)).long()
@@ -145,8 +145,141 @@ def random_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), tries=10):
 
 
 def resized_crops(x, boxes, size):
-    """(B, C, H, W) float, (B, 4) boxes (top, left, h, w) -> (B, C, size, size): each box resized with
-    bicubic interpolation and antialias, as torchvision's resized_crop does."""
-    return torch.cat([F.interpolate(x[k:k + 1, :, t:t + h, l:l + w], size=(size, size), mode="bicubic",
+    """(B, C, H, W) float, or a list of B (C, H_k, W_k) images of any size and dtype; (B, 4) boxes (top, left,
+    h, w) -> (B, C, size, size) float: each box resized with bicubic interpolation and antialias, as
+    torchvision's resized_crop does."""
+    return torch.cat([F.interpolate(x[k][None, :, t:t + h, l:l + w].float(), size=(size, size), mode="bicubic",
                                     align_corners=False, antialias=True)
                       for k, (t, l, h, w) in enumerate(boxes.tolist())])
+
+
+# ----------------------------------------------------------------------------------------------
+# --loader gpu: the workers only read file bytes; a whole batch is decoded and augmented on the device
+
+
+def read_bytes(path, where=None):
+    """The file's bytes, undecoded, as an (n,) uint8 tensor. Missing or unreadable: load_rgb's one-line error."""
+    try:
+        return torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+    except OSError:
+        load_rgb(path, where)                                    # raises the same DataError as --loader pil
+        raise
+
+
+def device_decodable(data):
+    """True when the bytes (an (n,) uint8 tensor) are a JPEG the batched device decoder handles: the SOI
+    marker FF D8, then a baseline, extended or progressive frame header (SOF0-2) of 8-bit samples with 1
+    (grey) or 3 (YCbCr) components. False for CMYK/YCCK JPEGs (4 components: libjpeg converts them to RGB,
+    nvjpeg need not), PNGs saved as .JPEG, other formats and broken files: load_rgb decodes those on the
+    CPU, as --loader pil does."""
+    b = memoryview(data.numpy())
+    if len(b) < 4 or b[0] != 0xFF or b[1] != 0xD8:
+        return False
+    i = 2
+    while i + 9 < len(b) and b[i] == 0xFF:                       # segments: FF, marker, 2-byte length, body
+        marker = b[i + 1]
+        if marker == 0xFF:                                       # fill byte before a marker
+            i += 1
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):   # a frame header (SOFn)
+            return marker <= 0xC2 and b[i + 4] == 8 and b[i + 9] in (1, 3)  # precision, component count
+        else:
+            i += 2 + int.from_bytes(b[i + 2:i + 4], "big")
+    return False
+
+
+class FileBytes(torch.utils.data.Dataset):
+    """(file bytes, label, path, "file:line") of one Split's image files, undecoded: what --loader gpu's
+    workers read. DeviceTransform decodes the batch."""
+
+    def __init__(self, split):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split.labels)
+
+    def __getitem__(self, i):
+        path, where = self.split.images[i], self.split.lines[i] if self.split.lines else None
+        return read_bytes(path, where), int(self.split.labels[i]), path, where
+
+
+def collate_files(batch):
+    """[(bytes, label, path, where)] -> (the batch's files end to end in one (n,) uint8 tensor, (B,) their
+    lengths, (B,) labels, [B] paths, [B] wheres). One tensor, not B: a worker hands each tensor over with a
+    file descriptor that stays open, and 8 workers x 2 batches x 256 files would pass the usual limit of 1024."""
+    files, labels, paths, wheres = zip(*batch)
+    return torch.cat(files), torch.tensor([len(f) for f in files]), torch.tensor(labels), list(paths), list(wheres)
+
+
+class DeviceTransform:
+    """transform(files, paths, wheres): a batch of image files' bytes -> (B, 3, S, S) float on `device`: the
+    PIL path's Transform with decoding and augmentation moved from the CPU workers to the device.
+
+    Decoding: the JPEGs in one call of torchvision.io.decode_jpeg (nvjpeg on CUDA, libjpeg-turbo on CPU, as
+    PIL), converted to RGB; whatever that decoder does not handle (CMYK, a PNG named .JPEG, a file it refuses)
+    goes through load_rgb on the CPU, image by image, with its error messages.
+    Train: a RandomResizedCrop box drawn from each image's own H x W (random_crop_boxes), resized as
+    Transform.batch resizes (resized_crops: bicubic, antialias, rounded to uint8 levels), mirrored with
+    probability 1/2; eval: Transform's own resize of the short side and centre crop, image by image. Then
+    normalised with the CLIP mean and std. The random draws come from torch's global generator in the main
+    process, in order, so --resume continues them exactly (as --workers 0 does for --loader pil).
+    Given the same boxes and decoder it matches Transform to within a few uint8 levels: Transform's uint8
+    resize rounds and clips between its two 1-D passes, this one once at the end (test_gpu_loader.py)."""
+
+    def __init__(self, transform, device):
+        self.transform, self.device = transform, torch.device(device)
+        self.mean, self.std = transform.mean.to(self.device), transform.std.to(self.device)
+
+    def decode(self, files, paths, wheres):
+        """[B] file bytes -> [B] (3, H_k, W_k) uint8 RGB images on the device."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+        images = [None] * len(files)
+        jpeg = [k for k, data in enumerate(files) if device_decodable(data)]
+        try:
+            decoded = decode_jpeg([files[k] for k in jpeg], mode=ImageReadMode.RGB, device=self.device) if jpeg else []
+        except RuntimeError:                                     # one file spoils the call: decode one by one
+            decoded = []
+            for k in jpeg:
+                try:
+                    decoded.append(decode_jpeg(files[k], mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    decoded.append(None)
+        for k, img in zip(jpeg, decoded):
+            images[k] = img
+        for k, img in enumerate(images):
+            if img is None:                                      # PIL on the CPU, as --loader pil
+                rgb = np.array(load_rgb(paths[k], wheres[k]))   # (H, W, 3)
+                images[k] = torch.from_numpy(rgb).permute(2, 0, 1).to(self.device)
+        return images
+
+    def augment(self, images, boxes, flip):
+        """[B] (3, H_k, W_k) uint8, (B, 4) crop boxes, (B,) bool mirror -> (B, 3, S, S) normalised float."""
+        x = resized_crops(images, boxes, self.transform.size).clamp_(0, 255).round_()      # (B, 3, S, S)
+        x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+        return (x / 255 - self.mean) / self.std
+
+    def __call__(self, files, paths, wheres):
+        images = self.decode(files, paths, wheres)
+        t = self.transform
+        if not t.train:
+            x = torch.stack([t.geometry(img) for img in images]).float()                   # (B, 3, S, S)
+            return (x / 255 - self.mean) / self.std
+        sizes = torch.tensor([img.shape[1:] for img in images])                            # (B, 2) H, W
+        boxes = random_crop_boxes(len(images), sizes[:, 0], sizes[:, 1], t.crop_scale)     # (B, 4)
+        return self.augment(images, boxes, torch.rand(len(images)) < 0.5)
+
+
+class DeviceLoader:
+    """--loader gpu: iterates a DataLoader of FileBytes batches and decodes + augments each on the device
+    (DeviceTransform): yields (x (B, 3, S, S) float on the device, y (B,) labels), as the PIL path's
+    DataLoader does. `sampler`: the training ResumableSampler (engine.fit sets its skip) or None."""
+
+    def __init__(self, files, transform, sampler=None):
+        self.files, self.transform, self.sampler = files, transform, sampler
+
+    def __len__(self):
+        return len(self.files)
+
+    def __iter__(self):
+        batches = iter(self.files)                               # now, before engine.fit restores the generator
+        return ((self.transform(list(files.split(lengths.tolist())), paths, wheres), y)
+                for files, lengths, y, paths, wheres in batches)

@@ -44,6 +44,8 @@ def get_args(argv=None):
     p.add_argument("--sampling", default="sqrt", choices=["sqrt", "instance"], help="Sec. 4.3: square-root")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--loader", default="pil", choices=["pil", "gpu"],
+                   help="gpu: workers only read the files; decoding and augmentation run batched on --device")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted, one warning) instead of stopping")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
