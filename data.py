@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 import shapes_lt
-from engine import DataError, ResumableSampler, atomic_write, context_length, fail, tokenize_exact, warn
+from engine import (DataError, ResumableSampler, atomic_write, context_length, fail, rank_world, tokenize_exact,
+                    warn)
 from images import ImageDataset, drop_unreadable, load_rgb
 
 # Per-dataset defaults: where the data lives and what the stages use when not told otherwise.
@@ -452,7 +453,9 @@ def make_sampler(labels, kind="sqrt", generator=None):
 def make_loader(split, transform, args, sampling=None, generator=None, batch=None):
     """A DataLoader over one Split. With sampling="sqrt"|"instance" (training): make_sampler, wrapped so an
     epoch can resume part-way, and drop_last; without: in order (evaluation)."""
-    sampler = ResumableSampler(make_sampler(split.labels, sampling, generator)) if sampling else None
+    sampler = None
+    if sampling:                                                 # torchrun: each rank its share of the global batch
+        sampler = ResumableSampler(make_sampler(split.labels, sampling, generator), batch or args.batch, *rank_world())
     return torch.utils.data.DataLoader(
         ImageDataset(split, transform), batch_size=batch or args.batch, sampler=sampler,
         num_workers=args.workers, pin_memory=str(args.device).startswith("cuda"), drop_last=bool(sampling),
