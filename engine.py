@@ -282,8 +282,8 @@ class ResumableSampler(torch.utils.data.Sampler):
             yield from it
             return
         for _ in range(len(self) // self.batch):                 # torchrun: this rank's share of each global batch
-            share = list(itertools.islice(it, self.batch * self.world_size))[self.rank * self.batch:]
-            yield from share[:self.batch]
+            global_batch = list(itertools.islice(it, self.batch * self.world_size))
+            yield from global_batch[self.rank * self.batch:(self.rank + 1) * self.batch]
 
 
 def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=None):
