@@ -17,7 +17,7 @@ import torch
 from cvlp import load_clip
 from data import corpus_tokens, fill_defaults, load_data, make_loader
 from engine import (atomic_write, check_meta, checkpoint_meta, clip_mean_std, create_clip, encode_images, encode_texts,
-                    load_checkpoint, prepare_out, run_stage, save_checkpoint, seed_everything)
+                    load_checkpoint, one_process_only, prepare_out, run_stage, save_checkpoint, seed_everything)
 from images import make_transform
 
 
@@ -138,6 +138,7 @@ def load_encoder(args, device):
 
 
 def main(argv=None):
+    one_process_only("anss.py")
     run_stage(run, get_args(argv))
 
 

@@ -13,12 +13,14 @@ import math
 import os
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import shapes_lt
 from data import DATASETS, corpus_tokens, fill_defaults, load_data, make_loader
-from engine import (DataError, checkpoint_meta, clip_mean_std, cosine_schedule, create_clip, encode_images,
-                    encode_texts, fit, load_clip_file, openai_weights, prepare_out, run_stage, seed_everything)
+from engine import (DataError, checkpoint_meta, clip_mean_std, cosine_schedule, create_clip, distribute, encode_images,
+                    encode_texts, fit, gather, init_distributed, load_clip_file, openai_weights, prepare_out,
+                    rank_world, run_stage, seed_everything)
 from images import make_transform
 
 
@@ -38,7 +40,8 @@ def get_args(argv=None):
     p.add_argument("--text", default="wiki+prompt", choices=["wiki+prompt", "prompt"],
                    help="text source (Table 10: 'prompt only' keeps the 80 templates)")
     p.add_argument("--epochs", type=int, default=None, help="default 50 (Sec. 4.3); 100 iNat; 10 shapes_lt")
-    p.add_argument("--batch", type=int, default=256, help="Sec. 4.3: 256")
+    p.add_argument("--batch", type=int, default=256, help="Sec. 4.3: 256; per process under torchrun (global batch "
+                   "N x --batch, and Eq. 2-3 span it)")
     p.add_argument("--lr", type=float, default=None, help="default 5e-5 (Sec. 4.3); 5e-4 iNat (Sec. 4.5)")
     p.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay (Sec. 4.3)")
     p.add_argument("--warmup", type=float, default=1.0, help="linear warm-up epochs before the cosine decay")
@@ -146,20 +149,42 @@ def load_clip(args, device="cpu"):
 def sample_sentences(offsets, y, generator):
     """For each image label y_i, the index of one sentence of class y_i, drawn uniformly (Sec. 3.2)."""
     sizes = offsets[1:] - offsets[:-1]                           # (C,)
-    u = torch.rand(len(y), generator=generator)
+    rank, world_size = rank_world()                              # torchrun: draw for the global batch, keep ours
+    u = torch.rand(len(y) * world_size, generator=generator)[rank * len(y):(rank + 1) * len(y)]
     return offsets[y] + (u * sizes[y]).long()                     # (N,)
 
 
-def cvlp_loss(student, teacher, x, y, T, args):
+class Encoders(nn.Module):
+    """torchrun: the student's two encoders (Eq. 1) as one forward for DistributedDataParallel, which syncs
+    the gradients of what runs through its forward (CLIP's own forward returns normalised features)."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, x, T):
+        return self.clip.encode_image(x), self.clip.encode_text(T)
+
+
+def cvlp_loss(student, teacher, x, y, T, args, ddp=None):
     """The loss of one CVLP batch: images x (N, 3, H, W) with labels y (N,), one sentence T (N, L) of each
-    image's class, so the sentence labels are t = y. Returns L_pre and its parts for the log."""
-    E_I, E_T = student.encode_image(x), student.encode_text(T)          # Eq. (1)
+    image's class, so the sentence labels are t = y. Returns L_pre and its parts for the log.
+
+    torchrun (ddp: the DistributedDataParallel of Encoders(student)): each rank holds b of the global batch's
+    N * b pairs; the embeddings are gathered, so S is the global (N b, N b) matrix and every rank computes
+    the one-process loss L. Gradients: all_gather's backward sums the N ranks' (equal) dL/dE of this rank's
+    share, N dL/dE, and DDP divides the sum of the ranks' gradients by N: sum over ranks of dL/dtheta through
+    each share, the one-process gradient. tau is used on every rank outside the gather: mean of N equal
+    gradients, again the one-process gradient."""
+    E_I, E_T = ddp(x, T) if ddp else (student.encode_image(x), student.encode_text(T))   # Eq. (1)
+    E_I, E_T, y = gather(E_I), gather(E_T), gather(y)                # torchrun: the global batch (else as is)
     S = cosine_similarity_matrix(E_I.float(), E_T.float())              # (N, N)
     tau = 1 / student.logit_scale.exp().clamp(max=100)                 # learnable; 1/tau <= 100 as in CLIP
     L_ccl = class_wise_contrastive_loss(S, y, y, tau, args.variant)      # Eq. (2)
     if args.lam < 1:
         with torch.no_grad():                                           # frozen CLIP teacher, same inputs
-            S_t = cosine_similarity_matrix(teacher.encode_image(x).float(), teacher.encode_text(T).float())
+            E_I_t, E_T_t = teacher.encode_image(x).float(), teacher.encode_text(T).float()
+            S_t = cosine_similarity_matrix(gather(E_I_t), gather(E_T_t))      # torchrun: global batch
         L_dis = distillation_loss(S, S_t, tau, args.variant)            # Eq. (3)
     else:
         L_dis = torch.zeros((), device=S.device)
@@ -183,10 +208,14 @@ def main(argv=None):
 
 
 def run(args):
+    init_distributed(args)                                       # torchrun: join the other ranks (else nothing)
     seed_everything(args.seed)
     rngs = {"sampler": torch.Generator().manual_seed(args.seed), "text": torch.Generator().manual_seed(args.seed + 1)}
     torch.backends.cuda.matmul.allow_tf32 = True
     prepare_out(args)
+    rank, world_size = rank_world()
+    if rank > 0:                          # torchrun: wait while rank 0 makes the caches (world, CLIP stand-in, tokens)
+        torch.distributed.barrier()
     data = load_data(args.data, args.data_root, args.seed, text=args.text, skip_bad_images=args.skip_bad_images)
     path = os.path.join(args.out, "cvlp.pt")
 
@@ -200,6 +229,8 @@ def run(args):
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     text = corpus_tokens(data, student, args)
+    if rank == 0 and world_size > 1:                             # torchrun: the caches are there
+        torch.distributed.barrier()
 
     transform = make_transform(args.image_size, *clip_mean_std(), train=True, crop_scale=DATASETS[args.data]["crop_scale"])
     loader = make_loader(data.train, transform, args, sampling=args.sampling, generator=rngs["sampler"])
@@ -211,9 +242,11 @@ def run(args):
     steps = len(loader) // args.accum
     sched = cosine_schedule(opt, args.epochs * steps, int(args.warmup * steps))
 
+    ddp = distribute(Encoders(student), args) if world_size > 1 else None   # torchrun: gradients synced
+
     def batch_loss(x, y):
         T = text["tokens"][sample_sentences(text["offsets"], y.cpu(), rngs["text"])]   # (N, L) one sentence per image
-        return cvlp_loss(student, teacher, x, y, T.long().to(args.device, non_blocking=True), args)
+        return cvlp_loss(student, teacher, x, y, T.long().to(args.device, non_blocking=True), args, ddp)
 
     print(f"cvlp: {args.data} {args.backbone} {len(data.train.labels)} images, {len(text['tokens'])} sentences, "
           f"{args.epochs} epochs x {steps} steps, lam {args.lam}, variant {args.variant}, device {args.device}")

@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 import shapes_lt
-from engine import DataError, ResumableSampler, atomic_write, context_length, fail, tokenize_exact, warn
+from engine import (DataError, ResumableSampler, atomic_write, context_length, fail, rank_world, tokenize_exact,
+                    warn)
 from images import DeviceLoader, DeviceTransform, FileBytes, ImageDataset, collate_files, drop_unreadable, load_rgb
 
 # Per-dataset defaults: where the data lives and what the stages use when not told otherwise.
@@ -464,7 +465,9 @@ def make_loader(split, transform, args, sampling=None, generator=None, batch=Non
     """A DataLoader over one Split. With sampling="sqrt"|"instance" (training): make_sampler, wrapped so an
     epoch can resume part-way, and drop_last; without: in order (evaluation). args.loader "gpu" and image
     files: an images.DeviceLoader, which yields the same (x, y) batches with x already on args.device."""
-    sampler = ResumableSampler(make_sampler(split.labels, sampling, generator)) if sampling else None
+    sampler = None
+    if sampling:                                                 # torchrun: each rank its share of the global batch
+        sampler = ResumableSampler(make_sampler(split.labels, sampling, generator), batch or args.batch, *rank_world())
     if getattr(args, "loader", "pil") == "gpu" and not isinstance(split.images, np.ndarray):
         # --loader gpu: the workers read file bytes; each batch is decoded and augmented on args.device.
         # A generator of its own: the loader's seed draw leaves torch's generator to the augmentation (resume).

@@ -5,6 +5,7 @@ Nothing here is in the paper's equations; the stage scripts (cvlp.py, anss.py, l
 Like MAE's engine_*.py: the stages import from this file, it imports from none of them.
 """
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -41,7 +42,7 @@ def fail(message):
     A DataError raised in a DataLoader worker arrives wrapped with the worker's traceback: keep its last line."""
     message = str(message).strip().splitlines()[-1] if str(message).strip() else "unknown error"
     message = re.sub(r"^(engine\.)?DataError: ", "", message)
-    print(f"error: {message}", file=sys.stderr)
+    sys.stderr.write(f"error: {message}\n")                    # write, not print: under torchrun every rank's errors show
     sys.exit(2)
 
 
@@ -51,11 +52,14 @@ def run_stage(run, args):
         run(args)
     except DataError as e:
         fail(e)
+    if torch.distributed.is_initialized():                       # torchrun: leave the process group cleanly
+        torch.distributed.destroy_process_group()
 
 
 def progress(iterable, **kwargs):
     """tqdm progress bar on a terminal; silent in logs and CI, where each stage prints one line per epoch."""
-    return tqdm(iterable, disable=None, dynamic_ncols=True, leave=False, **kwargs)
+    disable = None if os.environ.get("RANK", "0") == "0" else True          # torchrun: rank 0's bars only
+    return tqdm(iterable, disable=disable, dynamic_ncols=True, leave=False, **kwargs)
 
 
 def atomic_write(path, write_fn, mode="wb"):
@@ -310,8 +314,9 @@ def prepare_out(args):
     """Create the run folder and make sure we can write there before any work is done."""
     try:
         os.makedirs(args.out, exist_ok=True)
-        atomic_write(os.path.join(args.out, ".write_test"), lambda f: f.write(b"ok"))
-        os.remove(os.path.join(args.out, ".write_test"))
+        test = os.path.join(args.out, f".write_test{os.getpid()}")        # per process: torchrun ranks share --out
+        atomic_write(test, lambda f: f.write(b"ok"))
+        os.remove(test)
     except OSError as e:
         raise DataError(f"cannot write to --out {args.out} ({e.strerror}); choose a writable folder with free space")
 
@@ -352,19 +357,30 @@ def cosine_schedule(optimizer, total_steps, warmup_steps):
 class ResumableSampler(torch.utils.data.Sampler):
     """Wraps a sampler so that an epoch can start part-way through, for exact resume: the first `skip`
     indices of the epoch's draw are consumed without loading their images. The caller restores the
-    draw's random state and sets `skip`; the training loop resets it to 0 after that epoch."""
+    draw's random state and sets `skip`; the training loop resets it to 0 after that epoch.
+    torchrun (world_size N > 1): every rank draws the same global stream (same seed) and takes its share of
+    each global batch of N * batch indices, rank r the r-th run of `batch`, so the N ranks' batches, in rank
+    order, are one process's batch of N * batch; an incomplete last global batch is dropped."""
 
-    def __init__(self, sampler):
+    def __init__(self, sampler, batch=1, rank=0, world_size=1):
         self.sampler, self.skip = sampler, 0
+        self.batch, self.rank, self.world_size = batch, rank, world_size
 
     def __len__(self):
+        if self.world_size > 1:                                  # torchrun
+            return (len(self.sampler) - self.skip) // (self.batch * self.world_size) * self.batch
         return len(self.sampler) - self.skip
 
     def __iter__(self):
         it = iter(self.sampler)
         for _ in range(self.skip):
             next(it)
-        yield from it
+        if self.world_size == 1:
+            yield from it
+            return
+        for _ in range(len(self) // self.batch):                 # torchrun: this rank's share of each global batch
+            global_batch = list(itertools.islice(it, self.batch * self.world_size))
+            yield from global_batch[self.rank * self.batch:(self.rank + 1) * self.batch]
 
 
 def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=None):
@@ -375,7 +391,10 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
     - --resume restores weights, optimiser, schedule, the epoch's sample order and position and every
       random state, so it ends with the same weights as an uninterrupted run (bitwise on CPU, --workers 0);
     - a non-finite loss stops the run before it reaches the weights or the checkpoint.
-    rngs: {"sampler": generator of the sampler, ...other generators the batch_loss draws from}."""
+    rngs: {"sampler": generator of the sampler, ...other generators the batch_loss draws from}.
+    torchrun: every rank runs this loop on its share of each global batch, in step; rank 0 alone validates and
+    writes checkpoints (the random states it saves are every rank's: all draw the global batch's randomness)."""
+    rank, world_size = rank_world()
     pos = {"epoch": 0, "batch": 0, "best": None, "sampler_epoch": rngs["sampler"].get_state()}
     torch_rng = None
     if args.resume and os.path.exists(path):
@@ -403,14 +422,19 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
         return {**{k: g.get_state() for k, g in rngs.items()}, "torch": torch.get_rng_state()}
 
     interrupted = []                                             # Ctrl-C: finish the step, save, stop
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1) or signal.signal(signal.SIGINT, previous))
+
+    def on_ctrl_c(*_):
+        interrupted.append(1)
+        if world_size == 1:                                      # a second Ctrl-C aborts (torchrun forwards the
+            signal.signal(signal.SIGINT, previous)               # first one again: its agent SIGKILLs after 30 s)
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
     params = [p for p in model.parameters() if p.requires_grad]
     try:
         for epoch in range(pos["epoch"], args.epochs):
             if pos["batch"] == 0:
                 pos["sampler_epoch"] = rngs["sampler"].get_state()     # this epoch's sample order comes from here
             rngs["sampler"].set_state(pos["sampler_epoch"])
-            loader.sampler.skip = pos["batch"] * args.batch
+            loader.sampler.skip = pos["batch"] * args.batch * world_size   # samples of the global stream
             batches = iter(loader)
             if torch_rng is not None:                                  # augmentation randomness, mid-epoch resume
                 torch.set_rng_state(torch_rng)
@@ -421,7 +445,10 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
                 x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
                 with autocast(args.device):
                     loss, stats = batch_loss(x, y)
-                value = loss.item()                                    # one host sync per batch, for the log
+                if world_size == 1:
+                    value = loss.item()                                # one host sync per batch, for the log
+                else:                                                  # torchrun: global loss; Ctrl-C on any rank
+                    value, ctrl_c = agree(loss, interrupted)
                 if not math.isfinite(value):
                     raise DataError(f"loss is {value} at epoch {epoch + 1}, batch {i + 1}; stopped before it reached the "
                                     f"weights ({path} holds the last good state); lower --lr or set --clip-grad")
@@ -437,29 +464,103 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                if interrupted or (args.stop_after_steps and sched.last_epoch >= args.stop_after_steps):
-                    save(path, {**pos, "epoch": epoch, "batch": i + 1}, rng_states())   # mid-epoch position
-                    why = "interrupted" if interrupted else f"stopped after {sched.last_epoch} steps (--stop-after-steps)"
+                if world_size == 1:
+                    ctrl_c = bool(interrupted)
+                if ctrl_c or (args.stop_after_steps and sched.last_epoch >= args.stop_after_steps):
+                    if rank == 0:
+                        save(path, {**pos, "epoch": epoch, "batch": i + 1}, rng_states())   # mid-epoch position
+                    why = "interrupted" if ctrl_c else f"stopped after {sched.last_epoch} steps (--stop-after-steps)"
                     print(f"{why}: saved {path} at epoch {epoch + 1}, batch {i + 1}; continue with --resume")
-                    if interrupted:
+                    if ctrl_c:
                         sys.exit(130)
                     return False
             opt.zero_grad(set_to_none=True)                            # drop a partial accumulation
             pos = {**pos, "epoch": epoch + 1, "batch": 0}
             line = "  ".join(f"{k} {v / max(n, 1):.4f}" for k, v in sums.items())
-            line += f"  lr {sched.get_last_lr()[0]:.2e}  {n * args.batch / (time.time() - t0):.0f} img/s"
+            line += f"  lr {sched.get_last_lr()[0]:.2e}  {n * args.batch * world_size / (time.time() - t0):.0f} img/s"
             score = None
-            if validate is not None:
+            if validate is not None and rank == 0:
                 score, text = validate()
                 line += "  " + text
             print(f"epoch {epoch + 1:3d}/{args.epochs}  {line}")
             if score is not None and (pos["best"] is None or score > pos["best"]):
                 pos["best"] = score
                 save(path.replace(".pt", "_best.pt"), pos, rng_states())
-            save(path, pos, rng_states())
+            if rank == 0:
+                save(path, pos, rng_states())
     except torch.cuda.OutOfMemoryError:
         raise DataError(f"GPU out of memory with --batch {args.batch}; pass a smaller --batch, or --batch "
                         f"{args.batch // 2} --accum {2 * args.accum} to keep the effective batch")
     finally:
         signal.signal(signal.SIGINT, previous)
     return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Many processes: torchrun (`torchrun --nproc-per-node N cvlp.py ...`). Without torchrun none of this runs.
+
+
+def init_distributed(args):
+    """torchrun starts one process per GPU and sets RANK, WORLD_SIZE and LOCAL_RANK: join the process group
+    (NCCL on CUDA, gloo on CPU) and put this process on cuda:LOCAL_RANK. Under plain `python` a no-op.
+    Ranks other than 0 print nothing (their logs would repeat rank 0's); errors still reach stderr (fail)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return
+    if str(args.device).startswith("cuda"):
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    torch.distributed.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
+    if torch.distributed.get_rank() != 0:
+        import builtins
+        builtins.print = lambda *a, **k: None
+
+
+def one_process_only(script):
+    """anss.py and evaluate.py run in one process (minutes even on ImageNet-LT): refuse torchrun."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        fail(f"{script} runs in one process: start it with plain `python {script} ...`, not torchrun")
+
+
+def rank_world():
+    """(this process's rank, number of processes): (0, 1) without torchrun."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def distribute(module, args):
+    """torchrun: `module` wrapped in DistributedDataParallel, which averages the gradients over the ranks
+    during backward (call the wrapper, not the module, so it knows a backward follows). BatchNorm (RN50)
+    becomes SyncBatchNorm on CUDA, so batch statistics span the global batch as in one process.
+    Buffers are not re-broadcast each step: they are equal on all ranks (LGR's anchors are large)."""
+    if str(args.device).startswith("cuda"):
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    device_ids = [torch.device(args.device).index] if str(args.device).startswith("cuda") else None
+    with warnings.catch_warnings():          # torch 2.14 renames broadcast_buffers; requirements.txt: torch >= 2.2
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+
+def gather(t):
+    """torchrun: the (N * B, ...) concatenation in rank order of every rank's (B, ...) tensor t, with
+    gradients flowing back to each rank's share; one process: t itself. Backward sums the gradients that
+    all ranks send to a share (the reduce-scatter of all_gather's backward)."""
+    if not torch.distributed.is_initialized():
+        return t
+    if not t.requires_grad:
+        parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+    with warnings.catch_warnings():          # torch 2.14 deprecates it for a private API; the same autograd gather
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(torch.distributed.nn.functional.all_gather(t))
+
+
+def agree(loss, interrupted):
+    """torchrun: (the mean of the ranks' losses, whether any rank had a Ctrl-C so far), in one all_reduce.
+    Equal shares of the global batch make the mean the global batch's loss. Every rank then takes the same
+    branch (stop on a non-finite loss; save and stop), so none is left waiting in a collective."""
+    t = torch.stack([loss.detach().float(), torch.tensor(float(bool(interrupted)), device=loss.device)])
+    torch.distributed.all_reduce(t)
+    value, ctrl_c = (t / rank_world()[1]).tolist()
+    return value, ctrl_c > 0

@@ -40,7 +40,7 @@ from anss import load_encoder, suffix
 from cvlp import load_clip
 from data import contact_sheet, fill_defaults, load_data, make_loader, prompt_sentences, shot_split
 from engine import (DataError, atomic_write, check_meta, checkpoint_meta, clip_mean_std, context_length, encode_images,
-                    encode_texts, load_checkpoint, run_stage, tokenize_exact)
+                    encode_texts, load_checkpoint, one_process_only, run_stage, tokenize_exact)
 from images import make_transform
 from lgr import accuracy_by_shot, build_recognizer, lgr_probabilities, official_alpha, predict, recognizer_from_released
 
@@ -123,6 +123,7 @@ def percent(value):
 
 
 def main(argv=None):
+    one_process_only("evaluate.py")
     args = get_args(argv)
     run_stage(run_table if args.table == "all" else run_released if args.released else run, args)
 

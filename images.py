@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from engine import DataError, progress
+from engine import DataError, progress, rank_world
 
 
 def load_rgb(path, where=None):
@@ -112,9 +112,11 @@ class Transform:
 
     def batch(self, x):
         if self.train:
-            boxes = random_crop_boxes(len(x), x.shape[-2], x.shape[-1], self.crop_scale)     # (B, 4)
+            rank, world_size = rank_world()      # torchrun: draw for the global batch, keep this rank's share
+            share = slice(rank * len(x), (rank + 1) * len(x))
+            boxes = random_crop_boxes(len(x) * world_size, x.shape[-2], x.shape[-1], self.crop_scale)[share]  # (B, 4)
             x = resized_crops(x.float(), boxes, self.size).clamp_(0, 255).round_()             # (B, 3, S, S)
-            flip = torch.rand(len(x)) < 0.5
+            flip = (torch.rand(len(x) * world_size) < 0.5)[share]
             x[flip] = x[flip].flip(-1)
         else:
             x = self.geometry(x).float()

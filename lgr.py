@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from anss import load_encoder, suffix
 from data import DATASETS, fill_defaults, load_data, make_loader, shot_split
-from engine import (DataError, autocast, checkpoint_meta, clip_mean_std, cosine_schedule, create_clip, fit,
-                    load_checkpoint, prepare_out, progress, run_stage, seed_everything)
+from engine import (DataError, autocast, checkpoint_meta, clip_mean_std, cosine_schedule, create_clip, distribute, fit,
+                    init_distributed, load_checkpoint, prepare_out, progress, rank_world, run_stage, seed_everything)
 from images import make_transform
 
 
@@ -36,7 +36,8 @@ def get_args(argv=None):
     p.add_argument("--variant", default="paper", choices=["paper", "official"], help="SPEC.md §3")
     p.add_argument("--freeze-visual", action="store_true", help="keep the visual encoder fixed (official RN50 setting)")
     p.add_argument("--epochs", type=int, default=None, help="default 50 (Sec. 4.3), fc baseline 100; iNat 360")
-    p.add_argument("--batch", type=int, default=None, help="Sec. 4.3: 128; shapes_lt 64 (a tenth of ImageNet-LT's images)")
+    p.add_argument("--batch", type=int, default=None, help="Sec. 4.3: 128; shapes_lt 64 (a tenth of ImageNet-LT's "
+                   "images); per process under torchrun (global batch N x --batch)")
     p.add_argument("--lr", type=float, default=None, help="default 1e-3 (Sec. 4.3); 2e-5 iNat (Sec. 4.5)")
     p.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay (Sec. 4.3)")
     p.add_argument("--warmup", type=float, default=1.0, help="linear warm-up epochs before the cosine decay")
@@ -282,6 +283,7 @@ def main(argv=None):
 
 
 def run(args):
+    init_distributed(args)                                       # torchrun: join the other ranks (else nothing)
     seed_everything(args.seed)
     rngs = {"sampler": torch.Generator().manual_seed(args.seed)}
     prepare_out(args)
@@ -316,11 +318,13 @@ def run(args):
         return acc["overall"], (f"val top-1 {acc['overall']:.1f} (many {acc['many']:.1f} / medium {acc['medium']:.1f}"
                                 f" / few {acc['few']:.1f})")
 
+    # torchrun: DDP averages the ranks' gradients of their mean losses over b images: the mean over N b images
+    train_model = distribute(model, args) if rank_world()[1] > 1 else model
     print(f"{args.head}: {args.data} {args.backbone} init {args.init}, {args.epochs} epochs x {steps} steps, "
           f"lr {args.lr}, visual {'frozen' if args.freeze_visual else 'fine-tuned'}, device {args.device}")
     train_mode()
     meta = {**checkpoint_meta(args, "lgr", data.num_classes), "head": args.head, "init": args.init}
-    fit(model, lambda x, y: lgr_loss(model, x, y), loader, opt, sched, args, path, meta, rngs, validate)
+    fit(model, lambda x, y: lgr_loss(train_model, x, y), loader, opt, sched, args, path, meta, rngs, validate)
     print(f"wrote {path} (last) and {os.path.basename(path).replace('.pt', '_best.pt')} (best val)")
 
 
