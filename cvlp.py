@@ -153,14 +153,14 @@ def cvlp_loss(student, teacher, x, y, T, args, E_T_teacher=None):
     """The loss of one CVLP batch: images x (N, 3, H, W) with labels y (N,), one sentence T (N, L) of each
     image's class, so the sentence labels are t = y. E_T_teacher (N, D): the frozen teacher's embeddings of
     these sentences, looked up in run()'s cache (computed here when None). Returns L_pre and its parts for the log."""
-    E_I, E_T = student.encode_image(x), encode_text_trimmed(student, T)   # Eq. (1)
+    E_I, E_T = student.encode_image(x), encode_text_trimmed(student, T, groups=4)   # Eq. (1)
     S = cosine_similarity_matrix(E_I.float(), E_T.float())              # (N, N)
     tau = 1 / student.logit_scale.exp().clamp(max=100)                 # learnable; 1/tau <= 100 as in CLIP
     L_ccl = class_wise_contrastive_loss(S, y, y, tau, args.variant)      # Eq. (2)
     if args.lam < 1:
         with torch.no_grad():                                           # frozen CLIP teacher, same inputs
             if E_T_teacher is None:
-                E_T_teacher = encode_text_trimmed(teacher, T)
+                E_T_teacher = encode_text_trimmed(teacher, T, groups=4)
             S_t = cosine_similarity_matrix(teacher.encode_image(x).float(), E_T_teacher.float())
         L_dis = distillation_loss(S, S_t, tau, args.variant)            # Eq. (3)
     else:

@@ -30,16 +30,20 @@ def tiny(kind):
     return open_clip.CustomTextCLIP(**engine.TINY_CLIP)          # text tower as a TextTransformer in .text
 
 
-@pytest.mark.parametrize("kind", ["CLIP", "CustomTextCLIP"])
-def test_trimmed_text_equals_the_full_forward_for_sentences_of_different_lengths(kind):
+@pytest.mark.parametrize("kind, groups, positions", [
+    ("CLIP", 1, [14]),                     # longest: SOT + 12 words + EOT = 14 positions
+    ("CLIP", 3, [5, 9, 14]),               # positions 3 5 | 7 9 | 14 in length order: each group cut to its longest
+    ("CustomTextCLIP", 1, [14]),
+])
+def test_trimmed_text_equals_the_full_forward_for_sentences_of_different_lengths(kind, groups, positions):
     model = tiny(kind)
-    tokens = sentences_of_lengths([3, 7, 1, 12, 5])              # longest: SOT + 12 words + EOT = 14 positions
+    tokens = sentences_of_lengths([3, 7, 1, 12, 5])              # 5, 9, 3, 14, 7 positions
     seen = []
     transformer = getattr(model, "text", model).transformer
     hook = transformer.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[1]))
     w = torch.randn(5, 64)                                       # a loss that weighs every output value
 
-    trimmed = engine.encode_text_trimmed(model, tokens)
+    trimmed = engine.encode_text_trimmed(model, tokens, groups)
     (trimmed * w).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -47,7 +51,7 @@ def test_trimmed_text_equals_the_full_forward_for_sentences_of_different_lengths
     (full * w).sum().backward()
     hook.remove()
 
-    assert seen == [14, 32]                                      # the trimmed forward really ran 14 positions
+    assert seen == positions + [32]                              # the trimmed forward really ran fewer positions
     assert trimmed.shape == full.shape == (5, 64)
     torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-5)
     assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
