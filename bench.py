@@ -21,6 +21,7 @@ on the weights. Timings are medians after warm-up iterations, with torch.cuda.sy
 """
 import argparse
 import copy
+import ctypes
 import os
 import statistics
 import tempfile
@@ -58,6 +59,8 @@ def get_args(argv=None):
                    help="images in I' (default 50000 = 50 per class x 1000 on CUDA; 2048 CPU)")
     p.add_argument("--classes", type=int, default=1000, help="C for AnSS and the heads (ImageNet-LT: 1000)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's; 1 on a shared machine "
+                   "keeps many-small-op paths from stalling on preempted threads)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     cuda = str(args.device).startswith("cuda")
@@ -95,7 +98,8 @@ def median_seconds(fn, device, repeat, warmup=1):
 
 def peak_memory(fn, device):
     """(result of fn(), peak memory in GiB, how it was measured). CUDA: torch.cuda.max_memory_allocated.
-    CPU (best effort): the growth of the process's resident set, sampled every millisecond from /proc."""
+    CPU (best effort): the growth of the process's resident set, sampled every millisecond from /proc, after
+    glibc's malloc_trim hands the memory that earlier work freed back to the system."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -105,6 +109,10 @@ def peak_memory(fn, device):
     if not os.path.exists(statm):
         return fn(), float("nan"), "n/a"
     rss = lambda: int(open(statm).read().split()[1]) * page
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     start, peak, done = rss(), [0], threading.Event()
 
     def sample():
@@ -292,8 +300,11 @@ def main(argv=None):
     args = get_args(argv)
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = str(args.device).startswith("cuda")
-    name = torch.cuda.get_device_name() if cuda else f"{os.cpu_count()}-core CPU, load average {os.getloadavg()[0]:.1f}"
+    name = (torch.cuda.get_device_name() if cuda else f"{os.cpu_count()}-core CPU ({torch.get_num_threads()} torch threads, "
+            f"load average {os.getloadavg()[0]:.1f})")
     print(f"bench: {args.backbone} {args.image_size} px, batch {args.batch}, {name}, torch {torch.__version__}, "
           f"{'bf16 autocast, fused AdamW' if cuda else 'fp32'}")
 
