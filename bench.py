@@ -5,8 +5,9 @@
 
 1. One CVLP step (student image + text forward and backward, frozen teacher forward, Eq. 2, 3, 8, AdamW):
    plain = open_clip's full-context text forward and the teacher's text forward every step;
-   fast = cvlp.py's path: text trimmed to the batch's longest sentence (engine.encode_text_trimmed), the
-   teacher's text looked up in a cache made once (engine.encode_texts), + torch.compile with --compile.
+   fast = cvlp.py's path: the batch's sentences in 4 length groups, each cut to its own longest sentence
+   (engine.encode_text_trimmed), the teacher's text looked up in a cache made once (engine.encode_texts),
+   + torch.compile of both image encoders with --compile.
    Both in bf16 autocast with fused AdamW on CUDA, fp32 on a CPU. Samples/s, ms/step, peak memory, achieved
    TFLOP/s (torch.utils.flop_counter, counted once per path) and the loss difference on the same batch.
 2. The loader: data.make_loader with args.loader "pil" (decode and augment in worker processes) or "gpu"
