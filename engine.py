@@ -244,15 +244,47 @@ def clip_mean_std():
     return OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 
+def encode_text_trimmed(model, tokens, groups=1):
+    """model.encode_text on a batch's tokens cut to its longest sentence (up to the last EOT): the same
+    embeddings, (N, L) tokens -> (N, D), for a fraction of the work (wiki sentences average ~29 tokens of 77).
+    groups > 1: the sentences run shortest first in that many groups, each cut to its own longest, and come
+    back in their order (a sentence's embedding depends on it alone). At batch 256 the longest sentence is
+    nearly always 77 tokens long; in 4 groups the text tower sees ~39 positions per sentence on average.
+    tokens may be on the CPU (then no host sync); they are moved to the model's device."""
+    tower = getattr(model, "text", model)           # CustomTextCLIP keeps its text tower in .text; CLIP flattens it
+    device = tower.positional_embedding.device
+    if (getattr(tower, "text_pool_type", getattr(tower, "pool_type", None)) != "argmax" or tower.attn_mask is None
+            or getattr(tower, "cls_emb", None) is not None or getattr(tower, "use_pad_mask", False)):
+        return model.encode_text(tokens.long().to(device))   # another kind of text tower: the full forward
+    if groups > 1:
+        order = tokens.argmax(dim=-1).argsort()                  # (N,) by EOT position: shortest first
+        out = torch.cat([encode_text_trimmed(model, tokens[rows]) for rows in order.chunk(groups)])
+        return out[order.argsort().to(device)]                   # (N, D) back in the batch's order
+    # Exact: under the causal mask no position sees a later one, and only the EOT (argmax) position is pooled,
+    # so the positions after the longest sentence's EOT never reach the output.
+    L = int(tokens.argmax(dim=-1).max()) + 1
+    T = tokens[:, :L].long().to(device, non_blocking=True)                      # (N, L)
+    cast = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(T).to(cast) + tower.positional_embedding[:L].to(cast)   # (N, L, W)
+    x = tower.ln_final(tower.transformer(x, attn_mask=tower.attn_mask[:L, :L]))
+    x = x[torch.arange(len(T), device=device), T.argmax(dim=-1)]                 # (N, W) at each EOT
+    proj = tower.text_projection
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj           # (N, D)
+
+
 @torch.no_grad()
 def encode_texts(model, tokens, device, batch=1024, desc="text"):
-    """(S, L) tokens -> (S, D) L2-normalised text embeddings, in chunks (eval mode, no grad)."""
+    """(S, L) tokens -> (S, D) L2-normalised text embeddings, in chunks (eval mode, no grad). Sentences go
+    shortest first, so that each chunk is trimmed to about its own length (encode_text_trimmed)."""
     model.eval()
+    order = tokens.argmax(dim=-1).argsort()                      # (S,) by EOT position: shortest first
     out = []
     for i in progress(range(0, len(tokens), batch), desc=desc, unit="batch"):
         with autocast(device):
-            out.append(F.normalize(model.encode_text(tokens[i:i + batch].long().to(device)).float(), dim=-1))
-    return torch.cat(out) if out else torch.zeros(0, model.text_projection.shape[1], device=device)
+            out.append(F.normalize(encode_text_trimmed(model, tokens[order[i:i + batch]]).float(), dim=-1))
+    if not out:
+        return torch.zeros(0, model.text_projection.shape[1], device=device)
+    return torch.cat(out)[order.argsort().to(device)]            # back in corpus order
 
 
 @torch.no_grad()

@@ -1,0 +1,379 @@
+"""Speed of the VL-LTR code paths in one run, side by side; BENCHMARKS.md holds the results.
+
+    python bench.py --backbone shapes-tiny --device cpu      # about a minute on a 2-core CPU
+    python bench.py --backbone RN50 --batch 256              # one GPU; likewise --backbone ViT-B-16 (add --compile)
+
+1. One CVLP step (student image + text forward and backward, frozen teacher forward, Eq. 2, 3, 8, AdamW):
+   plain = open_clip's full-context text forward and the teacher's text forward every step;
+   fast = cvlp.py's path: the batch's sentences in 4 length groups, each cut to its own longest sentence
+   (engine.encode_text_trimmed), the teacher's text looked up in a cache made once (engine.encode_texts),
+   + torch.compile of both image encoders with --compile.
+   Both in bf16 autocast with fused AdamW on CUDA, fp32 on a CPU. Samples/s, ms/step, peak memory, achieved
+   TFLOP/s (torch.utils.flop_counter, counted once per path) and the loss difference on the same batch.
+2. The loader: data.make_loader with args.loader "pil" (decode and augment in worker processes) or "gpu"
+   (workers read JPEG bytes; decode and augment on args.device), over generated ImageNet-sized JPEGs.
+3. AnSS: embedding S sentences (full vs trimmed, length-sorted) and scoring them (anss.anchor_scores)
+   against N' images.
+4. Inference of the LGR head (C classes, M = 64 anchors) against the FC head: latency at batch 1,
+   throughput at batch 256 (paper Sec. 4.4: 1.3 ms vs 1.1 ms per image).
+
+Synthetic data and random weights (engine.create_clip): nothing is downloaded, and speed does not depend
+on the weights. Timings are medians after warm-up iterations, with torch.cuda.synchronize() on CUDA.
+"""
+import argparse
+import copy
+import ctypes
+import os
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import cvlp
+import data
+import engine
+import images
+import lgr
+from anss import anchor_scores
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="VL-LTR benchmarks: CVLP step plain vs fast, loader, AnSS, LGR head")
+    p.add_argument("--backbone", default="RN50", help="RN50 | ViT-B-16 | shapes-tiny (random weights)")
+    p.add_argument("--image-size", type=int, default=None, help="default 224; 32 for shapes-tiny")
+    p.add_argument("--batch", type=int, default=256, help="CVLP batch (Sec. 4.3: 256) and loader batch")
+    p.add_argument("--steps", type=int, default=None, help="timed CVLP steps per path (default 20 CUDA, 3 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first, compiling included (default 3 CUDA, 1 CPU)")
+    p.add_argument("--compile", action="store_true", help="the fast path also torch.compiles the image encoders")
+    p.add_argument("--loaders", nargs="*", default=["pil", "gpu"], help="loaders to time (none: skip the section)")
+    p.add_argument("--loader-batches", type=int, default=None, help="batches per loader (default 20 CUDA, 4 CPU)")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count()), help="loader processes")
+    p.add_argument("--anss-sentences", type=int, default=None,
+                   help="sentences to embed and score (default 127000 = ImageNet-LT's wiki corpus on CUDA; 4096 CPU)")
+    p.add_argument("--anss-images", type=int, default=None,
+                   help="images in I' (default 50000 = 50 per class x 1000 on CUDA; 2048 CPU)")
+    p.add_argument("--classes", type=int, default=1000, help="C for AnSS and the heads (ImageNet-LT: 1000)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's; 1 on a shared machine "
+                   "keeps many-small-op paths from stalling on preempted threads)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    cuda = str(args.device).startswith("cuda")
+    args.image_size = args.image_size or (32 if args.backbone == "shapes-tiny" else 224)
+    args.steps = args.steps or (20 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    args.loader_batches = args.loader_batches or (20 if cuda else 4)
+    args.anss_sentences = args.anss_sentences or (127000 if cuda else 4096)
+    args.anss_images = args.anss_images or (50000 if cuda else 2048)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, device, repeat, warmup=1):
+    """Median wall time of fn() over `repeat` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory(fn, device):
+    """(result of fn(), peak memory in GiB, how it was measured). CUDA: torch.cuda.max_memory_allocated.
+    CPU (best effort): the growth of the process's resident set, sampled every millisecond from /proc, after
+    glibc's malloc_trim hands the memory that earlier work freed back to the system."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        return out, torch.cuda.max_memory_allocated() / 2**30, "max_memory_allocated"
+    page, statm = os.sysconf("SC_PAGE_SIZE"), "/proc/self/statm"
+    if not os.path.exists(statm):
+        return fn(), float("nan"), "n/a"
+    rss = lambda: int(open(statm).read().split()[1]) * page
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    start, peak, done = rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        out = fn()
+    finally:
+        done.set()
+        sampler.join()
+    return out, (max(peak[0], rss()) - start) / 2**30, "RSS growth"
+
+
+def row(name, *values):
+    print(f"  {name:<34}" + "".join(f"{v:>16}" for v in values))
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic inputs
+
+
+def synthetic_sentences(n, context, generator):
+    """(n, context) int32 tokens: SOT, random words, EOT, zero padding. Lengths (SOT and EOT included) are
+    log-normal with mean 29 and s.d. 15 tokens (ImageNet-LT's wiki sentences average 29 tokens, paper
+    Table 7; the spread is our assumption), cut at the context as the tokenizer cuts."""
+    sigma2 = np.log(1 + (15 / 29) ** 2)
+    lengths = np.exp(np.log(29) - sigma2 / 2 + np.sqrt(sigma2) * torch.randn(n, generator=generator).numpy())
+    lengths = np.clip(np.round(lengths), 3, context).astype(int)
+    tokens = torch.randint(1, 49000, (n, context), generator=generator, dtype=torch.int32)
+    tokens[torch.arange(context)[None, :] >= torch.from_numpy(lengths)[:, None]] = 0
+    tokens[:, 0] = 49406
+    tokens[torch.arange(n), torch.from_numpy(lengths - 1)] = 49407
+    return tokens
+
+
+def text_positions(T, groups=1):
+    """Positions per sentence the text tower runs: each of `groups` length groups cut to its longest sentence."""
+    lengths = (T.argmax(dim=-1) + 1).sort().values               # (N,)
+    return sum(len(g) * int(g.max()) for g in lengths.chunk(groups)) / len(lengths)
+
+
+def write_jpegs(folder, n, seed):
+    """n ImageNet-sized JPEGs (500 x 375, quality 90): smooth random colour fields plus noise, which compress
+    and decode like photographs rather than like pure noise."""
+    from PIL import Image
+
+    def one(i):
+        rng = np.random.default_rng(seed + i)
+        small = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
+        pixels = np.asarray(small, dtype=np.int16) + rng.integers(-12, 13, (375, 500, 3))
+        path = os.path.join(folder, f"{i:05d}.JPEG")
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+        return path
+
+    with ThreadPoolExecutor() as pool:
+        return list(pool.map(one, range(n)))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. One CVLP step, plain and fast
+
+
+def plain_loss(student, teacher, x, y, T, lam=0.5):
+    """Eq. (1)-(3), (8) as a plain open_clip port computes them: every text forward over the full context,
+    the frozen teacher's text forward in every step. T (N, L) tokens on the device."""
+    S = cvlp.cosine_similarity_matrix(student.encode_image(x).float(), student.encode_text(T).float())   # (N, N)
+    tau = 1 / student.logit_scale.exp().clamp(max=100)
+    with torch.no_grad():
+        S_t = cvlp.cosine_similarity_matrix(teacher.encode_image(x).float(), teacher.encode_text(T).float())
+    L_ccl, L_dis = cvlp.class_wise_contrastive_loss(S, y, y, tau), cvlp.distillation_loss(S, S_t, tau)
+    return cvlp.pretraining_loss(L_ccl, L_dis, lam)
+
+
+def cvlp_step_bench(args, student0, teacher, x, y, k, corpus):
+    """Both paths from the same initial weights (student0, teacher on the CPU: only the path being timed is on
+    the device). Returns {path: {measure: value}}."""
+    on_device = lambda model: copy.deepcopy(model).to(args.device)
+    frozen = on_device(teacher)
+    cache = engine.encode_texts(frozen, corpus, args.device)     # the fast path's teacher text, made once (S, D)
+    T_device = corpus[k].long().to(args.device)
+    loss_args = argparse.Namespace(lam=0.5, variant="paper")
+    losses = {
+        "plain": lambda s, t: plain_loss(s, t, x, y, T_device),
+        "fast": lambda s, t: cvlp.cvlp_loss(s, t, x, y, corpus[k], loss_args, cache[k.to(args.device)])[0],
+    }
+    student = on_device(student0)
+    with torch.no_grad(), engine.autocast(args.device):          # the two losses on the same weights and batch
+        values = {name: loss(student, frozen).float().item() for name, loss in losses.items()}
+    del student, frozen
+
+    def run_path(name):
+        student, frozen = on_device(student0), on_device(teacher)
+        opt = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=0.05,
+                                fused=str(args.device).startswith("cuda"))
+
+        def step():
+            with engine.autocast(args.device):
+                loss = losses[name](student, frozen)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        with FlopCounterMode(display=False) as counter:          # forward + backward, counted once, uncompiled
+            step()
+        if name == "fast" and args.compile:
+            student.visual.compile()
+            frozen.visual.compile()
+        return median_seconds(step, args.device, args.steps, args.warmup), counter.get_total_flops()
+
+    results = {}
+    for name in losses:
+        (seconds, flop), peak, how = peak_memory(lambda: run_path(name), args.device)
+        results[name] = {"seconds": seconds, "peak_gib": peak, "memory": how, "flop": flop, "loss": values[name]}
+        if str(args.device).startswith("cuda"):
+            torch.cuda.empty_cache()
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The loader
+
+
+def loader_bench(args, kind, split):
+    """Images/s of data.make_loader with args.loader = kind, training transform at 224 px, timed from the
+    first batch (worker start-up excluded) to the last on the device."""
+    transform = images.make_transform(224, *engine.clip_mean_std(), train=True)
+    load_args = argparse.Namespace(batch=args.batch, workers=args.workers, device=args.device, loader=kind)
+    loader = data.make_loader(split, transform, load_args, sampling="instance", generator=torch.Generator().manual_seed(0))
+    if (kind == "gpu" and type(getattr(loader, "dataset", None)) is images.ImageDataset
+            and loader.dataset.transform is transform):
+        return None                                              # a checkout whose make_loader has no GPU path
+    batches = iter(loader)
+    x, _ = next(batches)
+    x.to(args.device)
+    sync(args.device)
+    t0, n = time.perf_counter(), 0
+    for x, _ in batches:
+        x = x.to(args.device, non_blocking=True)                 # the "gpu" loader's x is there already
+        n += len(x)
+    sync(args.device)
+    return n / (time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. AnSS
+
+
+def full_text_embeddings(model, tokens, device, batch=1024):
+    """The plain way: open_clip's encode_text over the full context, chunks in corpus order."""
+    out = []
+    with torch.no_grad(), engine.autocast(device):
+        for i in range(0, len(tokens), batch):
+            out.append(F.normalize(model.encode_text(tokens[i:i + batch].long().to(device)).float(), dim=-1))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. LGR head vs FC head
+
+
+def head_bench(args, visual, D):
+    """{head: {"latency_ms": batch 1, "img_s": batch 256}} for the whole Recognizer and the head alone."""
+    g = torch.Generator().manual_seed(args.seed)
+    anchors = F.normalize(torch.randn(args.classes, 64, D, generator=g), dim=-1)   # (C, M, D)
+    mask = torch.ones(args.classes, 64, dtype=torch.bool)
+    out = {}
+    for head in ("fc", "lgr"):
+        model = lgr.Recognizer(visual, D, args.classes, head, anchors=anchors, mask=mask).to(args.device).eval()
+        head_only = lambda E: model.head(E) if head == "fc" else model.head(E, model.anchors, model.mask)
+        for batch in (1, 256):
+            x = torch.randn(batch, 3, args.image_size, args.image_size, device=args.device)
+            E = torch.randn(batch, D, device=args.device)
+            with torch.no_grad(), engine.autocast(args.device):
+                t_model = median_seconds(lambda: model(x), args.device, repeat=20 if batch == 1 else 3, warmup=2)
+                t_head = median_seconds(lambda: head_only(E), args.device, repeat=20 if batch == 1 else 3, warmup=2)
+            out[head, batch] = (t_model, t_head)
+    return out
+
+
+def main(argv=None):
+    args = get_args(argv)
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = str(args.device).startswith("cuda")
+    name = (torch.cuda.get_device_name() if cuda else f"{os.cpu_count()}-core CPU ({torch.get_num_threads()} torch threads, "
+            f"load average {os.getloadavg()[0]:.1f})")
+    print(f"bench: {args.backbone} {args.image_size} px, batch {args.batch}, {name}, torch {torch.__version__}, "
+          f"{'bf16 autocast, fused AdamW' if cuda else 'fp32'}")
+
+    student0 = engine.create_clip(args.backbone, args.image_size)                 # on the CPU until used
+    teacher = copy.deepcopy(student0).eval().requires_grad_(False)
+    with torch.no_grad():                                        # a teacher unlike the student, as after training
+        for p in teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    D, context = student0.text_projection.shape[1], engine.context_length(student0)
+
+    # 1. One CVLP step
+    g = torch.Generator().manual_seed(args.seed)
+    corpus = synthetic_sentences(max(4096, 4 * args.batch), context, g)          # (S, L)
+    k = torch.randint(0, len(corpus), (args.batch,), generator=g)                # (N,) one sentence per image
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(args.device)
+    y = torch.randint(0, args.classes, (args.batch,), generator=g).to(args.device)
+    res = cvlp_step_bench(args, student0, teacher, x, y, k, corpus)
+    print(f"\n1. CVLP step: student image+text fwd+bwd, teacher fwd, Eq. 2+3+8, AdamW "
+          f"(median of {args.steps} steps after {args.warmup})")
+    row("", "plain", "fast" + (" +compile" if args.compile else ""))
+    row("samples/s", *(f"{args.batch / r['seconds']:.0f}" for r in res.values()))
+    row("ms/step", *(f"{1e3 * r['seconds']:.1f}" for r in res.values()))
+    row(f"peak memory GiB ({res['plain']['memory']})", *(f"{r['peak_gib']:.2f}" for r in res.values()))
+    row("GFLOP/step (flop_counter)", *(f"{r['flop'] / 1e9:.1f}" for r in res.values()))
+    row("achieved TFLOP/s", *(f"{r['flop'] / r['seconds'] / 1e12:.3f}" for r in res.values()))
+    row("text positions per sentence", f"{context}", f"{text_positions(corpus[k], groups=4):.1f}")
+    print(f"  (sentence lengths: mean {text_positions(corpus[k], len(k)):.1f} tokens; the longest in the batch "
+          f"{text_positions(corpus[k]):.0f}; cvlp.py runs 4 length groups)")
+    row("L_pre on the same batch", *(f"{r['loss']:.6f}" for r in res.values()))
+    print(f"  |L_pre plain - fast| = {abs(res['plain']['loss'] - res['fast']['loss']):.2e}")
+
+    # 2. The loader
+    if args.loaders:
+        n = args.loader_batches * args.batch
+        with tempfile.TemporaryDirectory() as folder:
+            paths = write_jpegs(folder, min(n, 512), args.seed)   # distinct files; the list cycles through them
+            split = data.Split([paths[i % len(paths)] for i in range(n)], np.arange(n) % args.classes)
+            print(f"\n2. Loader: {n} images ({len(paths)} distinct 500x375 JPEGs, quality 90) -> 224 px training "
+                  f"crops on {args.device}, batch {args.batch}, {args.workers} workers")
+            for kind in args.loaders:
+                rate = loader_bench(args, kind, split)
+                row(f"--loader {kind}", "not available" if rate is None else f"{rate:.0f} img/s")
+
+    # 3. AnSS
+    student0 = student0.to(args.device)
+    S, N = args.anss_sentences, args.anss_images
+    sentences = synthetic_sentences(S, context, g)
+    t_full = median_seconds(lambda: full_text_embeddings(student0, sentences, args.device), args.device, 1, 0)
+    t_trim = median_seconds(lambda: engine.encode_texts(student0, sentences, args.device), args.device, 1, 0)
+    E_T = engine.encode_texts(student0, sentences, args.device)                         # (S, D)
+    E_I = F.normalize(torch.randn(N, D, generator=g), dim=-1).to(args.device)           # (N', D)
+    y_I = (torch.arange(N) % args.classes).to(args.device)
+    t = torch.randint(0, args.classes, (S,), generator=g).to(args.device)
+    t_score = median_seconds(lambda: anchor_scores(E_I, y_I, E_T, t, 0.01, args.classes), args.device, 3)
+    print(f"\n3. AnSS: {S} sentences, {N} images, D {D}, {args.classes} classes")
+    row("", "full text", "trimmed text")
+    row("embed the sentences, s", f"{t_full:.2f}", f"{t_trim:.2f}")
+    row("score them (anchor_scores), s", f"{t_score:.2f}", "")
+
+    # 4. LGR head vs FC head
+    res = head_bench(args, student0.visual, D)
+    print(f"\n4. Inference: visual encoder + head, {args.classes} classes, M = 64 anchors (paper: LGR 1.3 ms, FC 1.1 ms)")
+    row("", "FC head", "LGR head")
+    row("batch 1 latency, ms", *(f"{1e3 * res[h, 1][0]:.2f}" for h in ("fc", "lgr")))
+    row("batch 256 throughput, img/s", *(f"{256 / res[h, 256][0]:.0f}" for h in ("fc", "lgr")))
+    row("head alone: batch 1 latency, ms", *(f"{1e3 * res[h, 1][1]:.3f}" for h in ("fc", "lgr")))
+    row("head alone: batch 256, ms", *(f"{1e3 * res[h, 256][1]:.2f}" for h in ("fc", "lgr")))
+
+
+if __name__ == "__main__":
+    main()
