@@ -467,9 +467,12 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
                 pos["sampler_epoch"] = rngs["sampler"].get_state()     # this epoch's sample order comes from here
             rngs["sampler"].set_state(pos["sampler_epoch"])
             loader.sampler.skip = pos["batch"] * args.batch * world_size   # samples of the global stream
+            if torch_rng is not None and pos["batch"] == 0:             # resumed between epochs: iter() below
+                torch.set_rng_state(torch_rng)                         # draws from torch's generator too
+                torch_rng = None
             batches = iter(loader)
-            if torch_rng is not None:                                  # augmentation randomness, mid-epoch resume
-                torch.set_rng_state(torch_rng)
+            if torch_rng is not None:                                  # resumed mid-epoch: the saved augmentation
+                torch.set_rng_state(torch_rng)                         # randomness is past this epoch's iter() draw
                 torch_rng = None
             sums, n, t0 = {}, 0, time.time()
             bar = progress(batches, total=len(loader), desc=f"{meta['stage']} {epoch + 1}/{args.epochs}", unit="batch")

@@ -81,9 +81,12 @@ def weights(out, name):
 
 
 def assert_same_weights(a, b, lr):
-    """Every weight equal to 1e-5, a fiftieth of one AdamW step at lr 5e-4. Not 1e-6: AdamW divides a step by
-    the gradient's own size, so where the exact gradient is near 0 its rounding noise becomes a visible step
-    (here 1 of 16384 entries of a matrix differs by 3e-6). Where the exact gradient IS 0, the key's shift in
+    """Every weight equal to 1e-4, a fifth of one AdamW step at lr 5e-4 (a rank that skipped the gradient sync
+    would be off by about a whole step, lr, in most entries). Not 1e-6: AdamW divides a step by the gradient's
+    own size, so where the exact gradient is near 0 its rounding noise becomes a visible step, and the rounding
+    differs here: each rank cuts its own 8 sentences into length groups (engine.encode_text_trimmed) where one
+    process groups all 16, the same numbers computed in other shapes (seen: 2.6e-5 in a text-tower matrix after
+    3 steps). Where the exact gradient IS 0, the key's shift in
     attention (rows D:2D of in_proj_bias; LGR's W_k and ln_k biases: Q K^T changes by the same amount for
     every key, which the softmax ignores), the step is noise of size up to lr: compared to 2 lr a step."""
     assert a.keys() == b.keys()
@@ -96,7 +99,7 @@ def assert_same_weights(a, b, lr):
         if k in ("head.W_k.bias", "head.ln_k.bias"):
             assert torch.allclose(a_k, b_k, atol=2 * lr * STEPS), k
             continue
-        assert torch.allclose(a_k, b_k, atol=1e-5, rtol=0), f"{k}: {(a_k - b_k).abs().max():.2e}"
+        assert torch.allclose(a_k, b_k, atol=1e-4, rtol=0), f"{k}: {(a_k - b_k).abs().max():.2e}"
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import anss
 import cvlp
@@ -263,6 +264,48 @@ def test_resume_mid_epoch_ends_with_bitwise_the_same_weights(shapes_env, tmp_pat
     cvlp.main(cvlp_args(shapes_env, tmp_path / "c", "--accum", "2", "--stop-after-steps", "2", "--seed", "1"))
     with pytest.raises(AssertionError):
         assert_same_weights(weights(tmp_path / "a" / "cvlp.pt"), weights(tmp_path / "c" / "cvlp.pt"))
+
+
+def noisy_tree(root, n_per_class=2, classes=3):
+    """An ImageNet-LT tree of random-noise 24 px images: every crop and flip of the augmentation changes the pixels."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n_per_class * classes):
+        rel = f"train/{i}.JPEG"
+        os.makedirs(root / "train", exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / rel, format="PNG")
+        lines.append(f"{rel} {i % classes}\n")
+    write(root / "ImageNet_LT_train.txt", "".join(lines))
+    write(root / "ImageNet_LT_val.txt", "".join(lines[:classes]))
+    write(root / "ImageNet_LT_test.txt", "".join(lines[:classes]))
+    write(root / "labels.txt", "".join(f"n{c} {c} class {c}\n" for c in range(classes)))
+    return root
+
+
+def test_resume_from_an_end_of_epoch_checkpoint_is_exact(tmp_path, tiny_clip, monkeypatch):
+    """Killed between epochs (epoch 1's checkpoint written, no step of epoch 2 taken) and resumed: the same weights
+    as without the kill. Epoch 2's augmentation (PIL images, torch's generator in the main process) must start from
+    the random state epoch 1 ended in, before the loader's own draw at the start of the epoch."""
+    root = noisy_tree(tmp_path / "imagenet")
+    args = ["--data", "imagenet_lt", "--data-root", str(root), "--backbone", "shapes-tiny", "--image-size", "16",
+            "--clip-weights", str(tiny_clip), "--epochs", "2", "--batch", "2", "--sampling", "instance",
+            "--workers", "0", "--device", "cpu", "--text", "prompt"]
+    cvlp.main(args + ["--out", str(tmp_path / "a")])                       # 2 epochs x 3 steps, uninterrupted
+    real, calls = cvlp.cvlp_loss, []
+
+    def killed_at_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:                                              # the first batch of epoch 2
+            raise RuntimeError("killed")
+        return real(*a, **k)
+    monkeypatch.setattr(cvlp, "cvlp_loss", killed_at_epoch_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        cvlp.main(args + ["--out", str(tmp_path / "b")])
+    position = torch.load(tmp_path / "b" / "cvlp.pt", weights_only=True)["position"]
+    assert (position["epoch"], position["batch"]) == (1, 0)                # the end of epoch 1
+    monkeypatch.setattr(cvlp, "cvlp_loss", real)
+    cvlp.main(args + ["--out", str(tmp_path / "b"), "--resume"])
+    assert_same_weights(weights(tmp_path / "a" / "cvlp.pt"), weights(tmp_path / "b" / "cvlp.pt"))
 
 
 def test_resume_of_the_fc_baseline_across_stops_is_exact(shapes_env, tmp_path):
