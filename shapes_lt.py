@@ -6,6 +6,7 @@
 500 -> 5; training photos taken in sittings of five that share a scene (so a tail class shows one scene);
 per class the description sentences, about half informative and half noise, with a ground-truth flag.
 `make_world` returns plain arrays and lists; data.py turns them into an LTData like any real dataset.
+`--data shapes_lt_coined` is the same world with every class called by a made-up name (`coined_names`).
 
 The world also brings its own CLIP: a small open_clip model trained on image-caption pairs of all 100
 compositions (`train_clip_standin`), which stands in for OpenAI's CLIP as initial weights and frozen teacher.
@@ -200,8 +201,8 @@ def shapes_caption_pairs(n, seed, size=32):
 
 
 def coined_names(n, seed, context_length=77):
-    """n distinct made-up class names of 2-3 syllables ("vuvoki", "zepo"), for shapes_lt_coined: the world
-    with every class renamed, like iNaturalist's Latin species names that CLIP barely knows (SPEC §4). A
+    """n distinct made-up class names of 2-3 syllables ("vizeva", "kigi"), for shapes_lt_coined: the world
+    with every class renamed, like iNaturalist's Latin species names that CLIP barely knows. A
     candidate is refused when one of its BPE tokens occurs in the stand-in's captions (CAPTIONS over every
     colour and shape), so the CLIP stand-in never read any piece of a name; the description sentences, which
     speak of colour and shape, are then the only text that says what a class looks like."""
@@ -213,7 +214,7 @@ def coined_names(n, seed, context_length=77):
         draws = ["".join(SYLLABLES[i] for i in rng.integers(len(SYLLABLES), size=rng.integers(2, 4)))
                  for _ in range(4 * n)]
         for name, tokens in zip(draws, tokenize_exact(draws, context_length)[0]):
-            pieces = set(tokens[1:int(tokens.argmax())].tolist())                 # between [SOS] and [EOS]
+            pieces = set(tokens[1:int(tokens.argmax())].tolist())      # between [SOS] and [EOS] (the largest id)
             if len(names) < n and name not in names and not pieces & seen:
                 names.append(name)
     return names
