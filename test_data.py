@@ -424,7 +424,7 @@ def test_class_list_and_split_disagree_on_class_count(tmp_path):
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(DataError, match=r"unknown --data 'cifar'; choose one of: shapes_lt, imagenet_lt"):
+    with pytest.raises(DataError, match=r"unknown --data 'cifar'; choose one of: shapes_lt, shapes_lt_coined, imagenet_lt"):
         data.load_data("cifar")
 
 
