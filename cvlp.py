@@ -26,7 +26,7 @@ from images import make_transform
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="VL-LTR stage 1: class-wise visual-linguistic pre-training")
-    p.add_argument("--data", default="shapes_lt", help="shapes_lt | imagenet_lt | places_lt | inat2018")
+    p.add_argument("--data", default="shapes_lt", help="shapes_lt | shapes_lt_coined | imagenet_lt | places_lt | inat2018")
     p.add_argument("--data-root", default=None, help="dataset folder (default: data.DATASETS[data]['root'])")
     p.add_argument("--backbone", default=None, help="RN50 | ViT-B-16 | shapes-tiny (default: per dataset)")
     p.add_argument("--clip-weights", default=None, help="local CLIP state dict; default: open_clip's 'openai' "
@@ -63,8 +63,8 @@ def get_args(argv=None):
                    "after a minute or so of compiling; the same maths, checkpoints unchanged)")
     args = p.parse_args(argv)
     args = fill_defaults(args)
-    args.epochs = args.epochs or {"shapes_lt": 10, "inat2018": 100}.get(args.data, 50)
-    args.lr = args.lr or {"shapes_lt": 5e-4, "inat2018": 5e-4}.get(args.data, 5e-5)
+    args.epochs = args.epochs or {"shapes_lt": 10, "shapes_lt_coined": 10, "inat2018": 100}.get(args.data, 50)
+    args.lr = args.lr or {"shapes_lt": 5e-4, "shapes_lt_coined": 5e-4, "inat2018": 5e-4}.get(args.data, 5e-5)
     return args
 
 

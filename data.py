@@ -31,6 +31,8 @@ from images import DeviceLoader, DeviceTransform, FileBytes, ImageDataset, colla
 # Per-dataset defaults: where the data lives and what the stages use when not told otherwise.
 DATASETS = {
     "shapes_lt": dict(root="data/shapes_lt", backbone="shapes-tiny", image_size=32, crop_scale=(0.5, 1.0)),
+    # the same world (root, images, descriptions, CLIP stand-in) with made-up class names: shapes_lt.coined_names
+    "shapes_lt_coined": dict(root="data/shapes_lt", backbone="shapes-tiny", image_size=32, crop_scale=(0.5, 1.0)),
     "imagenet_lt": dict(root="data/imagenet", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
     "places_lt": dict(root="data/places", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
     "inat2018": dict(root="data/inat", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
@@ -39,6 +41,7 @@ DATASETS = {
 # Shot splits by training images per class (SPEC §4). The paper writes many >= 100 and few <= 20,
 # which overlap with medium (20~100); we use the common LTR convention: many > 100, few < 20.
 MANY_ABOVE, FEW_BELOW = 100, 20
+SHAPES_WORLDS = ("shapes_lt", "shapes_lt_coined")   # generated in memory by shapes_lt.py
 
 
 def fill_defaults(args):
@@ -49,7 +52,7 @@ def fill_defaults(args):
     args.backbone = args.backbone or d["backbone"]
     args.image_size = args.image_size or d["image_size"]
     args.data_root = args.data_root or d["root"]
-    args.workers = args.workers if args.workers is not None else (0 if args.data == "shapes_lt" else default_workers())
+    args.workers = args.workers if args.workers is not None else (0 if args.data in SHAPES_WORLDS else default_workers())
     args.out = args.out or os.path.join("runs", args.data, args.backbone)
     return args
 
@@ -153,12 +156,14 @@ def prompt_only(corpus):
 # shapes_lt: the embedded world, generated in shapes_lt.py
 
 
-def shapes_lt_data(world):
+def shapes_lt_data(world, name="shapes_lt", classnames=None):
     """The embedded world (shapes_lt.make_world: arrays and description sentences) as LTData; its corpus
-    is built like a real dataset's, the 80 prompts first."""
+    is built like a real dataset's, the 80 prompts first. classnames: other names for the classes
+    (shapes_lt_coined), which change the prompt sentences and nothing else."""
     split = lambda k: Split(world[f"{k}_images"], world[f"{k}_labels"])
-    return LTData("shapes_lt", world["classnames"], split("train"), split("val"), split("test"),
-                  build_corpus(world["classnames"], world["descriptions"], world["informative"]))
+    classnames = classnames or world["classnames"]
+    return LTData(name, classnames, split("train"), split("val"), split("test"),
+                  build_corpus(classnames, world["descriptions"], world["informative"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,8 +438,10 @@ def load_data(name, root=None, seed=0, text="wiki+prompt", skip_bad_images=False
     if name not in DATASETS:
         raise DataError(f"unknown --data {name!r}; choose one of: {', '.join(DATASETS)}")
     root = root or DATASETS[name]["root"]
-    if name == "shapes_lt":
-        data = shapes_lt_data(shapes_lt.load_world(root, seed))   # generated once per seed, cached under root
+    if name in SHAPES_WORLDS:
+        world = shapes_lt.load_world(root, seed)                 # generated once per seed, cached under root
+        coined = shapes_lt.coined_names(len(world["classnames"]), seed) if name == "shapes_lt_coined" else None
+        data = shapes_lt_data(world, name, coined)
     else:
         data = {"imagenet_lt": load_imagenet_lt, "places_lt": load_places_lt,
                 "inat2018": load_inat2018}[name](root, wiki=text != "prompt", skip_bad_images=skip_bad_images)
@@ -526,7 +533,7 @@ def corpus_tokens(data, model, args):
     """The class corpora tokenised at the model's context length (cached beside the shapes_lt world, or in
     the run folder); every class needs at least one sentence."""
     text = tokenize_corpus(data.corpus, context_length(model),
-                           cache_dir=args.data_root if args.data == "shapes_lt" else args.out)
+                           cache_dir=args.data_root if args.data in SHAPES_WORLDS else args.out)
     require_sentences(data, text)
     return text
 

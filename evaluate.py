@@ -381,7 +381,8 @@ def table_markdown(report):
              f"{len(report['seeds'])} seeds", "",
              f"Seeds {report['seeds']} (each a new world, CLIP stand-in and training run); {report['device']}, "
              f"torch {report['torch']}, {report['date']}; epochs: CVLP {e['cvlp']}, LGR {e['lgr']}, baseline "
-             f"{e['baseline']}. Regenerate: `python evaluate.py --table all`.", "",
+             f"{e['baseline']}. Regenerate: `python evaluate.py --table all"
+             + ("" if report["data"] == "shapes_lt" else f" --data {report['data']}") + "`.", "",
              "| method (Table 8) | overall | many | medium | few |", "|---|---|---|---|---|"]
     lines += [row(name, c) for name, c in report["table8"].items()]
     lines += ["", "| Table 4 row | overall | many | medium | few | paper, ImageNet-LT RN50 |", "|---|---|---|---|---|---|"]
@@ -401,7 +402,9 @@ def make_plots(args, report, root):
     the contact sheet of the first seed's world, and one example of LGR attention in that world."""
     import matplotlib
     matplotlib.use("Agg")
-    paths = [os.path.join(args.results, f) for f in ("per_class_accuracy.png", "contact_sheet.png", "lgr_attention.png")]
+    prefix = "" if args.data == "shapes_lt" else f"{args.data}_"   # the other worlds' plots beside shapes_lt's
+    paths = [os.path.join(args.results, prefix + f) for f in ("per_class_accuracy.png", "contact_sheet.png",
+                                                               "lgr_attention.png")]
     plot_per_class_accuracy(report, args.data, paths[0])
     seed = report["seeds"][0]
     data = load_data(args.data, args.data_root, seed)

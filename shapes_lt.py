@@ -6,6 +6,7 @@
 500 -> 5; training photos taken in sittings of five that share a scene (so a tail class shows one scene);
 per class the description sentences, about half informative and half noise, with a ground-truth flag.
 `make_world` returns plain arrays and lists; data.py turns them into an LTData like any real dataset.
+`--data shapes_lt_coined` is the same world with every class called by a made-up name (`coined_names`).
 
 The world also brings its own CLIP: a small open_clip model trained on image-caption pairs of all 100
 compositions (`train_clip_standin`), which stands in for OpenAI's CLIP as initial weights and frozen teacher.
@@ -51,6 +52,8 @@ NOISE = [         # trivia, or attributes of another class ({c}, {s} of some oth
     "It is often confused with the {c} {s}.", "Unlike it, the {c} {s} is common.",
     "A festival in {place} is named after it.", "Early accounts compare it to a {c} {s}.",
 ]
+CAPTIONS = ["a {c} {s}.", "a photo of a {c} {s}.", "a {s} coloured {c}.", "{c} {s} on a plain background."]  # stand-in's
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]   # coined class names (shapes_lt_coined)
 TRAIN_SESSION = 5   # training photos come in sittings of 5 that share a scene; val / test photos do not
 PLACES = ["Lisbon", "Kyoto", "Oslo", "Lima", "Cairo", "Perth", "Quebec", "Tartu", "Accra", "Hanoi"]
 
@@ -193,9 +196,28 @@ def shapes_caption_pairs(n, seed, size=32):
     colours = list(COLOURS)
     s_idx, k_idx = rng.integers(len(SHAPES), size=n), rng.integers(len(COLOURS), size=n)
     images = render_shapes(s_idx, k_idx, rng, size)
-    forms = ["a {c} {s}.", "a photo of a {c} {s}.", "a {s} coloured {c}.", "{c} {s} on a plain background."]
-    captions = [forms[rng.integers(len(forms))].format(c=colours[k], s=SHAPES[s]) for s, k in zip(s_idx, k_idx)]
+    captions = [CAPTIONS[rng.integers(len(CAPTIONS))].format(c=colours[k], s=SHAPES[s]) for s, k in zip(s_idx, k_idx)]
     return images, captions
+
+
+def coined_names(n, seed, context_length=77):
+    """n distinct made-up class names of 2-3 syllables ("vizeva", "kigi"), for shapes_lt_coined: the world
+    with every class renamed, like iNaturalist's Latin species names that CLIP barely knows. A
+    candidate is refused when one of its BPE tokens occurs in the stand-in's captions (CAPTIONS over every
+    colour and shape), so the CLIP stand-in never read any piece of a name; the description sentences, which
+    speak of colour and shape, are then the only text that says what a class looks like."""
+    rng = np.random.default_rng([seed, 3])
+    captions = [f.format(c=c, s=s) for f in CAPTIONS for c in COLOURS for s in SHAPES]
+    seen = set(tokenize_exact(captions, context_length)[0].flatten().tolist())    # token ids the stand-in read
+    names = []
+    while len(names) < n:                                        # candidates drawn and tokenised 4n at a time
+        draws = ["".join(SYLLABLES[i] for i in rng.integers(len(SYLLABLES), size=rng.integers(2, 4)))
+                 for _ in range(4 * n)]
+        for name, tokens in zip(draws, tokenize_exact(draws, context_length)[0]):
+            pieces = set(tokens[1:int(tokens.argmax())].tolist())      # between [SOS] and [EOS] (the largest id)
+            if len(names) < n and name not in names and not pieces & seen:
+                names.append(name)
+    return names
 
 
 def sessions(per_class, size):

@@ -203,6 +203,55 @@ def test_shapes_lt_val_and_test_are_balanced(world):
 
 
 # ----------------------------------------------------------------------------------------------
+# shapes_lt_coined: the same world, every class called by a made-up name
+
+
+def test_coined_names_are_distinct_words_the_clip_standin_never_read():
+    from open_clip.tokenizer import SimpleTokenizer
+    names = shapes_lt.coined_names(100, 0)
+    assert names == shapes_lt.coined_names(100, 0) and names != shapes_lt.coined_names(100, 1)
+    assert len(set(names)) == 100 and all(n.isalpha() and n.islower() and 4 <= len(n) <= 6 for n in names)
+    words = set(COLOURS) | set(SHAPES) | {w for ws in (*shapes_lt.COLOUR_WORDS.values(), *shapes_lt.SHAPE_WORDS.values())
+                                          for phrase in ws for w in phrase.replace("-", " ").split()}
+    assert not [(n, w) for n in names for w in words if w in n]
+    forms = ["a {c} {s}.", "a photo of a {c} {s}.", "a {s} coloured {c}.", "{c} {s} on a plain background."]
+    bpe = SimpleTokenizer()                                       # the stand-in's captions, written out here
+    read = {t for f in forms for c in COLOURS for s in SHAPES for t in bpe.encode(f.format(c=c, s=s))}
+    assert not [n for n in names if set(bpe.encode(n)) & read]    # no BPE piece of a name was ever read
+
+
+def test_coined_world_differs_from_shapes_lt_only_in_the_class_names(shapes_env):
+    a = data.load_data("shapes_lt", str(shapes_env["root"]), seed=0)
+    b = data.load_data("shapes_lt_coined", str(shapes_env["root"]), seed=0)
+    assert b.name == "shapes_lt_coined" and b.classnames == shapes_lt.coined_names(100, 0)
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(getattr(a, split).images, getattr(b, split).images)
+        np.testing.assert_array_equal(getattr(a, split).labels, getattr(b, split).labels)
+    assert a.corpus.source == b.corpus.source and a.corpus.informative == b.corpus.informative
+    for c, (old, new) in enumerate(zip(a.classnames, b.classnames)):
+        assert a.corpus.sentences[c][80:] == b.corpus.sentences[c][80:]       # the same descriptions
+        assert b.corpus.sentences[c][:80] == [s.replace(old, new) for s in a.corpus.sentences[c][:80]]
+        assert b.corpus.sentences[c][0] == f"a bad photo of a {new}."
+    where = {}                                                    # a coined name is said in its own 80 prompts only
+    for c, sents in enumerate(b.corpus.sentences):
+        for k, s in enumerate(sents):
+            for w in set(s.lower().replace(".", " ").split()):
+                where.setdefault(w, []).append((c, k))
+    for c, name in enumerate(b.classnames):
+        assert where[name] == [(c, k) for k in range(80)]
+
+
+def test_coined_world_shares_the_shapes_lt_defaults():
+    import cvlp
+    import lgr
+    for stage in (cvlp, lgr):
+        a, b = stage.get_args(["--data", "shapes_lt"]), stage.get_args(["--data", "shapes_lt_coined"])
+        for key in ("backbone", "image_size", "data_root", "workers", "epochs", "lr", "batch"):
+            assert getattr(a, key) == getattr(b, key), key
+    assert b.data_root == "data/shapes_lt" and b.out == os.path.join("runs", "shapes_lt_coined", "shapes-tiny")
+
+
+# ----------------------------------------------------------------------------------------------
 # ImageNet-LT: a tiny tree in the official layout
 
 DESC_0 = """Tench
@@ -375,7 +424,7 @@ def test_class_list_and_split_disagree_on_class_count(tmp_path):
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(DataError, match=r"unknown --data 'cifar'; choose one of: shapes_lt, imagenet_lt"):
+    with pytest.raises(DataError, match=r"unknown --data 'cifar'; choose one of: shapes_lt, shapes_lt_coined, imagenet_lt"):
         data.load_data("cifar")
 
 
