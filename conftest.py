@@ -16,3 +16,12 @@ def shapes_env(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(engine.create_clip("shapes-tiny", 32).state_dict(), clip)
     return {"root": root, "clip": clip}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A random shapes-tiny CLIP state dict (seed 0) for --clip-weights, without generating the shapes_lt world."""
+    path = tmp_path_factory.mktemp("clip") / "shapes_tiny.pt"
+    torch.manual_seed(0)
+    torch.save(engine.create_clip("shapes-tiny", 32).state_dict(), path)
+    return path

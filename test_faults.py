@@ -183,14 +183,6 @@ def test_skip_bad_images_drops_missing_and_corrupt_images_with_one_warning(tmp_p
         data.load_data("imagenet_lt", str(root), text="prompt")
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clip") / "shapes_tiny.pt"
-    torch.manual_seed(0)
-    torch.save(engine.create_clip("shapes-tiny", 32).state_dict(), path)
-    return path
-
-
 def cvlp_on_tree_with_a_corrupt_image(tmp_path, tiny_clip, *extra):
     """cvlp.main on 8 train images, one of them random bytes (line 8). Batch 4 with instance sampling
     draws every image in the one epoch, so the corrupt one is always reached. Returns (exit code, root)."""

@@ -173,14 +173,6 @@ def test_unreadable_file_is_load_rgbs_one_line_error(tmp_path):
 # cvlp.py --loader gpu trains on an ImageNet-LT tree (CMYK, grey and PNG-named files included)
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clip") / "shapes_tiny.pt"
-    torch.manual_seed(0)
-    torch.save(engine.create_clip("shapes-tiny", 32).state_dict(), path)
-    return path
-
-
 def cvlp_gpu_loader(root, out, tiny_clip, *extra):
     cvlp.main(["--data", "imagenet_lt", "--data-root", str(root), "--backbone", "shapes-tiny", "--image-size", "32",
                "--clip-weights", str(tiny_clip), "--epochs", "2", "--batch", "2", "--text", "prompt",
