@@ -115,12 +115,20 @@ class Transform:
             rank, world_size = rank_world()      # torchrun: draw for the global batch, keep this rank's share
             share = slice(rank * len(x), (rank + 1) * len(x))
             boxes = random_crop_boxes(len(x) * world_size, x.shape[-2], x.shape[-1], self.crop_scale)[share]  # (B, 4)
-            x = resized_crops(x.float(), boxes, self.size).clamp_(0, 255).round_()             # (B, 3, S, S)
-            flip = (torch.rand(len(x) * world_size) < 0.5)[share]
-            x[flip] = x[flip].flip(-1)
+            x = self.crop_flip(x, boxes, (torch.rand(len(x) * world_size) < 0.5)[share])      # (B, 3, S, S)
         else:
             x = self.geometry(x).float()
-        return (x / 255 - self.mean) / self.std
+        return self.normalise(x)
+
+    def crop_flip(self, images, boxes, flip):
+        """The train geometry for given draws: images (B, 3, H, W) or [B] (3, H_k, W_k), boxes (B, 4), flip (B,)
+        bool -> (B, 3, S, S) float: each box resized (resized_crops), rounded to uint8 levels, mirrored where flip."""
+        x = resized_crops(images, boxes, self.size).clamp_(0, 255).round_()
+        return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+
+    def normalise(self, x):
+        """(B, 3, S, S) float in uint8 levels -> normalised with the CLIP mean and std, on x's device."""
+        return (x / 255 - self.mean.to(x.device)) / self.std.to(x.device)
 
 
 def random_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), tries=10):
@@ -229,7 +237,6 @@ class DeviceTransform:
 
     def __init__(self, transform, device):
         self.transform, self.device = transform, torch.device(device)
-        self.mean, self.std = transform.mean.to(self.device), transform.std.to(self.device)
 
     def decode(self, files, paths, wheres):
         """[B] file bytes -> [B] (3, H_k, W_k) uint8 RGB images on the device."""
@@ -255,16 +262,13 @@ class DeviceTransform:
 
     def augment(self, images, boxes, flip):
         """[B] (3, H_k, W_k) uint8, (B, 4) crop boxes, (B,) bool mirror -> (B, 3, S, S) normalised float."""
-        x = resized_crops(images, boxes, self.transform.size).clamp_(0, 255).round_()      # (B, 3, S, S)
-        x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
-        return (x / 255 - self.mean) / self.std
+        return self.transform.normalise(self.transform.crop_flip(images, boxes, flip))
 
     def __call__(self, files, paths, wheres):
         images = self.decode(files, paths, wheres)
         t = self.transform
         if not t.train:
-            x = torch.stack([t.geometry(img) for img in images]).float()                   # (B, 3, S, S)
-            return (x / 255 - self.mean) / self.std
+            return t.normalise(torch.stack([t.geometry(img) for img in images]).float())   # (B, 3, S, S)
         sizes = torch.tensor([img.shape[1:] for img in images])                            # (B, 2) H, W
         boxes = random_crop_boxes(len(images), sizes[:, 0], sizes[:, 1], t.crop_scale)     # (B, 4)
         return self.augment(images, boxes, torch.rand(len(images)) < 0.5)

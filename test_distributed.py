@@ -120,7 +120,7 @@ def runs(shapes_env, tmp_path_factory):
         cvlp.main(stage_args(shapes_env, tmp / "one", 16))
         one_lgr = record_losses(lgr, m.setattr)
         lgr.main(lgr_args(shapes_env, tmp / "one", 16))
-    two_losses = {(i, r): torch.load(tmp / "record" / f"{i}_rank{r}.pt") for i in range(4) for r in range(2)}
+    two_losses = {(i, r): torch.load(tmp / "record" / f"{i}_rank{r}.pt", weights_only=True) for i in range(4) for r in range(2)}
     return {"tmp": tmp, "one_cvlp": one_cvlp, "one_lgr": one_lgr, "two": two_losses}
 
 
