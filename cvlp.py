@@ -58,6 +58,9 @@ def get_args(argv=None):
     p.add_argument("--accum", type=int, default=1, help="optimiser step every N batches (effective batch N x --batch; "
                    "cvlp's contrastive softmax still spans one --batch)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--val-every-epoch", action="store_true", help="print the val top-1 of sentence-mean class "
+                   "prototypes after every epoch and keep the best epoch in cvlp_best.pt (the over-fitting check of "
+                   "the README's L_dis experiment; the training itself is unchanged)")
     p.add_argument("--stop-after-steps", type=int, default=0, help="debug: stop (and save) after this many steps")
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoders (faster steps on a GPU "
                    "after a minute or so of compiling; the same maths, checkpoints unchanged)")
@@ -197,13 +200,19 @@ def cvlp_loss(student, teacher, x, y, T, args, E_T_teacher=None, ddp=None):
 
 @torch.no_grad()
 def class_prototype_accuracy(model, data, text, args):
-    """Val top-1 with each class represented by the mean embedding of its sentences (progress check)."""
-    E_T = encode_texts(model, text["tokens"], args.device)
-    protos = torch.zeros(data.num_classes, E_T.shape[1], device=args.device).index_add_(
-        0, text["label"].to(args.device), E_T)
-    protos = F.normalize(protos, dim=-1)
-    loader = make_loader(data.val, make_transform(args.image_size, *clip_mean_std(), train=False), args)
-    E_I, y = encode_images(model.encode_image, loader, args.device, desc="val")
+    """Val top-1 with each class represented by the mean embedding of its sentences (progress check).
+    Runs in eval mode (RN50's batch norm) and leaves torch's random state as it found it: the val loader's
+    seed draw must not move the training's augmentation, so a run with --val-every-epoch trains the same."""
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        E_T = encode_texts(model, text["tokens"], args.device)                          # (S, D)
+        protos = torch.zeros(data.num_classes, E_T.shape[1], device=args.device).index_add_(
+            0, text["label"].to(args.device), E_T)                                      # (C, D)
+        protos = F.normalize(protos, dim=-1)
+        loader = make_loader(data.val, make_transform(args.image_size, *clip_mean_std(), train=False), args)
+        E_I, y = encode_images(model.encode_image, loader, args.device, desc="val")    # (V, D), (V,)
+    model.train(was_training)
     return (E_I @ protos.T).argmax(1).eq(y).float().mean().item()
 
 
@@ -261,8 +270,13 @@ def run(args):
 
     print(f"cvlp: {args.data} {args.backbone} {len(data.train.labels)} images, {len(text['tokens'])} sentences, "
           f"{args.epochs} epochs x {steps} steps, lam {args.lam}, variant {args.variant}, device {args.device}")
+    def validate():                                              # --val-every-epoch: the over-fitting check
+        acc = class_prototype_accuracy(student, data, text, args)
+        return acc, f"val proto top-1 {acc:.1%}"
+
     student.train()
-    if not fit(student, batch_loss, loader, opt, sched, args, path, checkpoint_meta(args, "cvlp", data.num_classes), rngs):
+    if not fit(student, batch_loss, loader, opt, sched, args, path, checkpoint_meta(args, "cvlp", data.num_classes), rngs,
+               validate if args.val_every_epoch else None):
         return                                                   # stopped early: the checkpoint is written
     acc = class_prototype_accuracy(student, data, text, args)
     print(f"cvlp done: val top-1 with sentence-mean class prototypes {acc:.1%}; wrote {path}")

@@ -418,7 +418,8 @@ class ResumableSampler(torch.utils.data.Sampler):
 def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=None):
     """The training loop of both stages; True when all epochs ran. batch_loss(x, y) -> (loss, {name: value}); every --accum
     batches one optimiser step, gradients clipped to --clip-grad. What long runs need:
-    - after every epoch an atomic checkpoint (plus <name>_best.pt when validate() improves);
+    - after every epoch an atomic checkpoint (plus <name>_best.pt when validate() improves); its
+      position["history"] lists every finished epoch's mean losses and validate() score (the learning curve);
     - Ctrl-C or --stop-after-steps saves the state of the last optimiser step, also mid-epoch;
     - --resume restores weights, optimiser, schedule, the epoch's sample order and position and every
       random state, so it ends with the same weights as an uninterrupted run (bitwise on CPU, --workers 0);
@@ -427,7 +428,7 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
     torchrun: every rank runs this loop on its share of each global batch, in step; rank 0 alone validates and
     writes checkpoints (the random states it saves are every rank's: all draw the global batch's randomness)."""
     rank, world_size = rank_world()
-    pos = {"epoch": 0, "batch": 0, "best": None, "sampler_epoch": rngs["sampler"].get_state()}
+    pos = {"epoch": 0, "batch": 0, "best": None, "history": [], "sampler_epoch": rngs["sampler"].get_state()}
     torch_rng = None
     if args.resume and os.path.exists(path):
         ckpt = load_checkpoint(path, meta["stage"], f"python {meta['stage']}.py")
@@ -518,6 +519,8 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
                 score, text = validate()
                 line += "  " + text
             print(f"epoch {epoch + 1:3d}/{args.epochs}  {line}")
+            pos["history"] = pos.get("history", []) + [{"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()},
+                                                        **({"val": score} if score is not None else {})}]
             if score is not None and (pos["best"] is None or score > pos["best"]):
                 pos["best"] = score
                 save(path.replace(".pt", "_best.pt"), pos, rng_states())

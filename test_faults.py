@@ -300,6 +300,26 @@ def test_resume_from_an_end_of_epoch_checkpoint_is_exact(tmp_path, tiny_clip, mo
     assert_same_weights(weights(tmp_path / "a" / "cvlp.pt"), weights(tmp_path / "b" / "cvlp.pt"))
 
 
+def test_val_every_epoch_reports_each_epoch_and_leaves_the_training_unchanged(tmp_path, tiny_clip, capsys):
+    """The over-fitting check of the L_dis experiment: a val line after every epoch and cvlp_best.pt, while the
+    weights equal a run without it (the val loader's seed draw from torch's generator must not reach epoch 2's
+    augmentation of the PIL images)."""
+    root = noisy_tree(tmp_path / "imagenet")
+    args = ["--data", "imagenet_lt", "--data-root", str(root), "--backbone", "shapes-tiny", "--image-size", "16",
+            "--clip-weights", str(tiny_clip), "--epochs", "2", "--batch", "2", "--sampling", "instance",
+            "--workers", "0", "--device", "cpu", "--text", "prompt"]
+    cvlp.main(args + ["--out", str(tmp_path / "a")])
+    capsys.readouterr()
+    cvlp.main(args + ["--out", str(tmp_path / "b"), "--val-every-epoch"])
+    epoch_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and all("val proto top-1" in line for line in epoch_lines), epoch_lines
+    assert (tmp_path / "b" / "cvlp_best.pt").exists() and not (tmp_path / "a" / "cvlp_best.pt").exists()
+    assert_same_weights(weights(tmp_path / "a" / "cvlp.pt"), weights(tmp_path / "b" / "cvlp.pt"))
+    history = [torch.load(tmp_path / run / "cvlp.pt", weights_only=True)["position"]["history"] for run in "ab"]
+    assert [h["epoch"] for h in history[1]] == [1, 2] and all(0 <= h["val"] <= 1 for h in history[1])
+    assert [h["loss"] for h in history[0]] == [h["loss"] for h in history[1]] and "val" not in history[0][0]
+
+
 def test_resume_of_the_fc_baseline_across_stops_is_exact(shapes_env, tmp_path):
     args = ["--data", "shapes_lt", "--data-root", str(shapes_env["root"]), "--device", "cpu", "--clip-weights",
             str(shapes_env["clip"]), "--init", "clip", "--head", "fc", "--batch", "16", "--epochs", "1"]
