@@ -63,6 +63,10 @@ def get_args(argv=None):
     p.add_argument("--released", default=None, metavar="CHECKPOINT",
                    help="evaluate a released VL-LTR checkpoint.pth of the official code (SPEC.md §8) with its "
                         "inference rule (alpha 0.2, iNat 0.7) and evaluation crop (256 -> 224)")
+    p.add_argument("--curves", nargs="+", default=None, metavar="CHECKPOINT",
+                   help="print the learning curves kept in these cvlp.pt / lgr.pt files (mean losses and, with "
+                        "--val-every-epoch or lgr.py, the val score per epoch) and plot them to <results>/<--curves-name>")
+    p.add_argument("--curves-name", default="learning_curves.png", help="--curves: file name of the plot")
     p.add_argument("--table", default=None, choices=["all"],
                    help="run and evaluate every Table 8 and Table 4 row for each of --seeds (see run_table)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -125,7 +129,45 @@ def percent(value):
 def main(argv=None):
     one_process_only("evaluate.py")
     args = get_args(argv)
-    run_stage(run_table if args.table == "all" else run_released if args.released else run, args)
+    run_stage(run_table if args.table == "all" else run_released if args.released else run_curves if args.curves
+              else run, args)
+
+
+def run_curves(args):
+    """--curves: the per-epoch history fit() keeps in every checkpoint, side by side (over-fitting shows as the
+    loss still falling while the val score stops rising), and, with matplotlib, one plot of it."""
+    runs = {}
+    for path in args.curves:
+        stage = "lgr" if os.path.basename(path).startswith(("lgr", "fc")) else "cvlp"
+        history = load_checkpoint(path, stage, f"python {stage}.py")["position"].get("history")
+        if not history:
+            raise DataError(f"{path} keeps no learning curve (written before the history was recorded); rerun its stage")
+        runs[os.path.relpath(path)] = history
+    print("| run | " + " | ".join(f"epoch {h['epoch']}" for h in max(runs.values(), key=len)) + " |")
+    for name, history in runs.items():                           # one row per quantity the run recorded
+        for k in [k for k in ("loss", "L_ccl", "L_dis", "val") if any(k in h for h in history)]:
+            cells = ["-" if k not in h else f"{100 * h[k]:.1f}" if k == "val" else f"{h[k]:.3f}" for h in history]
+            print(f"| {name} {k} | " + " | ".join(cells) + " |")
+    if importlib.util.find_spec("matplotlib") is None or not any("val" in h for r in runs.values() for h in r):
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, history) in enumerate(runs.items()):
+        epochs = [h["epoch"] for h in history]
+        ax0.plot(epochs, [h["loss"] for h in history], color=f"C{i}", label=name)
+        ax1.plot([h["epoch"] for h in history if "val" in h], [100 * h["val"] for h in history if "val" in h],
+                 color=f"C{i}", label=name)
+    ax0.set(xlabel="epoch", ylabel="training loss (epoch mean)", yscale="log")
+    ax1.set(xlabel="epoch", ylabel="val top-1 (%)")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(args.results, exist_ok=True)
+    path = os.path.join(args.results, args.curves_name)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def evaluate_folder(args, data, zero_shot=True):
