@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import shapes_lt
-from data import DATASETS, corpus_tokens, fill_defaults, load_data, make_loader
+from data import DATASETS, SHAPES_WORLDS, corpus_tokens, fill_defaults, load_data, make_loader
 from engine import (DataError, checkpoint_meta, clip_mean_std, cosine_schedule, create_clip, distribute, encode_images,
                     encode_text_trimmed, encode_texts, fit, gather, init_distributed, load_clip_file, openai_weights,
                     prepare_out, rank_world, run_stage, seed_everything)
@@ -26,7 +26,7 @@ from images import make_transform
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="VL-LTR stage 1: class-wise visual-linguistic pre-training")
-    p.add_argument("--data", default="shapes_lt", help="shapes_lt | shapes_lt_coined | imagenet_lt | places_lt | inat2018")
+    p.add_argument("--data", default="shapes_lt", help=" | ".join(DATASETS))
     p.add_argument("--data-root", default=None, help="dataset folder (default: data.DATASETS[data]['root'])")
     p.add_argument("--backbone", default=None, help="RN50 | ViT-B-16 | shapes-tiny (default: per dataset)")
     p.add_argument("--clip-weights", default=None, help="local CLIP state dict; default: open_clip's 'openai' "
@@ -66,8 +66,8 @@ def get_args(argv=None):
                    "after a minute or so of compiling; the same maths, checkpoints unchanged)")
     args = p.parse_args(argv)
     args = fill_defaults(args)
-    args.epochs = args.epochs or {"shapes_lt": 10, "shapes_lt_coined": 10, "inat2018": 100}.get(args.data, 50)
-    args.lr = args.lr or {"shapes_lt": 5e-4, "shapes_lt_coined": 5e-4, "inat2018": 5e-4}.get(args.data, 5e-5)
+    args.epochs = args.epochs or (10 if args.data in SHAPES_WORLDS else 100 if args.data == "inat2018" else 50)
+    args.lr = args.lr or (5e-4 if args.data in SHAPES_WORLDS or args.data == "inat2018" else 5e-5)
     return args
 
 

@@ -33,6 +33,8 @@ DATASETS = {
     "shapes_lt": dict(root="data/shapes_lt", backbone="shapes-tiny", image_size=32, crop_scale=(0.5, 1.0)),
     # the same world (root, images, descriptions, CLIP stand-in) with made-up class names: shapes_lt.coined_names
     "shapes_lt_coined": dict(root="data/shapes_lt", backbone="shapes-tiny", image_size=32, crop_scale=(0.5, 1.0)),
+    # the same world with a tenth of each class's training images (50 -> 1), for the over-fitting regime of L_dis
+    "shapes_lt_small": dict(root="data/shapes_lt", backbone="shapes-tiny", image_size=32, crop_scale=(0.5, 1.0)),
     "imagenet_lt": dict(root="data/imagenet", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
     "places_lt": dict(root="data/places", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
     "inat2018": dict(root="data/inat", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
@@ -41,7 +43,8 @@ DATASETS = {
 # Shot splits by training images per class (SPEC §4). The paper writes many >= 100 and few <= 20,
 # which overlap with medium (20~100); we use the common LTR convention: many > 100, few < 20.
 MANY_ABOVE, FEW_BELOW = 100, 20
-SHAPES_WORLDS = ("shapes_lt", "shapes_lt_coined")   # generated in memory by shapes_lt.py
+SHAPES_WORLDS = ("shapes_lt", "shapes_lt_coined", "shapes_lt_small")   # generated in memory by shapes_lt.py
+SMALL_DIVISOR = 10                                   # shapes_lt_small keeps max(1, n_c // 10) training images
 
 
 def fill_defaults(args):
@@ -164,6 +167,14 @@ def shapes_lt_data(world, name="shapes_lt", classnames=None):
     classnames = classnames or world["classnames"]
     return LTData(name, classnames, split("train"), split("val"), split("test"),
                   build_corpus(classnames, world["descriptions"], world["informative"]))
+
+
+def first_images(split, divisor):
+    """Each class's first max(1, n_c // divisor) images, in the world's order (shapes_lt_small): whole sittings of
+    five where a class keeps ten or more, and one photo of its only sitting for the tail (n_c < 2 * divisor)."""
+    counts = np.bincount(split.labels)
+    return split.subset(np.concatenate([np.flatnonzero(split.labels == c)[:max(1, n // divisor)]
+                                        for c, n in enumerate(counts)]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,6 +453,8 @@ def load_data(name, root=None, seed=0, text="wiki+prompt", skip_bad_images=False
         world = shapes_lt.load_world(root, seed)                 # generated once per seed, cached under root
         coined = shapes_lt.coined_names(len(world["classnames"]), seed) if name == "shapes_lt_coined" else None
         data = shapes_lt_data(world, name, coined)
+        if name == "shapes_lt_small":
+            data.train = first_images(data.train, SMALL_DIVISOR)
     else:
         data = {"imagenet_lt": load_imagenet_lt, "places_lt": load_places_lt,
                 "inat2018": load_inat2018}[name](root, wiki=text != "prompt", skip_bad_images=skip_bad_images)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from anss import load_encoder, suffix
-from data import DATASETS, fill_defaults, load_data, make_loader, shot_split
+from data import DATASETS, SHAPES_WORLDS, fill_defaults, load_data, make_loader, shot_split
 from engine import (DataError, autocast, checkpoint_meta, clip_mean_std, cosine_schedule, create_clip, distribute, fit,
                     init_distributed, load_checkpoint, prepare_out, progress, rank_world, run_stage, seed_everything)
 from images import make_transform
@@ -60,10 +60,10 @@ def get_args(argv=None):
     args = fill_defaults(p.parse_args(argv))
     # The paper's baseline (plain CLIP + FC, no CVLP stage) is fine-tuned for as many epochs as CVLP and
     # LGR together: 100 vs 50 + 50 (Sec. 4.3). Heads on a CVLP encoder get the LGR epochs (Table 4 #5).
-    epochs = {"shapes_lt": 10, "shapes_lt_coined": 10, "inat2018": 360}.get(args.data, 50)
+    epochs = 10 if args.data in SHAPES_WORLDS else 360 if args.data == "inat2018" else 50
     args.epochs = args.epochs or (2 * epochs if (args.head, args.init) == ("fc", "clip") else epochs)
     args.lr = args.lr or {"inat2018": 2e-5}.get(args.data, 1e-3)
-    args.batch = args.batch or {"shapes_lt": 64, "shapes_lt_coined": 64}.get(args.data, 128)
+    args.batch = args.batch or (64 if args.data in SHAPES_WORLDS else 128)
     return args
 
 

@@ -241,14 +241,28 @@ def test_coined_world_differs_from_shapes_lt_only_in_the_class_names(shapes_env)
         assert where[name] == [(c, k) for k in range(80)]
 
 
-def test_coined_world_shares_the_shapes_lt_defaults():
+@pytest.mark.parametrize("world", ["shapes_lt_coined", "shapes_lt_small"])
+def test_the_other_worlds_share_the_shapes_lt_defaults(world):
     import cvlp
     import lgr
     for stage in (cvlp, lgr):
-        a, b = stage.get_args(["--data", "shapes_lt"]), stage.get_args(["--data", "shapes_lt_coined"])
+        a, b = stage.get_args(["--data", "shapes_lt"]), stage.get_args(["--data", world])
         for key in ("backbone", "image_size", "data_root", "workers", "epochs", "lr", "batch"):
             assert getattr(a, key) == getattr(b, key), key
-    assert b.data_root == "data/shapes_lt" and b.out == os.path.join("runs", "shapes_lt_coined", "shapes-tiny")
+    assert b.data_root == "data/shapes_lt" and b.out == os.path.join("runs", world, "shapes-tiny")
+
+
+def test_small_world_keeps_the_first_tenth_of_each_class_and_the_same_val_and_test(shapes_env):
+    a = data.load_data("shapes_lt", str(shapes_env["root"]), seed=0)
+    b = data.load_data("shapes_lt_small", str(shapes_env["root"]), seed=0)
+    assert a.counts[0] == 500 and a.counts[-1] == 5
+    assert b.counts[0] == 50 and b.counts[-1] == 1                # 500 // 10; 5 // 10 -> at least one image
+    np.testing.assert_array_equal(b.counts, np.maximum(1, a.counts // 10))
+    for c in (0, 50, 99):                                         # each class's first images, in order
+        np.testing.assert_array_equal(b.train.images[b.train.labels == c], a.train.images[a.train.labels == c][:b.counts[c]])
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(getattr(a, split).images, getattr(b, split).images)
+    assert b.classnames == a.classnames and b.corpus == a.corpus
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,7 +438,7 @@ def test_class_list_and_split_disagree_on_class_count(tmp_path):
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(DataError, match=r"unknown --data 'cifar'; choose one of: shapes_lt, shapes_lt_coined, imagenet_lt"):
+    with pytest.raises(DataError, match=r"unknown --data 'cifar'; choose one of: shapes_lt, shapes_lt_coined, shapes_lt_small, imagenet_lt"):
         data.load_data("cifar")
 
 
