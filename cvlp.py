@@ -274,6 +274,8 @@ def run(args):
         acc = class_prototype_accuracy(student, data, text, args)
         return acc, f"val proto top-1 {acc:.1%}"
 
+    if args.val_every_epoch and not args.resume:                 # where the curve starts: the CLIP weights
+        print(f"before training: val proto top-1 {class_prototype_accuracy(student, data, text, args):.1%}")
     student.train()
     if not fit(student, batch_loss, loader, opt, sched, args, path, checkpoint_meta(args, "cvlp", data.num_classes), rngs,
                validate if args.val_every_epoch else None):

@@ -312,8 +312,10 @@ def test_val_every_epoch_reports_each_epoch_and_leaves_the_training_unchanged(tm
     cvlp.main(args + ["--out", str(tmp_path / "a")])
     capsys.readouterr()
     cvlp.main(args + ["--out", str(tmp_path / "b"), "--val-every-epoch"])
-    epoch_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    out = capsys.readouterr().out
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert len(epoch_lines) == 2 and all("val proto top-1" in line for line in epoch_lines), epoch_lines
+    assert "before training: val proto top-1" in out
     assert (tmp_path / "b" / "cvlp_best.pt").exists() and not (tmp_path / "a" / "cvlp_best.pt").exists()
     assert_same_weights(weights(tmp_path / "a" / "cvlp.pt"), weights(tmp_path / "b" / "cvlp.pt"))
     history = [torch.load(tmp_path / run / "cvlp.pt", weights_only=True)["position"]["history"] for run in "ab"]
