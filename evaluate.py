@@ -154,12 +154,13 @@ def run_curves(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+    loss = "L_ccl" if all("L_ccl" in r[0] for r in runs.values()) else "loss"   # CVLP: comparable across lam
     for i, (name, history) in enumerate(runs.items()):
-        epochs = [h["epoch"] for h in history]
-        ax0.plot(epochs, [h["loss"] for h in history], color=f"C{i}", label=name)
+        label = os.path.dirname(name) if name.endswith("cvlp.pt") else name   # the run folder names a CVLP run
+        ax0.plot([h["epoch"] for h in history], [h[loss] for h in history], color=f"C{i}", label=label)
         ax1.plot([h["epoch"] for h in history if "val" in h], [100 * h["val"] for h in history if "val" in h],
-                 color=f"C{i}", label=name)
-    ax0.set(xlabel="epoch", ylabel="training loss (epoch mean)", yscale="log")
+                 color=f"C{i}", label=label)
+    ax0.set(xlabel="epoch", ylabel=f"training {loss} (epoch mean)", yscale="log")
     ax1.set(xlabel="epoch", ylabel="val top-1 (%)")
     ax1.legend(fontsize=7)
     fig.tight_layout()
