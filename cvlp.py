@@ -270,6 +270,7 @@ def run(args):
 
     print(f"cvlp: {args.data} {args.backbone} {len(data.train.labels)} images, {len(text['tokens'])} sentences, "
           f"{args.epochs} epochs x {steps} steps, lam {args.lam}, variant {args.variant}, device {args.device}")
+
     def validate():                                              # --val-every-epoch: the over-fitting check
         acc = class_prototype_accuracy(student, data, text, args)
         return acc, f"val proto top-1 {acc:.1%}"

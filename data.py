@@ -170,8 +170,8 @@ def shapes_lt_data(world, name="shapes_lt", classnames=None):
 
 
 def first_images(split, divisor):
-    """Each class's first max(1, n_c // divisor) images, in the world's order (shapes_lt_small): whole sittings of
-    five where a class keeps ten or more, and one photo of its only sitting for the tail (n_c < 2 * divisor)."""
+    """Each class's first max(1, n_c // divisor) images in the world's order (shapes_lt_small): its first sittings
+    of five (the last one maybe cut short), so a head class keeps 10 scenes of 100 and a tail class one photo."""
     counts = np.bincount(split.labels)
     return split.subset(np.concatenate([np.flatnonzero(split.labels == c)[:max(1, n // divisor)]
                                         for c, n in enumerate(counts)]))
