@@ -271,9 +271,11 @@ def run(args):
     print(f"cvlp: {args.data} {args.backbone} {len(data.train.labels)} images, {len(text['tokens'])} sentences, "
           f"{args.epochs} epochs x {steps} steps, lam {args.lam}, variant {args.variant}, device {args.device}")
 
+    scores = []
+
     def validate():                                              # --val-every-epoch: the over-fitting check
-        acc = class_prototype_accuracy(student, data, text, args)
-        return acc, f"val proto top-1 {acc:.1%}"
+        scores.append(class_prototype_accuracy(student, data, text, args))
+        return scores[-1], f"val proto top-1 {scores[-1]:.1%}"
 
     if args.val_every_epoch and not args.resume:                 # where the curve starts: the CLIP weights
         print(f"before training: val proto top-1 {class_prototype_accuracy(student, data, text, args):.1%}")
@@ -281,7 +283,7 @@ def run(args):
     if not fit(student, batch_loss, loader, opt, sched, args, path, checkpoint_meta(args, "cvlp", data.num_classes), rngs,
                validate if args.val_every_epoch else None):
         return                                                   # stopped early: the checkpoint is written
-    acc = class_prototype_accuracy(student, data, text, args)
+    acc = scores[-1] if scores else class_prototype_accuracy(student, data, text, args)   # the last epoch's, if measured
     print(f"cvlp done: val top-1 with sentence-mean class prototypes {acc:.1%}; wrote {path}")
 
 
