@@ -6,7 +6,7 @@
 1. One CVLP step (student image + text forward and backward, frozen teacher forward, Eq. 2, 3, 8, AdamW):
    plain = open_clip's full-context text forward and the teacher's text forward every step;
    fast = cvlp.py's path: the batch's sentences in 4 length groups, each cut to its own longest sentence
-   (engine.encode_text_trimmed), the teacher's text looked up in a cache made once (engine.encode_texts),
+   (clip_models.encode_text_trimmed), the teacher's text looked up in a cache made once (clip_models.encode_texts),
    + torch.compile of both image encoders with --compile.
    Both in bf16 autocast with fused AdamW on CUDA, fp32 on a CPU. Samples/s, ms/step, peak memory, achieved
    TFLOP/s (torch.utils.flop_counter, counted once per path) and the loss difference on the same batch.
@@ -17,7 +17,7 @@
 4. Inference of the LGR head (C classes, M = 64 anchors) against the FC head: latency at batch 1,
    throughput at batch 256 (paper Sec. 4.4: 1.3 ms vs 1.1 ms per image).
 
-Synthetic data and random weights (engine.create_clip): nothing is downloaded, and speed does not depend
+Synthetic data and random weights (clip_models.create_clip): nothing is downloaded, and speed does not depend
 on the weights. Timings are medians after warm-up iterations, with torch.cuda.synchronize() on CUDA.
 """
 import argparse
@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import clip_models
 import cvlp
 import data
 import engine
@@ -196,7 +197,7 @@ def cvlp_step_bench(args, student0, teacher, x, y, k, corpus):
     the device). Returns {path: {measure: value}}."""
     on_device = lambda model: copy.deepcopy(model).to(args.device)
     frozen = on_device(teacher)
-    cache = engine.encode_texts(frozen, corpus, args.device)     # the fast path's teacher text, made once (S, D)
+    cache = clip_models.encode_texts(frozen, corpus, args.device)     # the fast path's teacher text, made once (S, D)
     T_device = corpus[k].long().to(args.device)
     loss_args = argparse.Namespace(lam=0.5, variant="paper")
     losses = {
@@ -243,7 +244,7 @@ def cvlp_step_bench(args, student0, teacher, x, y, k, corpus):
 def loader_bench(args, kind, split):
     """Images/s of data.make_loader with args.loader = kind, training transform at 224 px, timed from the
     first batch (worker start-up excluded) to the last on the device."""
-    transform = images.make_transform(224, *engine.clip_mean_std(), train=True)
+    transform = images.make_transform(224, *clip_models.clip_mean_std(), train=True)
     load_args = argparse.Namespace(batch=args.batch, workers=args.workers, device=args.device, loader=kind)
     loader = data.make_loader(split, transform, load_args, sampling="instance", generator=torch.Generator().manual_seed(0))
     if (kind == "gpu" and type(getattr(loader, "dataset", None)) is images.ImageDataset
@@ -309,12 +310,12 @@ def main(argv=None):
     print(f"bench: {args.backbone} {args.image_size} px, batch {args.batch}, {name}, torch {torch.__version__}, "
           f"{'bf16 autocast, fused AdamW' if cuda else 'fp32'}")
 
-    student0 = engine.create_clip(args.backbone, args.image_size)                 # on the CPU until used
+    student0 = clip_models.create_clip(args.backbone, args.image_size)                 # on the CPU until used
     teacher = copy.deepcopy(student0).eval().requires_grad_(False)
     with torch.no_grad():                                        # a teacher unlike the student, as after training
         for p in teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    D, context = student0.text_projection.shape[1], engine.context_length(student0)
+    D, context = student0.text_projection.shape[1], clip_models.context_length(student0)
 
     # 1. One CVLP step
     g = torch.Generator().manual_seed(args.seed)
@@ -354,8 +355,8 @@ def main(argv=None):
     S, N = args.anss_sentences, args.anss_images
     sentences = synthetic_sentences(S, context, g)
     t_full = median_seconds(lambda: full_text_embeddings(student0, sentences, args.device), args.device, 1, 0)
-    t_trim = median_seconds(lambda: engine.encode_texts(student0, sentences, args.device), args.device, 1, 0)
-    E_T = engine.encode_texts(student0, sentences, args.device)                         # (S, D)
+    t_trim = median_seconds(lambda: clip_models.encode_texts(student0, sentences, args.device), args.device, 1, 0)
+    E_T = clip_models.encode_texts(student0, sentences, args.device)                         # (S, D)
     E_I = F.normalize(torch.randn(N, D, generator=g), dim=-1).to(args.device)           # (N', D)
     y_I = (torch.arange(N) % args.classes).to(args.device)
     t = torch.randint(0, args.classes, (S,), generator=g).to(args.device)

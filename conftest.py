@@ -2,8 +2,8 @@
 import pytest
 import torch
 
+import clip_models
 import data
-import engine
 
 
 @pytest.fixture(scope="session")
@@ -14,7 +14,7 @@ def shapes_env(tmp_path_factory):
     data.load_data("shapes_lt", str(root), seed=0)             # generates and caches the world once
     clip = root / "clip.pt"
     torch.manual_seed(0)
-    torch.save(engine.create_clip("shapes-tiny", 32).state_dict(), clip)
+    torch.save(clip_models.create_clip("shapes-tiny", 32).state_dict(), clip)
     return {"root": root, "clip": clip}
 
 
@@ -23,5 +23,5 @@ def tiny_clip(tmp_path_factory):
     """A random shapes-tiny CLIP state dict (seed 0) for --clip-weights, without generating the shapes_lt world."""
     path = tmp_path_factory.mktemp("clip") / "shapes_tiny.pt"
     torch.manual_seed(0)
-    torch.save(engine.create_clip("shapes-tiny", 32).state_dict(), path)
+    torch.save(clip_models.create_clip("shapes-tiny", 32).state_dict(), path)
     return path

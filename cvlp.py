@@ -6,7 +6,7 @@
 An image and a sentence of the same class are a positive pair. A batch holds N images and, for
 each image, one sentence drawn uniformly from its class's corpus; the loss pulls every image
 towards all sentences of its class (Eq. 2), and a frozen CLIP teacher's similarities are distilled
-into the student (Eq. 3). The training loop, checkpoints and CLIP models are engine.py's.
+into the student (Eq. 3). The training loop and checkpoints are engine.py's, the CLIP models clip_models.py's.
 """
 import argparse
 import math
@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 import shapes_lt
 from data import DATASETS, SHAPES_WORLDS, corpus_tokens, fill_defaults, load_data, make_loader
-from engine import (DataError, checkpoint_meta, clip_mean_std, cosine_schedule, create_clip, distribute, encode_images,
-                    encode_text_trimmed, encode_texts, fit, gather, init_distributed, load_clip_file, openai_weights,
+from clip_models import (clip_mean_std, create_clip, encode_images, encode_text_trimmed, encode_texts, load_clip_file,
+                         openai_weights)
+from engine import (DataError, checkpoint_meta, cosine_schedule, distribute, fit, gather, init_distributed,
                     prepare_out, rank_world, run_stage, seed_everything)
 from images import make_transform
 

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 import shapes_lt
-from engine import (DataError, ResumableSampler, atomic_write, context_length, fail, rank_world, tokenize_exact,
-                    warn)
+from clip_models import context_length, tokenize_exact
+from engine import DataError, ResumableSampler, atomic_write, fail, rank_world, warn
 from images import DeviceLoader, DeviceTransform, FileBytes, ImageDataset, collate_files, drop_unreadable, load_rgb
 
 # Per-dataset defaults: where the data lives and what the stages use when not told otherwise.

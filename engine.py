@@ -1,30 +1,22 @@
-"""The machinery every VL-LTR stage shares: one-line errors and atomic files, CLIP models, checkpoints, and the
-training loop with exact resume (cvlp.py and lgr.py both train through `fit`).
+"""The training machinery every VL-LTR stage shares: one-line errors and atomic files, checkpoints, and the
+training loop with exact resume (cvlp.py and lgr.py both train through `fit`), and torchrun.
 
 Nothing here is in the paper's equations; the stage scripts (cvlp.py, anss.py, lgr.py, evaluate.py) are.
-Like MAE's engine_*.py: the stages import from this file, it imports from none of them.
+Like MAE's engine_*.py: the stages import from this file, it imports from none of them. CLIP models, their
+weights, tokens and embeddings are clip_models.py's.
 """
-import contextlib
 import itertools
-import logging
 import math
 import os
 import random
 import re
 import signal
-import socket
 import sys
 import time
-import urllib.parse
-import urllib.request
 import warnings
-import zipfile
 
 import numpy as np
-import open_clip
 import torch
-import torch.nn.functional as F
-from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from tqdm import tqdm
 
 CODE_VERSION = "0.1.0"   # recorded in every checkpoint
@@ -82,240 +74,11 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------------------------
-# CLIP models: open_clip encoders (Eq. 1), their weights, tokens and embeddings
-
-# The small CLIP of the shapes_lt world (SPEC §4, trained in shapes_lt.py): a ViT on 32 px images and a
-# 2-layer text transformer.
-TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=4, width=64, layers=2, head_width=32),
-                 text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2))
-
-
-def create_clip(backbone, image_size):
-    """A randomly initialised open_clip CLIP: RN50, ViT-B-16, ... or the shapes-tiny stand-in."""
-    if backbone == "shapes-tiny":
-        cfg = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "image_size": image_size}}
-        return open_clip.CLIP(**cfg)
-    if backbone not in open_clip.list_models():
-        raise DataError(f"unknown --backbone {backbone!r}; use RN50, ViT-B-16 or another open_clip model name")
-    # OpenAI's CLIP weights (the paper's) were trained with QuickGELU; open_clip's plain configs use nn.GELU,
-    # which would load the same weights without complaint and compute something else.
-    with without_log_line("No pretrained weights loaded"):   # the weights come next, from load_clip_file
-        return open_clip.create_model(backbone, pretrained=None, force_image_size=image_size, force_quick_gelu=True)
-
-
-@contextlib.contextmanager
-def without_log_line(prefix):
-    """Drop the root-logger lines starting with `prefix` inside the block (open_clip logs through the root
-    logger; its "Model initialized randomly." reads as a failure when our weights are loaded right after)."""
-    drop = lambda record: not record.getMessage().startswith(prefix)
-    logging.getLogger().addFilter(drop)
-    try:
-        yield
-    finally:
-        logging.getLogger().removeFilter(drop)
-
-
-def context_length(model):
-    return model.positional_embedding.shape[0]
-
-
-def interpolate_pos_embed(state_dict, model):
-    """Resize the visual positional-embedding grid of CLIP weights to the model's input size, e.g.
-    224 -> 384 (paper Table 3, ViT-B/16-384). ViT: 'visual.positional_embedding' (1 + g*g, D); ResNet:
-    'visual.attnpool.positional_embedding' (1 + g*g, D). Bicubic on the g x g grid, class token kept."""
-    own = model.state_dict()
-    for key in ("visual.positional_embedding", "visual.attnpool.positional_embedding"):
-        if key not in state_dict or key not in own or state_dict[key].shape == own[key].shape:
-            continue
-        old, new = state_dict[key], own[key]
-        g_old, g_new = int(math.isqrt(old.shape[0] - 1)), int(math.isqrt(new.shape[0] - 1))
-        grid = old[1:].reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2).float()       # (1, D, g, g)
-        grid = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
-        grid = grid.permute(0, 2, 3, 1).reshape(g_new * g_new, -1).to(old.dtype)
-        state_dict[key] = torch.cat([old[:1], grid])
-    return state_dict
-
-
-def load_clip_file(model, path):
-    """Load local CLIP weights into model: a state dict (plain, {'state_dict': ...}, 'module.'-prefixed, or
-    .safetensors), or one of OpenAI's TorchScript archives (RN50.pt, ViT-B-16.pt, as the `clip` package and the
-    official VL-LTR code keep them in pretrained/)."""
-    if not os.path.exists(path):
-        raise DataError(f"--clip-weights {path} not found")
-    try:
-        if is_torchscript_archive(path):
-            sd = torchscript_state_dict(path, model)
-        else:
-            sd = open_clip.factory.load_state_dict(path)          # weights_only=True inside
-    except Exception as e:
-        raise DataError(f"cannot read CLIP weights {path}: {str(e).splitlines()[0]}; pass a state dict file "
-                        f"or one of OpenAI's CLIP archives (RN50.pt, ViT-B-16.pt)")
-    sd = interpolate_pos_embed(dict(sd), model)
-    missing, unexpected = model.load_state_dict(sd, strict=False)   # fp16 archive tensors are cast to the model's
-    if missing or unexpected:
-        raise DataError(f"CLIP weights {path} do not fit this backbone ({len(missing)} missing, "
-                        f"{len(unexpected)} unexpected keys, e.g. {(missing or unexpected)[0]}); check --backbone")
-    return model
-
-
-def is_torchscript_archive(path):
-    """True for a TorchScript archive (torch.jit.save): a zip holding <name>/code/... and <name>/constants.pkl,
-    which torch.save's zip files never hold. Checked before torch.jit.load sees the file."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.split("/")[1:2] == ["code"] or n.endswith("/constants.pkl") for n in z.namelist())
-
-
-def torchscript_state_dict(path, model):
-    """The tensors of a TorchScript archive, read by the TorchScript loader (no Python pickle runs). OpenAI's
-    archives name CLIP's weights as open_clip does (RN50, ViT-B/16) and add three numbers that are not weights;
-    an archive traced from an open_clip model also holds its non-persistent buffers (attn_mask)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)            # "torch.jit.load is deprecated"
-        sd = torch.jit.load(path, map_location="cpu").state_dict()
-    persistent = model.state_dict()
-    not_weights = {"input_resolution", "context_length", "vocab_size"}
-    not_weights |= {name for name, _ in model.named_buffers() if name not in persistent}
-    return {k: v for k, v in sd.items() if k not in not_weights}
-
-
-def openai_weights(backbone):
-    """The path of OpenAI's CLIP weights for `backbone` (the paper's initialisation): open_clip's cached copy,
-    else a download through open_clip when its server can be reached. Offline, one line at once (open_clip
-    itself retries for about 46 s before failing, SPEC.md §7)."""
-    cfg = open_clip.get_pretrained_cfg(backbone, "openai")
-    if not cfg:
-        raise DataError(f"open_clip has no OpenAI CLIP weights for --backbone {backbone}; pass --clip-weights PATH")
-    path = cached_openai_weights(cfg)
-    if path:
-        return path
-    how = (f"pass --clip-weights PATH to a local file ({backbone}.pt from OpenAI, as the official code keeps it "
-           f"in pretrained/, or a state dict), or run once with internet so open_clip caches them")
-    host = download_host(cfg)
-    if not reachable(host):
-        raise DataError(f"no OpenAI CLIP weights for {backbone} in open_clip's cache and {host} cannot be reached: {how}")
-    try:
-        return open_clip.download_pretrained(cfg)
-    except Exception as e:
-        raise DataError(f"downloading OpenAI CLIP weights for {backbone} failed ({type(e).__name__}): {how}")
-
-
-def cached_openai_weights(cfg):
-    """Where open_clip 3.3 keeps downloaded 'openai' weights, if they are there: the Hugging Face hub cache
-    (cfg['hf_hub'], a safetensors or .bin state dict; used when huggingface_hub is installed), or
-    ~/.cache/clip/<name>.pt (cfg['url'], OpenAI's TorchScript archive). None when neither is there."""
-    if cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():
-        import huggingface_hub
-        repo, filename = os.path.split(cfg["hf_hub"])
-        for name in [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]:
-            path = huggingface_hub.try_to_load_from_cache(repo, name)
-            if isinstance(path, str):
-                return path
-    if cfg.get("url"):
-        path = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def download_host(cfg):
-    """The server open_clip.download_pretrained(cfg) fetches from: the Hugging Face hub when it is installed."""
-    if cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():
-        return urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    return urllib.parse.urlparse(cfg["url"]).hostname
-
-
-def reachable(host, timeout=5):
-    """True when a TCP connection to host:443 opens within `timeout` s (or an HTTPS proxy is set: then the
-    download's own error speaks)."""
-    if urllib.request.getproxies().get("https"):
-        return True
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def clip_mean_std():
-    from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    return OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-
-def encode_text_trimmed(model, tokens, groups=1):
-    """model.encode_text on a batch's tokens cut to its longest sentence (up to the last EOT): the same
-    embeddings, (N, L) tokens -> (N, D), for a fraction of the work (wiki sentences average ~29 tokens of 77).
-    groups > 1: the sentences run shortest first in that many groups, each cut to its own longest, and come
-    back in their order (a sentence's embedding depends on it alone). At batch 256 the longest sentence is
-    nearly always 77 tokens long; in 4 groups the text tower sees ~39 positions per sentence on average.
-    tokens may be on the CPU (then no host sync); they are moved to the model's device."""
-    tower = getattr(model, "text", model)           # CustomTextCLIP keeps its text tower in .text; CLIP flattens it
-    device = tower.positional_embedding.device
-    if (getattr(tower, "text_pool_type", getattr(tower, "pool_type", None)) != "argmax" or tower.attn_mask is None
-            or getattr(tower, "cls_emb", None) is not None or getattr(tower, "use_pad_mask", False)):
-        return model.encode_text(tokens.long().to(device))   # another kind of text tower: the full forward
-    if groups > 1:
-        order = tokens.argmax(dim=-1).argsort()                  # (N,) by EOT position: shortest first
-        out = torch.cat([encode_text_trimmed(model, tokens[rows]) for rows in order.chunk(groups)])
-        return out[order.argsort().to(device)]                   # (N, D) back in the batch's order
-    # Exact: under the causal mask no position sees a later one, and only the EOT (argmax) position is pooled,
-    # so the positions after the longest sentence's EOT never reach the output.
-    L = int(tokens.argmax(dim=-1).max()) + 1
-    T = tokens[:, :L].long().to(device, non_blocking=True)                      # (N, L)
-    cast = tower.transformer.get_cast_dtype()
-    x = tower.token_embedding(T).to(cast) + tower.positional_embedding[:L].to(cast)   # (N, L, W)
-    x = tower.ln_final(tower.transformer(x, attn_mask=tower.attn_mask[:L, :L]))
-    x = x[torch.arange(len(T), device=device), T.argmax(dim=-1)]                 # (N, W) at each EOT
-    proj = tower.text_projection
-    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj           # (N, D)
-
-
-@torch.no_grad()
-def encode_texts(model, tokens, device, batch=1024, desc="text"):
-    """(S, L) tokens -> (S, D) L2-normalised text embeddings, in chunks (eval mode, no grad). Sentences go
-    shortest first, so that each chunk is trimmed to about its own length (encode_text_trimmed)."""
-    model.eval()
-    order = tokens.argmax(dim=-1).argsort()                      # (S,) by EOT position: shortest first
-    out = []
-    for i in progress(range(0, len(tokens), batch), desc=desc, unit="batch"):
-        with autocast(device):
-            out.append(F.normalize(encode_text_trimmed(model, tokens[order[i:i + batch]]).float(), dim=-1))
-    if not out:
-        return torch.zeros(0, model.text_projection.shape[1], device=device)
-    return torch.cat(out)[order.argsort().to(device)]            # back in corpus order
-
-
-@torch.no_grad()
-def encode_images(encode_fn, loader, device, desc="images"):
-    """All images of a loader -> ((N, D) L2-normalised embeddings, (N,) labels)."""
-    feats, labels = [], []
-    for x, y in progress(loader, desc=desc, unit="batch"):
-        with autocast(device):
-            feats.append(F.normalize(encode_fn(x.to(device, non_blocking=True)).float(), dim=-1))
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels).to(device)
-
-
 def autocast(device):
     """bf16 autocast on CUDA, plain fp32 on CPU."""
     if str(device).startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
-
-
-def tokenize_exact(sentences, context_length):
-    """[S] str -> ((S, L) int64 tokens cut like open_clip cuts them (EOT kept last), number of sentences
-    longer than L). Tokenising to L + 1 and cutting gives the same tokens, and a token in slot L + 1 tells
-    exactly which sentences did not fit (an EOT in slot L may also be a sentence that just fits)."""
-    tokenizer = open_clip.get_tokenizer("RN50")
-    tokens = [tokenizer(sentences[i:i + 4096], context_length=context_length + 1) for i in range(0, len(sentences), 4096)]
-    tokens = torch.cat(tokens) if tokens else torch.zeros(0, context_length + 1, dtype=torch.long)
-    cut = tokens[:, -1] != 0                                     # (S,) longer than the context
-    tokens = tokens[:, :context_length].clone()                  # (S, L)
-    tokens[cut, -1] = tokenizer.eot_token_id
-    return tokens, int(cut.sum())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ import lgr
 from anss import load_encoder, suffix
 from cvlp import load_clip
 from data import contact_sheet, fill_defaults, load_data, make_loader, prompt_sentences, shot_split
-from engine import (DataError, atomic_write, check_meta, checkpoint_meta, clip_mean_std, context_length, encode_images,
-                    encode_texts, load_checkpoint, one_process_only, run_stage, tokenize_exact)
+from clip_models import clip_mean_std, context_length, encode_images, encode_texts, tokenize_exact
+from engine import DataError, atomic_write, check_meta, checkpoint_meta, load_checkpoint, one_process_only, run_stage
 from images import make_transform
 from lgr import accuracy_by_shot, build_recognizer, lgr_probabilities, official_alpha, predict, recognizer_from_released
 

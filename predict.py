@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from data import load_data, shot_split
-from engine import DataError, autocast, clip_mean_std, load_checkpoint, run_stage
+from clip_models import clip_mean_std
+from engine import DataError, autocast, load_checkpoint, run_stage
 from images import load_rgb, make_transform
 from lgr import build_recognizer, lgr_probabilities, official_alpha
 

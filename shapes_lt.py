@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine import atomic_write, clip_mean_std, context_length, progress, tokenize_exact, warn
+from clip_models import clip_mean_std, context_length, tokenize_exact
+from engine import atomic_write, progress, warn
 
 SHAPES_VERSION = 3   # bump when the generator changes: cached worlds are keyed by version + seed
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "crescent", "bar", "heart"]

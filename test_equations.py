@@ -18,7 +18,7 @@ from anss import anchor_scores, description_precision, select_anchors
 from cvlp import (class_wise_contrastive_loss, cosine_similarity_matrix, distillation_loss, pretraining_loss,
                   sample_sentences)
 from data import Corpus
-from engine import create_clip, interpolate_pos_embed
+from clip_models import create_clip, interpolate_pos_embed
 from evaluate import knn_predict, mean_std, table_markdown
 from lgr import (LGRHead, Recognizer, accuracy_by_shot, class_text_logits, language_guided_attention, lgr_probabilities,
                  recognition_loss)

@@ -1,4 +1,4 @@
-"""The fast single-GPU path is the same maths: trimmed text (engine.encode_text_trimmed), the cached teacher text
+"""The fast single-GPU path is the same maths: trimmed text (clip_models.encode_text_trimmed), the cached teacher text
 (cvlp.run) and --compile, each against the plain computation it replaces."""
 import argparse
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import clip_models
 import cvlp
-import engine
 
 SOT, EOT = 49406, 49407
 
@@ -25,9 +25,9 @@ def sentences_of_lengths(lengths, context=32, seed=0):
 
 def tiny(kind):
     torch.manual_seed(0)
-    if kind == "CLIP":                                            # what engine.create_clip builds (flat text tower)
-        return engine.create_clip("shapes-tiny", 32)
-    return open_clip.CustomTextCLIP(**engine.TINY_CLIP)          # text tower as a TextTransformer in .text
+    if kind == "CLIP":                                            # what clip_models.create_clip builds (flat text tower)
+        return clip_models.create_clip("shapes-tiny", 32)
+    return open_clip.CustomTextCLIP(**clip_models.TINY_CLIP)          # text tower as a TextTransformer in .text
 
 
 @pytest.mark.parametrize("kind, groups, positions", [
@@ -43,7 +43,7 @@ def test_trimmed_text_equals_the_full_forward_for_sentences_of_different_lengths
     hook = transformer.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[1]))
     w = torch.randn(5, 64)                                       # a loss that weighs every output value
 
-    trimmed = engine.encode_text_trimmed(model, tokens, groups)
+    trimmed = clip_models.encode_text_trimmed(model, tokens, groups)
     (trimmed * w).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -64,7 +64,7 @@ def test_encode_texts_sorts_by_length_but_returns_corpus_order():
     model = tiny("CLIP")
     tokens = sentences_of_lengths([9, 2, 15, 2, 6, 30, 1])       # 7 sentences, chunks of 3, out of length order
     expected = F.normalize(model.encode_text(tokens.long()), dim=-1).detach()   # naive: one full forward
-    got = engine.encode_texts(model, tokens, "cpu", batch=3)
+    got = clip_models.encode_texts(model, tokens, "cpu", batch=3)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -80,7 +80,7 @@ def test_distillation_loss_is_the_same_with_the_cached_teacher_text(variant):
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 2])
     args = argparse.Namespace(lam=0.5, variant=variant)
 
-    cache = engine.encode_texts(teacher, corpus, "cpu", batch=3)              # (S, D), once before training
+    cache = clip_models.encode_texts(teacher, corpus, "cpu", batch=3)              # (S, D), once before training
     loss_cached, parts_cached = cvlp.cvlp_loss(student, teacher, x, y, corpus[k], args, cache[k])
     loss_live, parts_live = cvlp.cvlp_loss(student, teacher, x, y, corpus[k], args)
 
@@ -115,7 +115,7 @@ def test_compiled_tiny_model_trains_a_step_and_its_checkpoint_loads_uncompiled(s
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1     # the compiled forward ran
     saved = torch.load(tmp_path / "cvlp.pt", weights_only=True)["model"]
     assert not [key for key in saved if "_orig_mod" in key]
-    fresh = engine.create_clip("shapes-tiny", 32)
+    fresh = clip_models.create_clip("shapes-tiny", 32)
     fresh.load_state_dict(saved)                                 # strict: every key of the uncompiled model
     start = torch.load(shapes_env["clip"], weights_only=True)
     assert not torch.equal(saved["visual.conv1.weight"], start["visual.conv1.weight"])   # one step trained it

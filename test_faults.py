@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+import clip_models
 import anss
 import cvlp
 import evaluate
@@ -140,7 +141,7 @@ def test_truncated_count_is_exact_and_tokens_are_open_clips():
     # but nothing cut); "a b c d e f g" has 9 and is cut to [SOT] a b c d e f [EOT].
     import open_clip
     sentences = ["a b c d e f", "a b c d e f g", "a b"]
-    tokens, truncated = engine.tokenize_exact(sentences, 8)
+    tokens, truncated = clip_models.tokenize_exact(sentences, 8)
     assert truncated == 1
     assert torch.equal(tokens, open_clip.get_tokenizer("RN50")(sentences, context_length=8))
     assert tokens[0, -1] == tokens[1, -1] == EOT and tokens[2, 3] == EOT and tokens[2, -1] == 0

@@ -21,13 +21,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+import clip_models
 import cvlp
 import data
 import engine
 import images
 from test_data import make_imagenet_tree, write
 
-MEAN, STD = engine.clip_mean_std()
+MEAN, STD = clip_models.clip_mean_std()
 LEVEL = 1 / 255 / torch.tensor(STD).view(3, 1, 1)               # one uint8 level in normalised units, per channel
 
 

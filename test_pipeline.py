@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
+import clip_models
 import anss
 import cvlp
-import engine
 import evaluate
 import lgr
 import shapes_lt
@@ -88,8 +88,8 @@ def test_checkpoint_of_another_stage_is_refused(run, tmp_path, capsys):
 
 def test_clip_standin_trains_and_saves_loadable_weights(tmp_path):
     path = tmp_path / "standin.pt"
-    shapes_lt.train_clip_standin(engine.create_clip("shapes-tiny", 32), str(path), 0, "cpu", n_pairs=64, steps=2, batch=16)
-    model = engine.load_clip_file(engine.create_clip("shapes-tiny", 32), str(path))
+    shapes_lt.train_clip_standin(clip_models.create_clip("shapes-tiny", 32), str(path), 0, "cpu", n_pairs=64, steps=2, batch=16)
+    model = clip_models.load_clip_file(clip_models.create_clip("shapes-tiny", 32), str(path))
     assert model.logit_scale.shape == ()
 
 
@@ -112,10 +112,10 @@ def test_M_larger_than_every_corpus_keeps_all_sentences_padded_and_masked(run, t
 
 def test_rn50_uses_quickgelu_and_takes_224_weights_at_384(tmp_path):
     # OpenAI CLIP was trained with QuickGELU: a plain-GELU model would load its weights and compute wrong features.
-    small = engine.create_clip("RN50", 224)
+    small = clip_models.create_clip("RN50", 224)
     assert type(small.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
     torch.save(small.state_dict(), tmp_path / "rn50.pt")
-    big = engine.load_clip_file(engine.create_clip("RN50", 384), str(tmp_path / "rn50.pt"))
+    big = clip_models.load_clip_file(clip_models.create_clip("RN50", 384), str(tmp_path / "rn50.pt"))
     old, new = small.visual.attnpool.positional_embedding, big.visual.attnpool.positional_embedding
     assert old.shape == (1 + 7 * 7, 2048) and new.shape == (1 + 12 * 12, 2048)   # 224/32 -> 384/32 grid
     assert torch.equal(old[0], new[0])                                            # class token kept

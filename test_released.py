@@ -18,9 +18,9 @@ import open_clip
 import pytest
 import torch
 
+import clip_models
 import cvlp
 import data
-import engine
 import evaluate
 import lgr
 from engine import DataError
@@ -49,10 +49,10 @@ def save_openai_style_archive(model, path):
 
 def test_openai_torchscript_archive_loads_through_clip_weights(tmp_path):
     torch.manual_seed(0)
-    original = engine.create_clip("shapes-tiny", 32)
+    original = clip_models.create_clip("shapes-tiny", 32)
     expected = {k: v.clone() for k, v in original.state_dict().items()}
     save_openai_style_archive(original, tmp_path / "RN50.pt")
-    assert engine.is_torchscript_archive(tmp_path / "RN50.pt")
+    assert clip_models.is_torchscript_archive(tmp_path / "RN50.pt")
 
     args = argparse.Namespace(backbone="shapes-tiny", image_size=32, clip_weights=str(tmp_path / "RN50.pt"),
                               data="shapes_lt", data_root=str(tmp_path), seed=0)
@@ -65,11 +65,11 @@ def test_openai_torchscript_archive_loads_through_clip_weights(tmp_path):
 
 def test_state_dict_file_never_reaches_the_torchscript_loader(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    sd = engine.create_clip("shapes-tiny", 32).state_dict()
+    sd = clip_models.create_clip("shapes-tiny", 32).state_dict()
     torch.save(sd, tmp_path / "clip.pt")
-    assert not engine.is_torchscript_archive(tmp_path / "clip.pt")
+    assert not clip_models.is_torchscript_archive(tmp_path / "clip.pt")
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load called on a state dict"))
-    loaded = engine.load_clip_file(engine.create_clip("shapes-tiny", 32), str(tmp_path / "clip.pt")).state_dict()
+    loaded = clip_models.load_clip_file(clip_models.create_clip("shapes-tiny", 32), str(tmp_path / "clip.pt")).state_dict()
     assert all(torch.equal(loaded[k], sd[k]) for k in sd)
 
 
@@ -77,7 +77,7 @@ def test_unreadable_clip_file_is_one_line_naming_both_formats(tmp_path):
     (tmp_path / "RN50.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(DataError, match=r"cannot read CLIP weights .*RN50.pt: .*; pass a state dict file or one of "
                                         r"OpenAI's CLIP archives \(RN50.pt, ViT-B-16.pt\)$"):
-        engine.load_clip_file(engine.create_clip("shapes-tiny", 32), str(tmp_path / "RN50.pt"))
+        clip_models.load_clip_file(clip_models.create_clip("shapes-tiny", 32), str(tmp_path / "RN50.pt"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def released_model_dict(seed=0):
     g = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=g)
     torch.manual_seed(seed)
-    visual = engine.create_clip("shapes-tiny", 32).visual
+    visual = clip_models.create_clip("shapes-tiny", 32).visual
     E_T = randn(C, M, D)
     E_T[1, 2:] = 0
     E_T[2, 1:] = 0
@@ -155,7 +155,7 @@ def test_released_checkpoint_gives_the_official_logits_and_prediction(tmp_path):
     assert model.mask.tolist() == [[True] * 4, [True, True, False, False], [True, False, False, False]]
 
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    reference_clip = engine.create_clip("shapes-tiny", 32).eval()   # E^I from the file's visual weights
+    reference_clip = clip_models.create_clip("shapes-tiny", 32).eval()   # E^I from the file's visual weights
     reference_clip.visual.load_state_dict({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
     with torch.no_grad():
         logits_I, logits_T, _ = model(x)
@@ -247,36 +247,36 @@ def empty_caches(tmp_path, monkeypatch):
 
 
 def test_no_cached_weights_and_no_network_is_one_line_at_once(empty_caches, monkeypatch):
-    monkeypatch.setattr(engine, "reachable", lambda host, timeout=5: False)
+    monkeypatch.setattr(clip_models, "reachable", lambda host, timeout=5: False)
     with pytest.raises(DataError, match=r"^no OpenAI CLIP weights for RN50 in open_clip's cache and huggingface.co "
                                         r"cannot be reached: pass --clip-weights PATH .*pretrained/"):
-        engine.openai_weights("RN50")
+        clip_models.openai_weights("RN50")
 
 
 def test_cached_weights_are_used_without_the_network(empty_caches, monkeypatch):
-    monkeypatch.setattr(engine, "reachable", lambda host, timeout=5: pytest.fail("network checked"))
+    monkeypatch.setattr(clip_models, "reachable", lambda host, timeout=5: pytest.fail("network checked"))
     archive = empty_caches / ".cache" / "clip" / "RN50.pt"     # where open_clip puts OpenAI's URL download
     archive.parent.mkdir(parents=True)
     archive.write_bytes(b"x")
-    assert engine.openai_weights("RN50") == str(archive)
+    assert clip_models.openai_weights("RN50") == str(archive)
     # The Hugging Face hub cache (open_clip's first choice) wins when both are there.
     repo = empty_caches / "hf" / "models--timm--resnet50_clip.openai"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("abc123")
     (repo / "snapshots" / "abc123").mkdir(parents=True)
     (repo / "snapshots" / "abc123" / "open_clip_model.safetensors").write_bytes(b"x")
-    assert engine.openai_weights("RN50") == str(repo / "snapshots" / "abc123" / "open_clip_model.safetensors")
+    assert clip_models.openai_weights("RN50") == str(repo / "snapshots" / "abc123" / "open_clip_model.safetensors")
 
 
 def test_online_without_cache_downloads_through_open_clip(empty_caches, monkeypatch):
-    monkeypatch.setattr(engine, "reachable", lambda host, timeout=5: host == "huggingface.co")
+    monkeypatch.setattr(clip_models, "reachable", lambda host, timeout=5: host == "huggingface.co")
     monkeypatch.setattr(open_clip, "download_pretrained", lambda cfg: f"/downloaded/{cfg['hf_hub']}")
-    assert engine.openai_weights("RN50") == "/downloaded/timm/resnet50_clip.openai/"
+    assert clip_models.openai_weights("RN50") == "/downloaded/timm/resnet50_clip.openai/"
 
 
 def test_open_clip_random_init_line_is_silenced_only_inside_create_clip(caplog):
     with caplog.at_level(logging.WARNING):
-        engine.create_clip("RN50", 224)
+        clip_models.create_clip("RN50", 224)
         assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
         logging.warning("No pretrained weights loaded for model 'X'. Model initialized randomly.")   # outside: kept
     assert [r.getMessage() for r in caplog.records] == ["No pretrained weights loaded for model 'X'. Model initialized randomly."]
