@@ -14,9 +14,9 @@ import os
 import numpy as np
 import torch
 
+from clip_models import clip_mean_std, create_clip, encode_images, encode_texts
 from cvlp import load_clip
 from data import corpus_tokens, fill_defaults, load_data, make_loader
-from clip_models import clip_mean_std, create_clip, encode_images, encode_texts
 from engine import (atomic_write, check_meta, checkpoint_meta, load_checkpoint, one_process_only, prepare_out,
                     run_stage, save_checkpoint, seed_everything)
 from images import make_transform

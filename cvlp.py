@@ -17,9 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import shapes_lt
-from data import DATASETS, SHAPES_WORLDS, corpus_tokens, fill_defaults, load_data, make_loader
 from clip_models import (clip_mean_std, create_clip, encode_images, encode_text_trimmed, encode_texts, load_clip_file,
                          openai_weights)
+from data import DATASETS, SHAPES_WORLDS, corpus_tokens, fill_defaults, load_data, make_loader
 from engine import (DataError, checkpoint_meta, cosine_schedule, distribute, fit, gather, init_distributed,
                     prepare_out, rank_world, run_stage, seed_everything)
 from images import make_transform

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from anss import load_encoder, suffix
-from data import DATASETS, SHAPES_WORLDS, fill_defaults, load_data, make_loader, shot_split
 from clip_models import clip_mean_std, create_clip
+from data import DATASETS, SHAPES_WORLDS, fill_defaults, load_data, make_loader, shot_split
 from engine import (DataError, autocast, checkpoint_meta, cosine_schedule, distribute, fit, init_distributed,
                     load_checkpoint, prepare_out, progress, rank_world, run_stage, seed_everything)
 from images import make_transform

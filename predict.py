@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import load_data, shot_split
 from clip_models import clip_mean_std
+from data import load_data, shot_split
 from engine import DataError, autocast, load_checkpoint, run_stage
 from images import load_rgb, make_transform
 from lgr import build_recognizer, lgr_probabilities, official_alpha

@@ -19,7 +19,8 @@ from cvlp import (class_wise_contrastive_loss, cosine_similarity_matrix, distill
                   sample_sentences)
 from data import Corpus
 from clip_models import create_clip, interpolate_pos_embed
-from evaluate import knn_predict, mean_std, table_markdown
+from evaluate import knn_predict
+from experiments import mean_std, table_markdown
 from lgr import (LGRHead, Recognizer, accuracy_by_shot, class_text_logits, language_guided_attention, lgr_probabilities,
                  recognition_loss)
 from shapes_lt import clip_loss

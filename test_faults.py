@@ -22,12 +22,13 @@ import pytest
 import torch
 from PIL import Image
 
-import clip_models
 import anss
+import clip_models
 import cvlp
-import evaluate
 import data
 import engine
+import evaluate
+import experiments
 import lgr
 from test_data import append_line, make_imagenet_tree, write
 
@@ -322,17 +323,25 @@ def test_val_every_epoch_reports_each_epoch_and_leaves_the_training_unchanged(tm
     history = [torch.load(tmp_path / run / "cvlp.pt", weights_only=True)["position"]["history"] for run in "ab"]
     assert [h["epoch"] for h in history[1]] == [1, 2] and all(0 <= h["val"] <= 1 for h in history[1])
     assert [h["loss"] for h in history[0]] == [h["loss"] for h in history[1]] and "val" not in history[0][0]
-    # evaluate.py --curves prints them side by side: a loss row per run, a val row (in %) for the run that validated
-    evaluate.main(["--curves", str(tmp_path / "a" / "cvlp.pt"), str(tmp_path / "b" / "cvlp.pt"),
-                   "--results", str(tmp_path / "results")])
+    # experiments.py curves prints them side by side: a loss row per run, a val row (in %) for the run that validated
+    experiments.main(["curves", str(tmp_path / "a" / "cvlp.pt"), str(tmp_path / "b" / "cvlp.pt"),
+                      "--results", str(tmp_path / "results")])
     rows = {line.split(" | ")[0][2:]: line.strip(" |").split(" | ")[1:] for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ")}
     b = os.path.relpath(tmp_path / "b" / "cvlp.pt")
     assert rows[b + " val"] == [f"{100 * h['val']:.1f}" for h in history[1]]
     assert rows[b + " loss"] == [f"{h['loss']:.3f}" for h in history[1]] and len(rows) == 1 + 3 + 4   # header, a: loss L_ccl L_dis, b: + val
     with pytest.raises(SystemExit) as e:                          # a file without a curve: one line, exit 2
-        evaluate.main(["--curves", str(tmp_path / "missing" / "cvlp.pt")])
+        experiments.main(["curves", str(tmp_path / "missing" / "cvlp.pt")])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize("flag", ["--table", "--curves"])
+def test_the_old_experiment_flags_of_evaluate_say_where_they_went(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([flag, "all"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "moved to experiments.py: run `python experiments.py" in err
 
 
 def test_resume_of_the_fc_baseline_across_stops_is_exact(shapes_env, tmp_path):

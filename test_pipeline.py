@@ -8,10 +8,11 @@ import sys
 import pytest
 import torch
 
-import clip_models
 import anss
+import clip_models
 import cvlp
 import evaluate
+import experiments
 import lgr
 import shapes_lt
 
@@ -148,10 +149,10 @@ def test_ablation_flags_train_and_write_a_cvlp_checkpoint(run, tmp_path, flags):
 
 
 def test_table_runner_runs_every_row_and_writes_the_results(shapes_env, tmp_path):
-    """python evaluate.py --table all, shortened: one seed, two steps per training stage."""
+    """python experiments.py table, shortened: one seed, two steps per training stage."""
     root, clip = shapes_env["root"], shapes_env["clip"]
-    evaluate.main(["--data", "shapes_lt", "--data-root", str(root), "--device", "cpu", "--clip-weights", str(clip),
-                   "--table", "all", "--seeds", "0", "--table-out", str(tmp_path / "runs"),
+    experiments.main(["table", "--data", "shapes_lt", "--data-root", str(root), "--device", "cpu", "--clip-weights", str(clip),
+                   "--seeds", "0", "--table-out", str(tmp_path / "runs"),
                    "--results", str(tmp_path / "results"), "--stage-args", "--epochs 1 --stop-after-steps 2 --batch 32"])
     report = json.loads((tmp_path / "results" / "shapes_lt.json").read_text())
     assert list(report["table8"])[:3] == ["Zero-shot CLIP", "Baseline (CLIP + FC)", "VL-LTR"]
@@ -169,8 +170,8 @@ def test_table_runner_runs_every_row_and_writes_the_results(shapes_env, tmp_path
 
 def test_table_runner_skips_finished_stages_and_resumes_stopped_ones(tmp_path):
     args = lgr.get_args(["--out", str(tmp_path), "--epochs", "3"])
-    assert evaluate.stage_output(lgr, args) == (str(tmp_path / "lgr.pt"), False)            # nothing yet
+    assert experiments.stage_output(lgr, args) == (str(tmp_path / "lgr.pt"), False)            # nothing yet
     torch.save({"epoch": 2}, tmp_path / "lgr.pt")
-    assert evaluate.stage_output(lgr, args)[1] is False                                       # stopped: resume
+    assert experiments.stage_output(lgr, args)[1] is False                                       # stopped: resume
     torch.save({"epoch": 3}, tmp_path / "lgr.pt")
-    assert evaluate.stage_output(lgr, args)[1] is True                                        # finished: skip
+    assert experiments.stage_output(lgr, args)[1] is True                                        # finished: skip
