@@ -317,7 +317,7 @@ def make_imagenet_tree(root):
 
 def test_imagenet_lt_reads_splits_names_and_wiki(tmp_path, capsys):
     root = make_imagenet_tree(tmp_path)
-    d = data.load_imagenet_lt(str(root))
+    d = data.load_data("imagenet_lt", str(root))
     assert d.classnames == ["tench, Tinca tinca", "goldfish", "great white shark"]
     assert list(d.train.labels) == [0, 0, 1, 1, 2, 2] and d.train.labels.dtype == np.int64
     assert list(d.val.labels) == [0, 1, 2] and list(d.test.labels) == [0, 1, 2]
@@ -347,7 +347,7 @@ def test_odd_image_files_load_as_rgb_tensors(tmp_path):
     assert Image.open(root / "train/n01440764/b.JPEG").mode == "CMYK"
     assert Image.open(root / "train/n01443537/a.JPEG").mode == "L"
     assert Image.open(root / "train/n01443537/b.JPEG").format == "PNG"
-    d = data.load_imagenet_lt(str(root), wiki=False)
+    d = data.load_data("imagenet_lt", str(root), text="prompt")
     ds = images.ImageDataset(d.train, images.make_transform(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), train=False))
     for i in range(6):
         x, y = ds[i]
@@ -359,11 +359,11 @@ def test_no_wiki_folder_warns_once_and_uses_templates_only(tmp_path, capsys):
     for f in os.listdir(root / "wiki"):
         os.remove(root / "wiki" / f)
     os.rmdir(root / "wiki")
-    d = data.load_imagenet_lt(str(root))
+    d = data.load_data("imagenet_lt", str(root))
     assert [len(s) for s in d.corpus.sentences] == [80, 80, 80]
     assert capsys.readouterr().err == (f"warning: no wiki/ folder under {root}: using the 80 prompt "
                                        "templates only (the paper's 'prompt only' setting)\n")
-    data.load_imagenet_lt(str(root), wiki=False)             # templates only on purpose: no warning
+    data.load_data("imagenet_lt", str(root), text="prompt")             # templates only on purpose: no warning
     assert capsys.readouterr().err == ""
 
 
@@ -371,7 +371,7 @@ def test_class_without_training_images_is_one_warning(tmp_path, capsys):
     root = make_imagenet_tree(tmp_path)
     with open(root / "labels.txt", "a") as f:
         f.write("n01491361 3 tiger shark\n")
-    d = data.load_imagenet_lt(str(root), wiki=False)
+    d = data.load_data("imagenet_lt", str(root), text="prompt")
     assert d.num_classes == 4 and list(d.counts) == [2, 2, 2, 0]
     assert capsys.readouterr().err == "warning: 1 of 4 classes have no training images in imagenet_lt\n"
 
@@ -379,7 +379,7 @@ def test_class_without_training_images_is_one_warning(tmp_path, capsys):
 def test_missing_labels_txt_falls_back_to_open_clip_names(tmp_path):
     root = make_imagenet_tree(tmp_path)
     os.remove(root / "labels.txt")
-    d = data.load_imagenet_lt(str(root), wiki=False)
+    d = data.load_data("imagenet_lt", str(root), text="prompt")
     assert d.num_classes == 1000 and d.classnames[:3] == ["tench", "goldfish", "great white shark"]
     assert d.classnames[657] == d.classnames[744] == "missile"   # SPEC §7: repeated name, two classes
 
@@ -395,38 +395,38 @@ def append_line(path, line):
 
 def test_missing_data_root_names_layout_and_flag(tmp_path):
     with pytest.raises(DataError, match=r"data root .*nope not found; expected ImageNet_LT_\{train,val,test\}\.txt.*--data-root"):
-        data.load_imagenet_lt(str(tmp_path / "nope"))
+        data.load_data("imagenet_lt", str(tmp_path / "nope"))
 
 
 def test_missing_split_file(tmp_path):
     root = make_imagenet_tree(tmp_path)
     os.remove(root / "ImageNet_LT_test.txt")
     with pytest.raises(DataError, match=r"split file .*ImageNet_LT_test\.txt not found"):
-        data.load_imagenet_lt(str(root))
+        data.load_data("imagenet_lt", str(root))
 
 
 def test_line_pointing_at_missing_image_names_file_and_line(tmp_path):
     root = make_imagenet_tree(tmp_path)
     append_line(root / "ImageNet_LT_train.txt", "train/n01440764/gone.JPEG 0")   # line 7
     with pytest.raises(DataError, match=r"ImageNet_LT_train\.txt:7: image .*gone\.JPEG not found"):
-        data.load_imagenet_lt(str(root))
+        data.load_data("imagenet_lt", str(root))
 
 
 def test_malformed_split_line(tmp_path):
     root = make_imagenet_tree(tmp_path)
     append_line(root / "ImageNet_LT_val.txt", "val/v0.JPEG")                     # line 4, no label
     with pytest.raises(DataError, match=r"ImageNet_LT_val\.txt:4: malformed line 'val/v0\.JPEG'"):
-        data.load_imagenet_lt(str(root))
+        data.load_data("imagenet_lt", str(root))
 
 
 def test_label_out_of_range_names_line_and_valid_range(tmp_path):
     root = make_imagenet_tree(tmp_path)
     append_line(root / "ImageNet_LT_val.txt", "val/v0.JPEG 3")                   # 3 classes: 0..2
     with pytest.raises(DataError, match=r"ImageNet_LT_val\.txt:4: label 3 out of range \(valid: 0\.\.2\)"):
-        data.load_imagenet_lt(str(root))
+        data.load_data("imagenet_lt", str(root))
     write(root / "ImageNet_LT_val.txt", "val/v0.JPEG -1\n")
     with pytest.raises(DataError, match=r"ImageNet_LT_val\.txt:1: label -1 out of range"):
-        data.load_imagenet_lt(str(root))
+        data.load_data("imagenet_lt", str(root))
 
 
 def test_class_list_and_split_disagree_on_class_count(tmp_path):
@@ -434,7 +434,7 @@ def test_class_list_and_split_disagree_on_class_count(tmp_path):
     write(root / "labels.txt", "n01440764 0 tench\nn01443537 1 goldfish\n")
     with pytest.raises(DataError, match=r"labels\.txt names 2 classes but the train split uses 3 "
                                         r"\(label 2 at .*ImageNet_LT_train\.txt:5\)"):
-        data.load_imagenet_lt(str(root))
+        data.load_data("imagenet_lt", str(root))
 
 
 def test_unknown_dataset_name():
@@ -464,14 +464,14 @@ def test_places_lt_reads_readable_names(tmp_path, capsys):
                                             "data_256/a/airfield/1.jpg 2\n")
     write(tmp_path / "Places_LT_val.txt", "val_256/v.jpg 1\n")
     write(tmp_path / "Places_LT_test.txt", "val_256/v.jpg 2\n")
-    d = data.load_places_lt(str(tmp_path))
+    d = data.load_data("places_lt", str(tmp_path))
     assert d.classnames == ["abbey", "apartment building outdoor", "airfield"]
     assert list(d.train.labels) == [0, 1, 2] and list(d.val.labels) == [1] and list(d.test.labels) == [2]
     assert d.corpus.sentences[1][0] == "a bad photo of a apartment building outdoor."
     assert capsys.readouterr().err.startswith("warning: no wiki/ folder")
     os.remove(tmp_path / "labels.txt")
     with pytest.raises(DataError, match=r"labels\.txt not found; Places-LT needs the class list"):
-        data.load_places_lt(str(tmp_path))
+        data.load_data("places_lt", str(tmp_path))
 
 
 def test_inat2018_reads_coco_json_and_uses_val_as_test(tmp_path):
@@ -486,7 +486,7 @@ def test_inat2018_reads_coco_json_and_uses_val_as_test(tmp_path):
     val = {"images": [{"id": 20, "file_name": files[2]}], "annotations": [{"id": 3, "image_id": 20, "category_id": 1}]}
     for name, obj in (("categories.json", categories), ("train2018.json", train), ("val2018.json", val)):
         write(tmp_path / name, json.dumps(obj))
-    d = data.load_inat2018(str(tmp_path), wiki=False)
+    d = data.load_data("inat2018", str(tmp_path), text="prompt")
     assert d.classnames == ["Aix sponsa", "Anas platyrhynchos"]     # class index = order of category id
     assert list(d.train.labels) == [1, 0]
     assert d.train.images == [os.path.join(str(tmp_path), files[1]), os.path.join(str(tmp_path), files[0])]
