@@ -16,7 +16,7 @@ import torch
 
 from clip_models import clip_mean_std, create_clip, encode_images, encode_texts
 from cvlp import load_clip
-from data import corpus_tokens, fill_defaults, load_data, make_loader
+from data import add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
 from engine import (atomic_write, check_meta, checkpoint_meta, load_checkpoint, one_process_only, prepare_out,
                     run_stage, save_checkpoint, seed_everything)
 from images import make_transform
@@ -24,10 +24,7 @@ from images import make_transform
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="VL-LTR stage 2a: anchor sentence selection")
-    p.add_argument("--data", default="shapes_lt")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--backbone", default=None, help="default: per dataset (must match cvlp.pt)")
-    p.add_argument("--clip-weights", default=None, help="only with --init clip (see cvlp.py)")
+    add_common_args(p)
     p.add_argument("--init", default="cvlp", choices=["cvlp", "clip"],
                    help="encoders: CVLP's (cvlp.pt) or plain CLIP weights (Table 4 #2, no CVLP)")
     p.add_argument("--select", default="anss", choices=["anss", "cutoff"], help="Table 4 #7: cut off = first M")
@@ -36,12 +33,6 @@ def get_args(argv=None):
     p.add_argument("--text", default="wiki+prompt", choices=["wiki+prompt", "prompt"])
     p.add_argument("--chunk", type=int, default=4096, help="sentences scored at once")
     p.add_argument("--batch", type=int, default=256, help="images embedded at once")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted, one warning) instead of stopping")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     return fill_defaults(args)
 

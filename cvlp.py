@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import shapes_lt
 from clip_models import (clip_mean_std, create_clip, encode_images, encode_text_trimmed, encode_texts, load_clip_file,
                          openai_weights)
-from data import DATASETS, SHAPES_WORLDS, corpus_tokens, fill_defaults, load_data, make_loader
+from data import DATASETS, SHAPES_WORLDS, add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
 from engine import (DataError, checkpoint_meta, cosine_schedule, distribute, fit, gather, init_distributed,
                     prepare_out, rank_world, run_stage, seed_everything)
 from images import make_transform
@@ -27,11 +27,7 @@ from images import make_transform
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="VL-LTR stage 1: class-wise visual-linguistic pre-training")
-    p.add_argument("--data", default="shapes_lt", help=" | ".join(DATASETS))
-    p.add_argument("--data-root", default=None, help="dataset folder (default: data.DATASETS[data]['root'])")
-    p.add_argument("--backbone", default=None, help="RN50 | ViT-B-16 | shapes-tiny (default: per dataset)")
-    p.add_argument("--clip-weights", default=None, help="local CLIP state dict; default: open_clip's 'openai' "
-                   "weights (needs internet once); on shapes_lt the small CLIP stand-in, trained on first use")
+    add_common_args(p)
     p.add_argument("--init", default="clip", choices=["clip", "scratch"],
                    help="student initialisation: CLIP weights (paper) or random (Table 4 #3)")
     p.add_argument("--variant", default="paper", choices=["paper", "official"],
@@ -47,15 +43,9 @@ def get_args(argv=None):
     p.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay (Sec. 4.3)")
     p.add_argument("--warmup", type=float, default=1.0, help="linear warm-up epochs before the cosine decay")
     p.add_argument("--sampling", default="sqrt", choices=["sqrt", "instance"], help="Sec. 4.3: square-root")
-    p.add_argument("--image-size", type=int, default=None, help="input size; 224 (384 for the iNat ViT row)")
-    p.add_argument("--workers", type=int, default=None, help="data loader processes")
     p.add_argument("--loader", default="pil", choices=["pil", "gpu"],
                    help="gpu: workers only read the files; decoding and augmentation run batched on --device")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted, one warning) instead of stopping")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
     p.add_argument("--resume", action="store_true", help="continue this stage from <out>/cvlp.pt")
-    p.add_argument("--seed", type=int, default=0, help="seeds training and the shapes_lt world")
     p.add_argument("--accum", type=int, default=1, help="optimiser step every N batches (effective batch N x --batch; "
                    "cvlp's contrastive softmax still spans one --batch)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")

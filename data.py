@@ -46,6 +46,27 @@ SHAPES_WORLDS = ("shapes_lt", "shapes_lt_coined", "shapes_lt_small")   # generat
 SMALL_DIVISOR = 10                                   # shapes_lt_small keeps max(1, n_c // 10) training images
 
 
+def add_common_args(p):
+    """The options every stage shares (cvlp.py, anss.py, lgr.py, evaluate.py): the dataset, the CLIP backbone and
+    its weights, the run folder, the device and the seed. fill_defaults() fills in the per-dataset defaults."""
+    p.add_argument("--data", default="shapes_lt", help=" | ".join(DATASETS))
+    p.add_argument("--data-root", default=None, help="dataset folder (default: DATASETS[data]['root'])")
+    p.add_argument("--backbone", default=None, help="RN50 | ViT-B-16 | shapes-tiny | another open_clip model "
+                   "(default: per dataset; the later stages must use cvlp.py's)")
+    p.add_argument("--clip-weights", default=None, help="local CLIP weights: a state dict, or OpenAI's archive "
+                   "(RN50.pt, ViT-B-16.pt); default: open_clip's 'openai' weights (needs internet once), on shapes_lt "
+                   "the world's small CLIP stand-in, trained on first use")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: per dataset; 384 for the iNat "
+                   "ViT-B/16-384 row)")
+    p.add_argument("--workers", type=int, default=None, help="data loader processes (default: up to 8; 0 on shapes_lt)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable images (counted, one warning) instead of stopping")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
+    p.add_argument("--seed", type=int, default=0, help="seeds training and the shapes_lt world")
+    return p
+
+
 def fill_defaults(args):
     """Per-dataset defaults shared by all stages (DATASETS); the run folder runs/<data>/<backbone>."""
     if args.data not in DATASETS:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from anss import load_encoder, suffix
 from clip_models import clip_mean_std, context_length, encode_images, encode_texts, tokenize_exact
 from cvlp import load_clip
-from data import fill_defaults, load_data, make_loader, prompt_sentences
+from data import add_common_args, fill_defaults, load_data, make_loader, prompt_sentences
 from engine import DataError, atomic_write, check_meta, checkpoint_meta, fail, load_checkpoint, one_process_only, run_stage
 from images import make_transform
 from lgr import accuracy_by_shot, build_recognizer, official_alpha, predict, recognizer_from_released
@@ -45,19 +45,10 @@ MOVED = {"--table": "python experiments.py table [--data D --seeds 0 1 2 ...]",
 def get_parser(add_help=True):
     """The evaluation options (experiments.py's `table` reuses them)."""
     p = argparse.ArgumentParser(description="VL-LTR evaluation: top-1 overall / many / medium / few", add_help=add_help)
-    p.add_argument("--data", default="shapes_lt")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--backbone", default=None)
-    p.add_argument("--clip-weights", default=None, help="CLIP weights for the zero-shot row (see cvlp.py)")
+    add_common_args(p)
     p.add_argument("--split", default="test", choices=["val", "test"], help="Sec. 4.1: report test, tune on val")
     p.add_argument("--knn-k", type=int, default=10, help="KNN head: nearest anchor sentences that vote")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted, one warning) instead of stopping")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--released", default=None, metavar="CHECKPOINT",
                    help="evaluate a released VL-LTR checkpoint.pth of the official code (SPEC.md §8) with its "
                         "inference rule (alpha 0.2, iNat 0.7) and evaluation crop (256 -> 224)")

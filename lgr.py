@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from anss import load_encoder, suffix
 from clip_models import clip_mean_std, create_clip
-from data import DATASETS, SHAPES_WORLDS, fill_defaults, load_data, make_loader, shot_split
+from data import DATASETS, SHAPES_WORLDS, add_common_args, fill_defaults, load_data, make_loader, shot_split
 from engine import (DataError, autocast, checkpoint_meta, cosine_schedule, distribute, fit, init_distributed,
                     load_checkpoint, prepare_out, progress, rank_world, run_stage, seed_everything)
 from images import make_transform
@@ -27,10 +27,7 @@ from images import make_transform
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="VL-LTR stage 2b: language-guided recognition fine-tuning")
-    p.add_argument("--data", default="shapes_lt")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--backbone", default=None, help="default: per dataset (must match cvlp.pt)")
-    p.add_argument("--clip-weights", default=None, help="only with --init clip (see cvlp.py)")
+    add_common_args(p)
     p.add_argument("--init", default="cvlp", choices=["cvlp", "clip"],
                    help="visual encoder: CVLP's (cvlp.pt) or plain CLIP weights (Table 4 #2; the baseline)")
     p.add_argument("--head", default="lgr", choices=["lgr", "fc"], help="LGR (Eq. 4-7) or the vision-only FC baseline")
@@ -44,15 +41,9 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=float, default=1.0, help="linear warm-up epochs before the cosine decay")
     p.add_argument("--tau", type=float, default=0.07, help="Eq. (7) temperature, learnable from this value")
     p.add_argument("--sampling", default="sqrt", choices=["sqrt", "instance"], help="Sec. 4.3: square-root")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None)
     p.add_argument("--loader", default="pil", choices=["pil", "gpu"],
                    help="gpu: workers only read the files; decoding and augmentation run batched on --device")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted, one warning) instead of stopping")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
     p.add_argument("--resume", action="store_true", help="continue this stage from <out>/<head>.pt")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--accum", type=int, default=1, help="optimiser step every N batches (effective batch N x --batch)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--stop-after-steps", type=int, default=0, help="debug: stop (and save) after this many steps")
