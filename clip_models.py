@@ -9,6 +9,7 @@
 The stages build and load their CLIPs through this file; engine.py holds the training machinery.
 """
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -220,13 +221,15 @@ def encode_texts(model, tokens, device, batch=1024, desc="text"):
     shortest first, so that each chunk is trimmed to about its own length (encode_text_trimmed)."""
     model.eval()
     order = tokens.argmax(dim=-1).argsort()                      # (S,) by EOT position: shortest first
-    out = []
+    out = None                                                   # (S, D), filled in place: one copy, not three
     for i in progress(range(0, len(tokens), batch), desc=desc, unit="batch"):
+        rows = order[i:i + batch]
         with autocast(device):
-            out.append(F.normalize(encode_text_trimmed(model, tokens[order[i:i + batch]]).float(), dim=-1))
-    if not out:
-        return torch.zeros(0, model.text_projection.shape[1], device=device)
-    return torch.cat(out)[order.argsort().to(device)]            # back in corpus order
+            E = F.normalize(encode_text_trimmed(model, tokens[rows]).float(), dim=-1)       # (b, D)
+        if out is None:
+            out = torch.empty(len(tokens), E.shape[1], device=device)
+        out[rows.to(device)] = E                                 # back in corpus order
+    return out if out is not None else torch.zeros(0, model.text_projection.shape[1], device=device)
 
 
 @torch.no_grad()
@@ -240,12 +243,21 @@ def encode_images(encode_fn, loader, device, desc="images"):
     return torch.cat(feats), torch.cat(labels).to(device)
 
 
+@functools.lru_cache(maxsize=None)
+def bpe_tokenizer():
+    """open_clip's BPE tokenizer (CLIP's, the same for every OpenAI model), built once per process: building
+    it reads the vocabulary, ~0.1 s, which a loop over 8,142 classes would pay 8,142 times."""
+    return open_clip.get_tokenizer("RN50")
+
+
 def tokenize_exact(sentences, context_length):
     """[S] str -> ((S, L) int64 tokens cut like open_clip cuts them (EOT kept last), number of sentences
     longer than L). Tokenising to L + 1 and cutting gives the same tokens, and a token in slot L + 1 tells
     exactly which sentences did not fit (an EOT in slot L may also be a sentence that just fits)."""
-    tokenizer = open_clip.get_tokenizer("RN50")
-    tokens = [tokenizer(sentences[i:i + 4096], context_length=context_length + 1) for i in range(0, len(sentences), 4096)]
+    tokenizer = bpe_tokenizer()
+    chunks = range(0, len(sentences), 4096)
+    tokens = [tokenizer(sentences[i:i + 4096], context_length=context_length + 1)
+              for i in (progress(chunks, desc="tokenising", unit="chunk") if len(chunks) > 8 else chunks)]
     tokens = torch.cat(tokens) if tokens else torch.zeros(0, context_length + 1, dtype=torch.long)
     cut = tokens[:, -1] != 0                                     # (S,) longer than the context
     tokens = tokens[:, :context_length].clone()                  # (S, L)

@@ -1,9 +1,24 @@
 """Shared pytest fixtures: one generated shapes_lt world and one tiny random CLIP per test session."""
+import os
+
 import pytest
 import torch
 
 import clip_models
 import data
+
+
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory):
+    """The tokenised-corpus cache of this test session (data.cache_dir), not the user's ~/.cache/vl-ltr; the stages
+    run as subprocesses inherit it."""
+    before = os.environ.get("VL_LTR_CACHE")
+    os.environ["VL_LTR_CACHE"] = str(tmp_path_factory.mktemp("token_cache"))
+    yield
+    if before is None:
+        os.environ.pop("VL_LTR_CACHE")
+    else:
+        os.environ["VL_LTR_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

@@ -314,11 +314,17 @@ def tokenize_corpus(corpus, context_length=77, cache_dir=None):
     return out
 
 
+def cache_dir():
+    """Where tokenised corpora are kept between runs: $VL_LTR_CACHE, else ~/.cache/vl-ltr. One file per corpus
+    and context length (named by their hash), shared by every run folder: a corpus is tokenised once (iNat's
+    919K sentences take about a minute)."""
+    return os.environ.get("VL_LTR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vl-ltr")
+
+
 def corpus_tokens(data, model, args):
-    """The class corpora tokenised at the model's context length (cached beside the shapes_lt world, or in
-    the run folder); every class needs at least one sentence."""
-    text = tokenize_corpus(data.corpus, context_length(model),
-                           cache_dir=args.data_root if args.data in SHAPES_WORLDS else args.out)
+    """The class corpora tokenised at the model's context length (cached, cache_dir()); every class needs at
+    least one sentence."""
+    text = tokenize_corpus(data.corpus, context_length(model), cache_dir=cache_dir())
     require_sentences(data, text)
     return text
 
@@ -339,17 +345,21 @@ def require_sentences(data, text):
 def corpus_stats(corpus, context_length=77):
     """The paper's Table 7: M_min, M_max, M_mean, M_med sentences per class, L_avg tokens per sentence."""
     m = np.array([len(s) for s in corpus.sentences])
-    tok = tokenize_corpus(corpus, context_length)["tokens"]
+    tok = tokenize_corpus(corpus, context_length, cache_dir=cache_dir())["tokens"]
     lengths = (tok.argmax(dim=1) + 1).float()                    # tokens incl. [SOS] and [EOS]
     return dict(M_min=int(m.min()), M_max=int(m.max()), M_mean=float(m.mean()), M_med=float(np.median(m)),
                 L_avg=float(lengths.mean()) if len(lengths) else 0.0)
 
 
-def contact_sheet(data, path, per_row=20, cell=48):
-    """One training image per class, head (top left) to tail (bottom right), with its count."""
+def contact_sheet(data, path, per_row=20, cell=48, max_classes=400):
+    """One training image per class, head (top left) to tail (bottom right), with its count. More than
+    max_classes classes (iNat's 8,142 would make a 960 x 24,480 px sheet): that many, evenly spaced from head
+    to tail."""
     from PIL import ImageDraw
     counts = data.counts
     order = np.argsort(-counts, kind="stable")
+    if len(order) > max_classes:
+        order = order[np.linspace(0, len(order) - 1, max_classes).round().astype(int)]
     rows = math.ceil(len(order) / per_row)
     sheet = Image.new("RGB", (per_row * cell, rows * (cell + 12)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
@@ -406,7 +416,8 @@ def main(argv=None):
         data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
         print(summary(data))
         path = contact_sheet(data, args.sheet or os.path.join("runs", args.data, "contact_sheet.png"))
-        print(f"contact sheet {path}")
+        shown = "" if data.num_classes <= 400 else f" (400 of {data.num_classes} classes, evenly spaced head to tail)"
+        print(f"contact sheet {path}{shown}")
     except DataError as e:
         fail(e)
 

@@ -21,6 +21,7 @@ The results tables over several seeds (every row trained, then evaluated here) a
 experiments.py's.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -33,7 +34,8 @@ from anss import load_encoder, suffix
 from clip_models import clip_mean_std, context_length, encode_images, encode_texts, tokenize_exact
 from cvlp import load_clip
 from data import add_common_args, fill_defaults, load_data, make_loader, prompt_sentences
-from engine import DataError, atomic_write, check_meta, checkpoint_meta, fail, load_checkpoint, one_process_only, run_stage
+from engine import (DataError, atomic_write, check_meta, checkpoint_meta, fail, load_checkpoint, one_process_only,
+                    progress, run_stage, warn)
 from images import make_transform
 from lgr import accuracy_by_shot, build_recognizer, official_alpha, predict, recognizer_from_released
 
@@ -64,24 +66,42 @@ def get_args(argv=None):
 
 
 @torch.no_grad()
-def zero_shot_classifier(model, classnames, device):
-    """CLIP's zero-shot classifier: per class the normalised mean of its 80 prompt embeddings (C, D)."""
-    weights = [F.normalize(encode_texts(model, tokenize_exact(prompt_sentences(n), context_length(model))[0],
-                                        device).mean(0), dim=-1) for n in classnames]
-    return torch.stack(weights)
+def zero_shot_classifier(model, classnames, device, classes_at_once=256):
+    """CLIP's zero-shot classifier: per class the normalised mean of its 80 prompt embeddings (C, D).
+    The classes' prompts are tokenised and embedded a group of classes at a time (256 x 80 sentences), so
+    memory does not grow with C."""
+    weights = []
+    for i in progress(range(0, len(classnames), classes_at_once), desc="zero-shot classes", unit="group"):
+        names = classnames[i:i + classes_at_once]
+        prompts = [s for name in names for s in prompt_sentences(name)]                     # (c * 80) sentences
+        E = encode_texts(model, tokenize_exact(prompts, context_length(model))[0], device)  # (c * 80, D)
+        weights.append(F.normalize(E.view(len(names), -1, E.shape[1]).mean(1), dim=-1))     # (c, D)
+    return torch.cat(weights)
 
 
-def knn_predict(E_I, anchors, mask, k):
+def knn_predict(E_I, anchors, mask, k, chunk=4096):
     """KNN head (Table 4 #6): each image's k most similar anchor sentences (over all classes) vote for
     their class; ties go to the class with the larger summed similarity.
-    E_I (N, D) normalised; anchors (C, M, D) normalised, mask (C, M) -> (N,) predicted classes."""
+    E_I (N, D) normalised; anchors (C, M, D) normalised, mask (C, M) -> (N,) predicted classes.
+    The (N, C M) similarities are never held at once: blocks of `chunk` images x `chunk` real anchors, each
+    image's running top k merged block by block (at iNat's 24K x 521K anchors, 51 GB as one matrix)."""
     C, M, D = anchors.shape
-    sim = E_I @ anchors.reshape(C * M, D).T                       # (N, C*M) cosine
-    sim = sim.masked_fill(~mask.reshape(1, C * M), float("-inf"))
-    top, idx = sim.topk(min(k, int(mask.sum())), dim=1)           # (N, k)
-    votes = torch.zeros(len(E_I), C, device=E_I.device)
-    votes.scatter_add_(1, idx // M, torch.ones_like(top) + 1e-3 * top)   # one vote each, similarity breaks ties
-    return votes.argmax(1)
+    real = mask.reshape(C * M).nonzero().squeeze(1)              # (R,) padded anchors never vote
+    flat, owner = anchors.reshape(C * M, D)[real], real // M     # (R, D) real anchors, (R,) their class
+    k = min(k, len(real))
+    pred = torch.empty(len(E_I), dtype=torch.long, device=E_I.device)
+    for i in progress(range(0, len(E_I), chunk), desc="KNN", unit="block"):
+        top = E_I.new_full((len(E_I[i:i + chunk]), k), float("-inf"))                    # (n, k) running best
+        idx = torch.zeros(top.shape, dtype=torch.long, device=E_I.device)
+        for j in range(0, len(flat), chunk):
+            sim = E_I[i:i + chunk] @ flat[j:j + chunk].T                                  # (n, r) cosine
+            best, at = sim.topk(min(k, sim.shape[1]), dim=1)                              # this block's best
+            top, pick = torch.cat([top, best], 1).topk(k, dim=1)                          # merged with the running k
+            idx = torch.cat([idx, j + at], 1).gather(1, pick)
+        votes = torch.zeros(len(top), C, device=E_I.device)
+        votes.scatter_add_(1, owner[idx], torch.ones_like(top) + 1e-3 * top)   # one vote each, similarity breaks ties
+        pred[i:i + chunk] = votes.argmax(1)
+    return pred
 
 
 def confusions(pred, y, classnames, n=10):
@@ -116,29 +136,27 @@ def main(argv=None):
     run_stage(run_released if args.released else run, args)
 
 
-def evaluate_folder(args, data, zero_shot=True):
-    """Every head whose file is in args.out, on args.split: {method: accuracy_by_shot}, {method: (pred, y)}, paths."""
+def evaluate_folder(args, data, zero_shot=True, on_result=None):
+    """Every head whose file is in args.out, on args.split -> ({method: accuracy_by_shot}, {method: (pred, y)},
+    [checkpoint paths], {head: why it failed}). A head that fails (out of memory, a bad file) is reported in
+    one line and skipped, and the others still run; on_result(results, preds, found) is called after every head
+    (run() rewrites eval.json then, so a long evaluation keeps what it has computed)."""
     counts, split = data.counts, getattr(data, args.split)
     loader = make_loader(split, make_transform(args.image_size, *clip_mean_std(), train=False), args)
-    results, preds, found = {}, {}, []
+    results, preds, found, failed = {}, {}, [], {}
 
     def record(name, pred, y):
         preds[name] = (pred.cpu(), y.cpu())
         results[name] = accuracy_by_shot(pred.cpu(), y.cpu(), counts)
 
-    if zero_shot:                                                # zero-shot: CLIP with the 80 templates
+    def zero_shot_head():                                        # CLIP with the 80 templates
         args.init = "clip"
         clip = load_clip(args, args.device)
         E_I, y = encode_images(clip.encode_image, loader, args.device, desc="zero-shot")
         record("Zero-Shot CLIP", (E_I @ zero_shot_classifier(clip, data.classnames, args.device).T).argmax(1), y)
-        del clip
 
-    for head, init, name in (("fc", "clip", "Baseline (CLIP + FC)"), ("fc", "cvlp", "FC head (CVLP)"),
-                             ("lgr", "clip", "LGR without CVLP"), ("lgr", "cvlp", "VL-LTR (LGR)")):
+    def recognizer_head(head, init, name, path):                 # lgr.py's heads: FC or LGR, on CLIP or CVLP
         args.head, args.init = head, init
-        path = os.path.join(args.out, f"{head}{suffix(args)}.pt")
-        if not os.path.exists(path):
-            continue
         ckpt = load_checkpoint(path, "lgr", f"python lgr.py --head {head} --init {init}")
         check_meta(ckpt, {**checkpoint_meta(args, "lgr", data.num_classes), "head": head}, path)
         args.variant, args.tau = ckpt["args"]["variant"], ckpt["args"]["tau"]
@@ -150,30 +168,62 @@ def evaluate_folder(args, data, zero_shot=True):
             record(f"{name}: P^T only", p["P_T"], y)
         found.append(path)
 
-    if os.path.exists(os.path.join(args.out, "cvlp.pt")) and os.path.exists(os.path.join(args.out, "anchor_embeds.pt")):
+    def knn_head():                                              # CVLP embeddings against every anchor
         args.init = "cvlp"
         encoder, _ = load_encoder(args, args.device)
         a = load_checkpoint(os.path.join(args.out, "anchor_embeds.pt"), "anss", "python anss.py")
         E_I, y = encode_images(encoder.encode_image, loader, args.device, desc="KNN")
         record(f"KNN head (k={args.knn_k})", knn_predict(E_I, F.normalize(a["embeds"].to(args.device), dim=-1),
                                                        a["mask"].to(args.device), args.knn_k), y)
-    return results, preds, found
+
+    heads = [("Zero-Shot CLIP", zero_shot_head)] if zero_shot else []
+    for head, init, name in (("fc", "clip", "Baseline (CLIP + FC)"), ("fc", "cvlp", "FC head (CVLP)"),
+                             ("lgr", "clip", "LGR without CVLP"), ("lgr", "cvlp", "VL-LTR (LGR)")):
+        args.init = init
+        path = os.path.join(args.out, f"{head}{suffix(args)}.pt")
+        if os.path.exists(path):
+            heads.append((name, functools.partial(recognizer_head, head, init, name, path)))
+    if all(os.path.exists(os.path.join(args.out, f)) for f in ("cvlp.pt", "anchor_embeds.pt")):
+        heads.append((f"KNN head (k={args.knn_k})", knn_head))
+    for name, compute in heads:
+        try:
+            compute()
+        except (DataError, MemoryError, RuntimeError) as e:      # RuntimeError: torch's out of memory, CPU or GPU
+            if isinstance(e, RuntimeError) and not out_of_memory(e):
+                raise
+            failed[name] = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+            if not isinstance(e, DataError):
+                failed[name] = f"out of memory ({failed[name]}); lower --batch, or evaluate on a larger machine"
+            warn(f"{name} failed: {failed[name]}; the other heads go on")
+        if on_result is not None:
+            on_result(results, preds, found)
+    return results, preds, found, failed
+
+
+def out_of_memory(e):
+    """True for torch's out-of-memory errors: CUDA's OutOfMemoryError, the CPU allocator's RuntimeError."""
+    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "alloc" in str(e).lower()
 
 
 def run(args):
     data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
     args.num_classes = data.num_classes
-    results, preds, found = evaluate_folder(args, data)
-    if "VL-LTR (LGR)" not in results:
-        print(f"note: no {args.out}/lgr.pt yet: run `python cvlp.py && python anss.py && python lgr.py` for VL-LTR")
-
-    print(format_table(results, f"{args.data} {args.backbone}, {args.split} split, top-1 (%)"))
-    report = {"data": args.data, "backbone": args.backbone, "split": args.split, "checkpoints": found,
-              "results": {k: {**v, "confusions": confusions(*preds[k], data.classnames)} for k, v in results.items()},
-              "classes": data.classnames, "train_counts": data.counts.tolist()}
     path = os.path.join(args.out, "eval.json")
-    atomic_write(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
+
+    def save(results, preds, found):                             # after every head: a later failure loses nothing
+        report = {"data": args.data, "backbone": args.backbone, "split": args.split, "checkpoints": found,
+                  "results": {k: {**v, "confusions": confusions(*preds[k], data.classnames)} for k, v in results.items()},
+                  "classes": data.classnames, "train_counts": data.counts.tolist()}
+        atomic_write(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
+
+    results, preds, found, failed = evaluate_folder(args, data, on_result=save)
+    if "VL-LTR (LGR)" not in results and "VL-LTR (LGR)" not in failed:
+        print(f"note: no {args.out}/lgr.pt yet: run `python cvlp.py && python anss.py && python lgr.py` for VL-LTR")
+    print(format_table(results, f"{args.data} {args.backbone}, {args.split} split, top-1 (%)"))
     print(f"wrote {path}")
+    if failed:
+        name, why = next(iter(failed.items()))
+        raise DataError(f"{len(failed)} head(s) failed, first {name}: {why}; {path} holds the other heads")
 
 
 # ----------------------------------------------------------------------------------------------

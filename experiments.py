@@ -193,7 +193,10 @@ def run_table(args):
         per_seed[seed] = {"results": {}, "precision": {}}
         for folder in ("full", "no_dis", "scratch", "cutoff", "prompt", "equal_epochs"):
             args.out = os.path.join(seed_root, folder)
-            results, _, _ = evaluate_folder(args, data, zero_shot=folder == "full")
+            results, _, _, failed = evaluate_folder(args, data, zero_shot=folder == "full")
+            if failed:
+                name, why = next(iter(failed.items()))
+                raise DataError(f"{args.out}: {name} failed: {why}; fix it and rerun (finished stages are skipped)")
             per_seed[seed]["results"][folder] = results
             if os.path.exists(os.path.join(args.out, "anchors.json")):
                 with open(os.path.join(args.out, "anchors.json")) as f:

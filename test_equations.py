@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from anss import anchor_scores, description_precision, select_anchors
 from cvlp import (class_wise_contrastive_loss, cosine_similarity_matrix, distillation_loss, pretraining_loss,
@@ -244,7 +245,7 @@ def test_anchor_score_is_l_lin_of_the_sentence_over_its_own_class_images():
     assert scores.tolist() == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("chunk", [1, 2, 3])                       # 4 images, 3 sentences: ragged last blocks too
 def test_chunked_anchor_scores_equal_unchunked(chunk):
     args = torch.tensor(ANSS_E_I), torch.tensor(ANSS_Y), torch.tensor(ANSS_E_T), torch.tensor(ANSS_T), 0.5, 2
     whole = anchor_scores(*args, chunk=4096)
@@ -546,6 +547,20 @@ def test_knn_padded_anchors_never_vote_even_when_k_exceeds_the_real_anchors():
     mask = torch.tensor([[True, False, False], [True, True, True]])
     # k = 10 > 4 real anchors: all 4 vote, class 1 has 3 of them.
     assert knn_predict(E_I, anchors, mask, k=10).tolist() == [1]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_knn_in_blocks_votes_as_the_whole_similarity_matrix_does(chunk):
+    """Blocks of images x anchors with a running top k give the votes of the plain (N, C M) matrix."""
+    g = torch.Generator().manual_seed(0)
+    E_I = F.normalize(torch.randn(10, 4, generator=g), dim=-1)
+    anchors = F.normalize(torch.randn(5, 4, 4, generator=g), dim=-1)          # C = 5 classes, M = 4
+    mask = torch.rand(5, 4, generator=g) < 0.7
+    mask[:, 0] = True                                                          # every class has a real anchor
+    sim = (E_I @ anchors.reshape(20, 4).T).masked_fill(~mask.reshape(1, 20), float("-inf"))   # (10, 20) at once
+    top, idx = sim.topk(3, dim=1)
+    votes = torch.zeros(10, 5).scatter_add_(1, idx // 4, 1 + 1e-3 * top)
+    assert knn_predict(E_I, anchors, mask, k=3, chunk=chunk).tolist() == votes.argmax(1).tolist()
 
 
 def test_sample_sentences_draws_inside_each_images_class_range():

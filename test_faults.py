@@ -471,3 +471,22 @@ def test_a_class_without_sentences_is_refused_before_training(shapes_env, tmp_pa
         cvlp.main(cvlp_args(shapes_env, tmp_path))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "1 classes have no sentences" in err and not (tmp_path / "cvlp.pt").exists()
+
+
+def test_progress_in_a_log_file_writes_a_line_every_so_often(monkeypatch, capsys):
+    """Not a terminal (nohup, slurm, CI): no bar, but a line per LOG_EVERY seconds with the count, the share done
+    and the time left, and a closing line; every item still passes through."""
+    clock = iter([0.0, 10.0, 40.0, 50.0, 80.0, 90.0])              # start, then one reading after each item
+    monkeypatch.setattr(engine.time, "monotonic", lambda: next(clock))
+    bar = engine.progress(range(4), total=4, desc="cvlp 1/50", unit="batch")
+    assert isinstance(bar, engine.LogLines)                        # pytest's stderr is not a terminal
+    items = []
+    for x in bar:
+        items.append(x)
+        bar.set_postfix(loss=f"{x:.1f}")
+    assert items == [0, 1, 2, 3]
+    lines = capsys.readouterr().err.splitlines()
+    # items end at 10, 40, 50, 80 s: a line at 40 s (30 s after the start) and at 80 s (40 s after that)
+    assert lines == ["cvlp 1/50: 2/4 batch (50%), 0.05 batch/s, 40 s, ~40 s left  loss=1.0",
+                     "cvlp 1/50: 4/4 batch (100%), 0.05 batch/s, 80 s, ~0 s left  loss=3.0",
+                     "cvlp 1/50: done, 4/4 batch (100%), 0.04 batch/s, 90 s  loss=3.0"]

@@ -2,6 +2,7 @@
 of SPEC.md §1, loadable with weights_only=True; missing inputs give one-line errors naming the fix."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -70,6 +71,29 @@ def test_eval_json_reports_every_head_by_shot_split(run):
         assert head in r, head
         assert all(0 <= r[head][k] <= 100 for k in ("overall", "many", "medium", "few"))
         assert len(r[head]["per_class"]) == 100
+
+
+def test_a_failing_head_leaves_the_other_heads_in_eval_json(run, tmp_path, monkeypatch, capsys):
+    """evaluate.py on a folder whose baseline checkpoint is truncated, with the KNN head out of memory: both are
+    reported, every other head is evaluated and kept in eval.json, and the run ends with one error line."""
+    out = tmp_path / "run"
+    shutil.copytree(run["out"], out)
+    os.remove(out / "eval.json")
+    (out / "fc_clip.pt").write_bytes(b"truncated")
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 54568132608 bytes.")
+    monkeypatch.setattr(evaluate, "knn_predict", out_of_memory)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(run["common"][:5] + [str(out)] + run["common"][6:] + ["--clip-weights", str(run["clip"])])
+    r = json.loads((out / "eval.json").read_text())["results"]
+    assert {"Zero-Shot CLIP", "VL-LTR (LGR)", "VL-LTR (LGR): P^T only"} <= set(r)
+    assert "Baseline (CLIP + FC)" not in r and "KNN head (k=10)" not in r
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" failed: ")[0] for line in err if line.startswith("warning: ")] == [
+        "warning: Baseline (CLIP + FC)", "warning: KNN head (k=10)"]
+    assert "out of memory" in err[-2] and e.value.code == 2
+    assert err[-1].startswith("error: 2 head(s) failed, first Baseline (CLIP + FC): ") and "is not a readable checkpoint" in err[-1]
 
 
 def test_missing_previous_stage_names_the_command_that_makes_it(run, tmp_path, capsys):
