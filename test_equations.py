@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from anss import anchor_scores, description_precision, select_anchors
 from cvlp import (class_wise_contrastive_loss, cosine_similarity_matrix, distillation_loss, pretraining_loss,
                   sample_sentences)
-from data import Corpus
-from clip_models import create_clip, interpolate_pos_embed
-from evaluate import knn_predict
+from data import Corpus, prompt_sentences
+from clip_models import create_clip, interpolate_pos_embed, tokenize_exact
+from evaluate import knn_predict, zero_shot_classifier
 from experiments import mean_std, table_markdown
 from lgr import (LGRHead, Recognizer, accuracy_by_shot, class_text_logits, language_guided_attention, lgr_probabilities,
                  recognition_loss)
@@ -524,6 +524,19 @@ def test_interpolate_pos_embed_keeps_the_grid_orientation():
 
 def unit(deg):
     return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
+
+
+@torch.no_grad()
+def test_zero_shot_classifier_in_groups_of_classes_is_the_mean_of_each_classs_80_prompts():
+    """Zero-shot CLIP: class c's weight is the normalised mean of its 80 normalised prompt embeddings, whatever
+    the grouping of classes (here 2 at a time, the last group of 1); reference: open_clip's full text forward."""
+    torch.manual_seed(0)
+    model = create_clip("shapes-tiny", 32).eval()
+    names = ["red ring", "blue star", "green heart"]
+    W = zero_shot_classifier(model, names, "cpu", classes_at_once=2)                      # (3, D)
+    for c, name in enumerate(names):
+        E = F.normalize(model.encode_text(tokenize_exact(prompt_sentences(name), 32)[0]), dim=-1)   # (80, D)
+        assert torch.allclose(W[c], F.normalize(E.mean(0), dim=-1), atol=1e-5), name
 
 
 def test_knn_predicts_the_majority_class_of_the_k_nearest_real_anchors():
