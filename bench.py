@@ -16,6 +16,11 @@
    against N' images.
 4. Inference of the LGR head (C classes, M = 64 anchors) against the FC head: latency at batch 1,
    throughput at batch 256 (paper Sec. 4.4: 1.3 ms vs 1.1 ms per image).
+5. One training step of the LGR head alone (forward, Eq. 9, backward), batch 128: plain = Eq. (4)-(7) as
+   written (lgr.lgr_head_plain: K = W_k LN(E^T) and G (B, C, D) in every step), cheap = LGRHead.forward (the
+   same values and gradients from the anchor side made once). ms/step, peak memory, GFLOP. The dataset shapes:
+       prlimit --as=$((16 << 30)) python bench.py --backbone shapes-tiny --device cpu --loaders \
+           --head-shapes imagenet_lt inat2018 inat2018_vit      # the plain form at iNat needs ~33 GiB: --head-batch 16
 
 Synthetic data and random weights (clip_models.create_clip): nothing is downloaded, and speed does not depend
 on the weights. Timings are medians after warm-up iterations, with torch.cuda.synchronize() on CUDA.
@@ -43,6 +48,9 @@ import images
 import lgr
 from anss import anchor_scores
 
+# (C, D) of the LGR heads timed in section 5; M = 64 anchors. D: RN50 1024, ViT-B/16 512.
+HEAD_SHAPES = {"imagenet_lt": (1000, 1024), "inat2018": (8142, 1024), "inat2018_vit": (8142, 512)}
+
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="VL-LTR benchmarks: CVLP step plain vs fast, loader, AnSS, LGR head")
@@ -60,6 +68,11 @@ def get_args(argv=None):
     p.add_argument("--anss-images", type=int, default=None,
                    help="images in I' (default 50000 = 50 per class x 1000 on CUDA; 2048 CPU)")
     p.add_argument("--classes", type=int, default=1000, help="C for AnSS and the heads (ImageNet-LT: 1000)")
+    p.add_argument("--head-shapes", nargs="*", default=["run"], choices=["run", *HEAD_SHAPES],
+                   help="LGR head training step, plain Eq. 4-7 vs LGRHead.forward, at these (C, D): run = --classes and "
+                   "the backbone's D; imagenet_lt 1000, 1024; inat2018 8142, 1024 (RN50); inat2018_vit 8142, 512 "
+                   "(ViT-B/16); none: skip the section")
+    p.add_argument("--head-batch", type=int, default=128, help="batch of the LGR head step (Sec. 4.3: 128)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's; 1 on a shared machine "
                    "keeps many-small-op paths from stalling on preempted threads)")
@@ -287,7 +300,8 @@ def head_bench(args, visual, D):
     out = {}
     for head in ("fc", "lgr"):
         model = lgr.Recognizer(visual, D, args.classes, head, anchors=anchors, mask=mask).to(args.device).eval()
-        head_only = lambda E: model.head(E) if head == "fc" else model.head(E, model.anchors, model.mask)
+        head_only = lambda E: (model.head(E) if head == "fc" else   # as Recognizer.forward calls it
+                               model.head(E, model.anchors, model.mask, model.anchors_khat, model.anchors_gram))
         for batch in (1, 256):
             x = torch.randn(batch, 3, args.image_size, args.image_size, device=args.device)
             E = torch.randn(batch, D, device=args.device)
@@ -295,6 +309,71 @@ def head_bench(args, visual, D):
                 t_model = median_seconds(lambda: model(x), args.device, repeat=20 if batch == 1 else 3, warmup=2)
                 t_head = median_seconds(lambda: head_only(E), args.device, repeat=20 if batch == 1 else 3, warmup=2)
             out[head, batch] = (t_model, t_head)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The LGR head in a training step: the plain Eq. (4)-(7) against LGRHead.forward
+
+def head_step_inputs(C, D, B, device, M=64):
+    """A fresh LGRHead, random unit anchors E^T (C, M, D) with half the anchors of every fourth class padded,
+    E^I (B, D) that wants a gradient (the visual encoder is fine-tuned) and labels (B,), all on `device`
+    (the meta device too: shapes only)."""
+    head = lgr.LGRHead(D, C).to(device)
+    anchors = F.normalize(torch.randn(C, M, D, device=device), dim=-1)
+    mask = torch.ones(C, M, dtype=torch.bool, device=device)
+    mask[::4, M // 2:] = False
+    E_I = torch.randn(B, D, device=device).requires_grad_()
+    return head, anchors, mask, E_I, torch.randint(0, C, (B,), device=device)
+
+
+def head_step(form, head, anchors, mask, E_I, y, anchor_side):
+    """One training step of the head alone: forward, Eq. (9), backward into the head and E^I."""
+    with engine.autocast(E_I.device):
+        if form == "plain":
+            logits_I, logits_T, _ = lgr.lgr_head_plain(head, E_I, anchors, mask)
+        else:
+            logits_I, logits_T, _ = head(E_I, anchors, mask, *anchor_side)
+    lgr.recognition_loss(logits_I.float(), logits_T.float(), y).backward()
+    head.zero_grad(set_to_none=True)
+    E_I.grad = None
+
+
+def plain_head_memory_gib(B, C, D, M=64):
+    """lgr_head_plain's peak in a training step worked out from the shapes, fp32: LN(E^T) and K, (C, M, D) each,
+    and about 7 (B, C, D): G, F.cosine_similarity's normalised copies and their gradients. (The 7: CPU RSS
+    growth at C 1000, D 1024, B 32 and 128, and C 8142, D 512, B 16, agrees within 5%.)"""
+    return (2 * C * M * D + 7 * B * C * D) * 4 / 2**30
+
+
+def head_step_bench(args, C, D, B):
+    """{form: {measure: value}} for head_step, plain and cheap, at C classes, width D, batch B. The cheap
+    form's anchor side is made once first (Recognizer's buffers), timed apart. GFLOP: the matmuls of one step,
+    counted on the meta device (no memory). A form that runs out of memory gets None for time and memory."""
+    out = {}
+    for form in ("plain", "cheap"):
+        head, anchors, mask, E_I, y = head_step_inputs(C, D, B, "meta")
+        anchor_side = head.anchor_side(anchors) if form == "cheap" else ()
+        with FlopCounterMode(display=False) as counter:
+            head_step(form, head, anchors, mask, E_I, y, anchor_side)
+        out[form] = {"flop": counter.get_total_flops(), "seconds": None, "peak_gib": None, "once": None}
+        try:
+            head, anchors, mask, E_I, y = head_step_inputs(C, D, B, args.device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                anchor_side = head.anchor_side(anchors) if form == "cheap" else ()
+            sync(args.device)
+            once = time.perf_counter() - t0
+            step = lambda: head_step(form, head, anchors, mask, E_I, y, anchor_side)
+            seconds = median_seconds(step, args.device, args.steps, args.warmup)
+            _, peak, how = peak_memory(step, args.device)
+            out[form].update(seconds=seconds, peak_gib=peak, memory=how, once=once if form == "cheap" else None)
+        except RuntimeError as e:                                # out of memory (CUDA's error is a RuntimeError)
+            if "memory" not in str(e).lower():
+                raise
+        head = anchors = mask = E_I = y = step = None       # free the inputs before the next form
+        if str(args.device).startswith("cuda"):
+            torch.cuda.empty_cache()
     return out
 
 
@@ -374,6 +453,24 @@ def main(argv=None):
     row("batch 256 throughput, img/s", *(f"{256 / res[h, 256][0]:.0f}" for h in ("fc", "lgr")))
     row("head alone: batch 1 latency, ms", *(f"{1e3 * res[h, 1][1]:.3f}" for h in ("fc", "lgr")))
     row("head alone: batch 256, ms", *(f"{1e3 * res[h, 256][1]:.2f}" for h in ("fc", "lgr")))
+
+    # 5. The LGR head in a training step
+    if args.head_shapes:
+        print(f"\n5. LGR head training step (forward, Eq. 9, backward into the head and E^I), batch {args.head_batch}, "
+              f"M = 64, median of {args.steps} after {args.warmup}\n   plain = Eq. 4-7 as written (lgr.lgr_head_plain), "
+              f"cheap = LGRHead.forward on the anchor side made once")
+        shown = lambda v, fmt: "out of memory" if v is None else fmt.format(v)
+        ms = lambda seconds: None if seconds is None else 1e3 * seconds
+        for name in args.head_shapes:
+            C, D_head = HEAD_SHAPES.get(name, (args.classes, D))
+            res = head_step_bench(args, C, D_head, args.head_batch)
+            row(f"{name}: C {C}, D {D_head}", "plain", "cheap")
+            row("ms/step", *(shown(ms(r["seconds"]), "{:.0f}") for r in res.values()))
+            row(f"peak memory GiB ({'max_memory_allocated' if cuda else 'RSS growth'})",
+                *(shown(r["peak_gib"], "{:.2f}") for r in res.values()))
+            row("peak memory worked out, GiB", f"{plain_head_memory_gib(args.head_batch, C, D_head):.1f}", "")
+            row("GFLOP/step (matmuls, flop_counter)", *(f"{r['flop'] / 1e9:.1f}" for r in res.values()))
+            row("anchor side, made once, ms", "", shown(ms(res["cheap"]["once"]), "{:.0f}"))
 
 
 if __name__ == "__main__":

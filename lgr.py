@@ -65,7 +65,12 @@ def get_args(argv=None):
 
 class LGRHead(nn.Module):
     """Language-guided recognition head, Eq. (4)-(7). E^I (B, D) image embeddings; E^T (C, M, D)
-    frozen anchor-sentence embeddings with mask (C, M), True for real sentences."""
+    frozen anchor-sentence embeddings with mask (C, M), True for real sentences.
+
+    forward computes what lgr_head_plain (the equations as written) computes, values and gradients, without
+    its two costs that follow the data: K = W_k LN(E^T) (C M D^2 multiply-adds in every step) and the gathered
+    G (B, C, D). It works on the anchor side made once by anchor_side(E^T) (Recognizer keeps it as buffers):
+    per forward two (B, D) x (D, C M) products and O(B C M) memory."""
 
     def __init__(self, D, C, tau=0.07, variant="paper"):
         super().__init__()
@@ -78,20 +83,54 @@ class LGRHead(nn.Module):
                 nn.init.zeros_(W.bias)
         self.log_inv_tau = nn.Parameter(torch.tensor(math.log(1 / tau)), requires_grad=variant == "paper")
 
-    def forward(self, E_I, E_T, mask):
+    def anchor_side(self, E_T):
+        """What the head needs of the anchors E^T (C, M, D), which stay fixed while the head learns:
+        Khat = LN(E^T) without its affine (C, M, D), ln_k's eps, and the Gram matrices V V^T (C, M, M), V = E^T."""
+        Khat = F.layer_norm(E_T, E_T.shape[-1:], eps=self.ln_k.eps)   # (C, M, D)
+        VVt = E_T @ E_T.transpose(1, 2)                              # (C, M, M) <V_cm, V_cn>
+        return Khat, VVt
+
+    def forward(self, E_I, E_T, mask, Khat=None, VVt=None):
+        if Khat is None:
+            Khat, VVt = self.anchor_side(E_T)
         Q = self.W_q(self.ln_q(E_I))                             # Eq. (4)  (B, D)
-        K, V = self.W_k(self.ln_k(E_T)), E_T                     # Eq. (5)  (C, M, D), (C, M, D)
-        A = language_guided_attention(Q, K, mask)                # (B, C, M)
-        G = torch.einsum("bcm,cmd->bcd", A, V)                   # Eq. (6)  (B, C, D)
+        # Eq. (5)-(6) scores Q.K_cm, K never built. LayerNorm is LN_k(x) = gamma_k * Khat + beta_k by definition,
+        # so K_cm = W_k (gamma_k * Khat_cm) + W_k(beta_k), W_k(x) = W_k x + b_k; by associativity of the products
+        #   Q.K_cm = ((W_k^T Q) * gamma_k).Khat_cm + Q.W_k(beta_k).
+        # The second term is one number per image, the same for every anchor of every class: the softmax over M
+        # ignores it (b_k and beta_k get zero gradient in both forms). It is kept, at B D multiply-adds, so that
+        # the scores are Q K^T itself and every parameter stays in the graph (DistributedDataParallel needs that).
+        q = (Q @ self.W_k.weight) * self.ln_k.weight             # (B, D) the query folded through W_k and gamma_k
+        shift = Q @ self.W_k(self.ln_k.bias)                     # (B,)   Q.(W_k beta_k + b_k)
+        A = language_guided_attention(q, Khat, mask, shift)      # (B, C, M)
         tau = 1 / self.log_inv_tau.exp().clamp(max=100)
-        logits_I, logits_T = self.mlp(E_I), class_text_logits(E_I, G, tau)   # Eq. (7), before softmax
+        # Eq. (6)-(7): cos(E^I, G) from A, V = E^T and V V^T, G = A V (B, C, D) never built
+        logits_I, logits_T = self.mlp(E_I), class_text_logits_via_gram(E_I, A, E_T, VVt, tau)   # Eq. (7), before softmax
         return logits_I, logits_T, A
 
 
-def language_guided_attention(Q, K, mask):
+def lgr_head_plain(head, E_I, E_T, mask):
+    """Eq. (4)-(7) as the paper writes them, with the weights of `head` (an LGRHead): the reference its forward
+    equals, values and gradients (test_equations.py), and the "plain" row of bench.py. It builds K (C, M, D),
+    C M D^2 multiply-adds, and G (B, C, D) in every call."""
+    Q = head.W_q(head.ln_q(E_I))                                 # Eq. (4)  (B, D)
+    K, V = head.W_k(head.ln_k(E_T)), E_T                         # Eq. (5)  (C, M, D), (C, M, D)
+    A = language_guided_attention(Q, K, mask)                    # (B, C, M)
+    G = torch.einsum("bcm,cmd->bcd", A, V)                       # Eq. (6)  (B, C, D)
+    tau = 1 / head.log_inv_tau.exp().clamp(max=100)              # as in LGRHead.forward
+    logits_I, logits_T = head.mlp(E_I), class_text_logits(E_I, G, tau)   # Eq. (7), before softmax
+    return logits_I, logits_T, A
+
+
+def language_guided_attention(Q, K, mask, shift=None):
     """Eq. (6) weights: A = softmax over the M anchors of Q K^T / sqrt(D), padded anchors at -inf.
-    Q (B, D), K (C, M, D), mask (C, M) -> A (B, C, M), each row sums to 1 over the real anchors."""
-    scores = torch.einsum("bd,cmd->bcm", Q, K) / math.sqrt(Q.shape[-1])    # (B, C, M)
+    Q (B, D), K (C, M, D), mask (C, M) -> A (B, C, M), each row sums to 1 over the real anchors.
+    shift (B,), optional: added to every score of an image (LGRHead.forward's folded form)."""
+    C, M, D = K.shape
+    scores = (Q @ K.reshape(C * M, D).T).view(-1, C, M)         # (B, C, M) Q.K_cm, one (B, D) x (D, C M) product
+    if shift is not None:
+        scores = scores + shift[:, None, None]
+    scores = scores / math.sqrt(Q.shape[-1])
     return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
 
 
@@ -99,6 +138,19 @@ def class_text_logits(E_I, G, tau):
     """Eq. (7) text branch before the softmax: <E^I, G> / tau, cosine similarity of E^I (B, D) with each
     class's gathered embedding G (B, C, D) -> (B, C)."""
     return F.cosine_similarity(E_I[:, None, :], G, dim=-1) / tau
+
+
+def class_text_logits_via_gram(E_I, A, V, VVt, tau, eps=1e-8):
+    """class_text_logits(E_I, G, tau) for G_c = sum_m A_cm V_cm without forming G (B, C, D). By bilinearity:
+        <E^I, G_c> = sum_m A_cm <E^I, V_cm>,   |G_c|^2 = A_c^T (V_c V_c^T) A_c,
+    exact, with V V^T (C, M, M) fixed. E^I (B, D), A (B, C, M), V (C, M, D), VVt (C, M, M) -> (B, C).
+    Padded anchors have A = 0 and drop out of both. eps as in F.cosine_similarity: each norm at least eps."""
+    C, M, D = V.shape
+    EV = (E_I @ V.reshape(C * M, D).T).view(-1, C, M)           # (B, C, M) <E^I, V_cm>
+    dot = (A * EV).sum(-1)                                       # (B, C)    <E^I, G_c>
+    G_sq = (torch.einsum("bcm,cmn->bcn", A, VVt) * A).sum(-1)    # (B, C)    |G_c|^2
+    norms = E_I.norm(dim=-1, keepdim=True).clamp_min(eps) * G_sq.clamp_min(eps ** 2).sqrt()   # (B, C)
+    return dot / norms / tau
 
 
 def lgr_probabilities(logits_I, logits_T, variant="paper", alpha=0.2):
@@ -132,12 +184,15 @@ class Recognizer(nn.Module):
         if head == "lgr":                                        # frozen anchor embeddings: buffers, not weights
             self.register_buffer("anchors", anchors.float(), persistent=False)   # (C, M, D)
             self.register_buffer("mask", mask, persistent=False)                  # (C, M)
+            Khat, VVt = self.head.anchor_side(self.anchors)      # made once: the anchors stay fixed
+            self.register_buffer("anchors_khat", Khat, persistent=False)         # (C, M, D) LN(E^T), no affine
+            self.register_buffer("anchors_gram", VVt, persistent=False)          # (C, M, M) V V^T
 
     def forward(self, x):
         E_I = self.visual(x).float()                             # (B, D)
         if self.head_kind == "fc":
             return self.head(E_I), None, None
-        return self.head(E_I, self.anchors, self.mask)
+        return self.head(E_I, self.anchors, self.mask, self.anchors_khat, self.anchors_gram)
 
 
 def build_recognizer(args, device, ckpt=None):

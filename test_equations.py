@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from anss import anchor_scores, description_precision, select_anchors
 from cvlp import (class_wise_contrastive_loss, cosine_similarity_matrix, distillation_loss, pretraining_loss,
                   sample_sentences)
-from data import Corpus, prompt_sentences
 from clip_models import create_clip, interpolate_pos_embed, tokenize_exact
+from data import Corpus, prompt_sentences
 from evaluate import knn_predict, zero_shot_classifier
 from experiments import mean_std, table_markdown
-from lgr import (LGRHead, Recognizer, accuracy_by_shot, class_text_logits, language_guided_attention, lgr_probabilities,
-                 recognition_loss)
+from lgr import (LGRHead, Recognizer, accuracy_by_shot, class_text_logits, class_text_logits_via_gram,
+                 language_guided_attention, lgr_head_plain, lgr_probabilities, recognition_loss)
 from shapes_lt import clip_loss
 
 
@@ -346,6 +346,87 @@ def test_lgr_head_gathers_anchors_by_attention_and_scores_classes_by_cosine_over
 
 
 # ----------------------------------------------------------------------------------------------
+# Eq. (4)-(7) without K (C, M, D) or G (B, C, D): LGRHead.forward against the plain form
+
+
+def test_gathered_text_norm_is_the_quadratic_form_of_the_anchors_gram_matrix():
+    E_I = T([[2.0, 0.0]])                                           # (B=1, D=2)
+    V = T([[[1.0, 0.0], [1.0, 1.0]],                                # class 0: 2 real anchors
+           [[0.0, 3.0], [9.0, 9.0]]])                               # class 1: the second is padding
+    A = T([[[0.25, 0.75], [1.0, 0.0]]])                             # (1, 2, 2), padding at A = 0
+    VVt = LGRHead(D=2, C=2).anchor_side(V)[1]                       # (2, 2, 2) <V_m, V_n>
+    assert VVt.tolist() == [[[1.0, 1.0], [1.0, 2.0]],
+                            [[9.0, 27.0], [27.0, 162.0]]]
+    # class 0: G = 0.25 [1, 0] + 0.75 [1, 1] = [1, 0.75], |G|^2 = 1 + 0.5625 = 1.5625
+    #          A^T VVt A = 0.25^2 * 1 + 2 * 0.25 * 0.75 * 1 + 0.75^2 * 2 = 0.0625 + 0.375 + 1.125 = 1.5625
+    #          <E^I, G> = 0.25 * <[2,0],[1,0]> + 0.75 * <[2,0],[1,1]> = 0.5 + 1.5 = 2; cos = 2 / (2 * 1.25) = 0.8
+    # class 1: G = [0, 3], A^T VVt A = 1 * 9 = 9 = |G|^2; <E^I, G> = 0: cos = 0 (the padded [9, 9] drops out)
+    tau = 0.5
+    out = class_text_logits_via_gram(E_I, A, V, VVt, tau)
+    assert out.tolist() == [pytest.approx([0.8 / tau, 0.0 / tau], rel=1e-12, abs=1e-12)]
+    G = T([[[1.0, 0.75], [0.0, 3.0]]])                              # the same through the plain form
+    assert out.tolist() == [pytest.approx(class_text_logits(E_I, G, tau)[0].tolist(), rel=1e-12, abs=1e-12)]
+
+
+def random_lgr_case(variant):
+    """Seeded float64 inputs for the cheap-vs-plain comparison: an LGRHead (D=8, C=4) with every weight moved
+    off its init (LayerNorm gains and shifts, W_q, W_k and their biases all non-zero), E^I (B=3, D), and
+    E^T (C, M=5, D) whose class 1 has 3 real anchors and 2 padded rows of large values, class 2 a single real
+    anchor and zero rows (the released format's padding)."""
+    g = torch.Generator().manual_seed(0)
+    randn = lambda *shape: torch.randn(shape, generator=g, dtype=torch.float64)
+    head = LGRHead(D=8, C=4, tau=0.1, variant=variant).double()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.5 * randn(*p.shape) if p.requires_grad else 0)      # official: tau stays 0.1
+    E_I = randn(3, 8)
+    E_T = randn(4, 5, 8)
+    E_T[1, 3:] = 50.0
+    E_T[2, 1:] = 0.0
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] + [False] * 4, [True] * 5])
+    return head, E_I, E_T, mask
+
+
+def head_outputs_and_gradients(forward, head, E_I, E_T, mask):
+    """(logits_I, logits_T, A) of forward(E_I, E_T, mask) and the gradients of a loss that reaches all three
+    (Eq. 9 plus a fixed weighting of A) w.r.t. every parameter of the head, E^I and E^T."""
+    head.zero_grad(set_to_none=True)
+    E_I, E_T = E_I.clone().requires_grad_(), E_T.clone().requires_grad_()
+    logits_I, logits_T, A = forward(E_I, E_T, mask)
+    weights = torch.randn(A.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (recognition_loss(logits_I, logits_T, torch.tensor([0, 1, 2])) + (weights * A).sum()).backward()
+    grads = {name: p.grad for name, p in head.named_parameters()} | {"E_I": E_I.grad, "E_T": E_T.grad}
+    return (logits_I.detach(), logits_T.detach(), A.detach()), grads
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_lgr_head_equals_the_plain_eq_4_to_7_in_values_and_gradients(variant):
+    head, E_I, E_T, mask = random_lgr_case(variant)
+    cheap, cheap_grads = head_outputs_and_gradients(head, head, E_I, E_T, mask)
+    plain, plain_grads = head_outputs_and_gradients(lambda *a: lgr_head_plain(head, *a), head, E_I, E_T, mask)
+    for name, ours, want in zip(("logits_I", "logits_T", "A"), cheap, plain):
+        assert torch.allclose(ours, want, rtol=1e-9, atol=1e-12), name
+    A = cheap[2]
+    assert A[:, 1, 3:].eq(0).all() and A[:, 2, 1:].eq(0).all()          # padding: exactly zero attention
+    assert A[:, 2, 0].eq(1).all()                                        # a single real anchor takes all of it
+    assert torch.allclose(A.sum(-1), torch.ones(3, 4, dtype=torch.float64), rtol=1e-12)
+    # W_k's bias and LN_k's shift add Q.(W_k beta_k + b_k) to every score of an image, the same for all its
+    # anchors: the softmax over M ignores it, so their gradient is zero (to rounding) in both forms
+    constant_shift = ("W_k.bias", "ln_k.bias")
+    assert cheap_grads.keys() == plain_grads.keys()
+    for name, want in plain_grads.items():
+        if want is None:                                                 # official: tau is not learned
+            assert name == "log_inv_tau" and variant == "official" and cheap_grads[name] is None
+            continue
+        assert cheap_grads[name] is not None, name
+        if name in constant_shift:
+            assert cheap_grads[name].abs().max() < 1e-12 and want.abs().max() < 1e-12, name
+        else:
+            assert want.abs().max() > 1e-3, name                         # the loss reaches every tensor compared
+            assert torch.allclose(cheap_grads[name], want, rtol=1e-9, atol=1e-12), name
+
+
+# ----------------------------------------------------------------------------------------------
 # Eq. (7): probabilities
 
 
@@ -484,6 +565,23 @@ def test_lgr_tau_is_fixed_at_0_07_in_the_official_variant():
     assert not head.log_inv_tau.requires_grad and head.log_inv_tau.grad is None
     assert 1 / math.exp(head.log_inv_tau.item()) == pytest.approx(0.07, rel=1e-6)
     assert all(p is not head.log_inv_tau for p in model.parameters() if p.requires_grad)   # not given to AdamW
+
+
+def test_lgr_recognizer_makes_the_anchor_side_once_as_buffers_outside_the_checkpoint():
+    model = lgr_step("paper")                                          # C=3, M=2, D=64; class 1 has 1 real anchor
+    E_T = model.anchors.double().numpy()                               # (3, 2, 64)
+    assert model.anchors_khat.numpy() == pytest.approx(layer_norm(E_T), rel=1e-5, abs=1e-5)   # LN without affine
+    assert model.anchors_gram.numpy() == pytest.approx(np.einsum("cmd,cnd->cmn", E_T, E_T), rel=1e-5, abs=1e-6)
+    assert {"anchors", "mask", "anchors_khat", "anchors_gram"} <= dict(model.named_buffers()).keys()
+    assert not any(k.startswith(("anchors", "mask")) for k in model.state_dict())   # lgr.pt keys unchanged
+    assert dict(copy.deepcopy(model).to("meta").named_buffers())["anchors_gram"].is_meta   # they follow .to()
+    x, _ = tiny_batch()
+    with torch.no_grad():
+        E_I = model.visual(x).float()                                  # (3, 64)
+        ours = model.head(E_I, model.anchors, model.mask, model.anchors_khat, model.anchors_gram)
+        plain = lgr_head_plain(model.head, E_I, model.anchors, model.mask)
+    for name, a, b in zip(("logits_I", "logits_T", "A"), ours, plain):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
 
 
 # ----------------------------------------------------------------------------------------------
