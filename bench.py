@@ -301,7 +301,7 @@ def head_bench(args, visual, D):
     for head in ("fc", "lgr"):
         model = lgr.Recognizer(visual, D, args.classes, head, anchors=anchors, mask=mask).to(args.device).eval()
         head_only = lambda E: (model.head(E) if head == "fc" else   # as Recognizer.forward calls it
-                               model.head(E, model.anchors, model.mask, model.anchors_khat, model.anchors_gram))
+                               model.head(E, model.anchors, model.mask, model.anchor_side()))
         for batch in (1, 256):
             x = torch.randn(batch, 3, args.image_size, args.image_size, device=args.device)
             E = torch.randn(batch, D, device=args.device)
@@ -333,7 +333,7 @@ def head_step(form, head, anchors, mask, E_I, y, anchor_side):
         if form == "plain":
             logits_I, logits_T, _ = lgr.lgr_head_plain(head, E_I, anchors, mask)
         else:
-            logits_I, logits_T, _ = head(E_I, anchors, mask, *anchor_side)
+            logits_I, logits_T, _ = head(E_I, anchors, mask, anchor_side)
     lgr.recognition_loss(logits_I.float(), logits_T.float(), y).backward()
     head.zero_grad(set_to_none=True)
     E_I.grad = None
@@ -353,7 +353,7 @@ def head_step_bench(args, C, D, B):
     out = {}
     for form in ("plain", "cheap"):
         head, anchors, mask, E_I, y = head_step_inputs(C, D, B, "meta")
-        anchor_side = head.anchor_side(anchors) if form == "cheap" else ()
+        anchor_side = head.anchor_side(anchors) if form == "cheap" else None
         with FlopCounterMode(display=False) as counter:
             head_step(form, head, anchors, mask, E_I, y, anchor_side)
         out[form] = {"flop": counter.get_total_flops(), "seconds": None, "peak_gib": None, "once": None}
@@ -361,7 +361,7 @@ def head_step_bench(args, C, D, B):
             head, anchors, mask, E_I, y = head_step_inputs(C, D, B, args.device)
             t0 = time.perf_counter()
             with torch.no_grad():
-                anchor_side = head.anchor_side(anchors) if form == "cheap" else ()
+                anchor_side = head.anchor_side(anchors) if form == "cheap" else None
             sync(args.device)
             once = time.perf_counter() - t0
             step = lambda: head_step(form, head, anchors, mask, E_I, y, anchor_side)

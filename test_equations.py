@@ -354,7 +354,7 @@ def test_gathered_text_norm_is_the_quadratic_form_of_the_anchors_gram_matrix():
     V = T([[[1.0, 0.0], [1.0, 1.0]],                                # class 0: 2 real anchors
            [[0.0, 3.0], [9.0, 9.0]]])                               # class 1: the second is padding
     A = T([[[0.25, 0.75], [1.0, 0.0]]])                             # (1, 2, 2), padding at A = 0
-    VVt = LGRHead(D=2, C=2).anchor_side(V)[1]                       # (2, 2, 2) <V_m, V_n>
+    VVt = LGRHead(D=2, C=2).anchor_side(V)[2]                       # (2, 2, 2) <V_m, V_n>
     assert VVt.tolist() == [[[1.0, 1.0], [1.0, 2.0]],
                             [[9.0, 27.0], [27.0, 162.0]]]
     # class 0: G = 0.25 [1, 0] + 0.75 [1, 1] = [1, 0.75], |G|^2 = 1 + 0.5625 = 1.5625
@@ -362,7 +362,8 @@ def test_gathered_text_norm_is_the_quadratic_form_of_the_anchors_gram_matrix():
     #          <E^I, G> = 0.25 * <[2,0],[1,0]> + 0.75 * <[2,0],[1,1]> = 0.5 + 1.5 = 2; cos = 2 / (2 * 1.25) = 0.8
     # class 1: G = [0, 3], A^T VVt A = 1 * 9 = 9 = |G|^2; <E^I, G> = 0: cos = 0 (the padded [9, 9] drops out)
     tau = 0.5
-    out = class_text_logits_via_gram(E_I, A, V, VVt, tau)
+    EV = torch.einsum("bd,cmd->bcm", E_I, V)                         # (1, 2, 2) <E^I, V_cm>: [[2, 2], [0, 18]]
+    out = class_text_logits_via_gram(E_I, A, EV, VVt, tau)
     assert out.tolist() == [pytest.approx([0.8 / tau, 0.0 / tau], rel=1e-12, abs=1e-12)]
     G = T([[[1.0, 0.75], [0.0, 3.0]]])                              # the same through the plain form
     assert out.tolist() == [pytest.approx(class_text_logits(E_I, G, tau)[0].tolist(), rel=1e-12, abs=1e-12)]
@@ -570,15 +571,16 @@ def test_lgr_tau_is_fixed_at_0_07_in_the_official_variant():
 def test_lgr_recognizer_makes_the_anchor_side_once_as_buffers_outside_the_checkpoint():
     model = lgr_step("paper")                                          # C=3, M=2, D=64; class 1 has 1 real anchor
     E_T = model.anchors.double().numpy()                               # (3, 2, 64)
-    assert model.anchors_khat.numpy() == pytest.approx(layer_norm(E_T), rel=1e-5, abs=1e-5)   # LN without affine
+    assert model.anchors_mean.numpy() == pytest.approx(E_T.mean(-1), rel=1e-5, abs=1e-7)          # LayerNorm's mean
+    assert model.anchors_std.numpy() == pytest.approx(np.sqrt(E_T.var(-1) + 1e-5), rel=1e-5)      # and its std, eps
     assert model.anchors_gram.numpy() == pytest.approx(np.einsum("cmd,cnd->cmn", E_T, E_T), rel=1e-5, abs=1e-6)
-    assert {"anchors", "mask", "anchors_khat", "anchors_gram"} <= dict(model.named_buffers()).keys()
+    assert {"anchors", "mask", "anchors_mean", "anchors_std", "anchors_gram"} <= dict(model.named_buffers()).keys()
     assert not any(k.startswith(("anchors", "mask")) for k in model.state_dict())   # lgr.pt keys unchanged
     assert dict(copy.deepcopy(model).to("meta").named_buffers())["anchors_gram"].is_meta   # they follow .to()
     x, _ = tiny_batch()
     with torch.no_grad():
         E_I = model.visual(x).float()                                  # (3, 64)
-        ours = model.head(E_I, model.anchors, model.mask, model.anchors_khat, model.anchors_gram)
+        ours = model.head(E_I, model.anchors, model.mask, model.anchor_side())
         plain = lgr_head_plain(model.head, E_I, model.anchors, model.mask)
     for name, a, b in zip(("logits_I", "logits_T", "A"), ours, plain):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
