@@ -13,9 +13,9 @@
 2. The loader: data.make_loader with args.loader "pil" (decode and augment in worker processes) or "gpu"
    (workers read JPEG bytes; decode and augment on args.device), over generated ImageNet-sized JPEGs.
 3. AnSS: embedding S sentences (full vs trimmed, length-sorted) and scoring them (anss.anchor_scores)
-   against N' images.
+   against N' images, in fp32 as anss.py embeds them (engine.eval_precision).
 4. Inference of the LGR head (C classes, M = 64 anchors) against the FC head: latency at batch 1,
-   throughput at batch 256 (paper Sec. 4.4: 1.3 ms vs 1.1 ms per image).
+   throughput at batch 256 (paper Sec. 4.4: 1.3 ms vs 1.1 ms per image), in fp32 as evaluate.py runs them.
 5. One training step of the LGR head alone (forward, Eq. 9, backward), batch 128: plain = Eq. (4)-(7) as
    written (lgr.lgr_head_plain: K = W_k LN(E^T) and G (B, C, D) in every step), cheap = LGRHead.forward (the
    same values and gradients from the anchor side made once). ms/step, peak memory, GFLOP. The dataset shapes:
@@ -210,7 +210,8 @@ def cvlp_step_bench(args, student0, teacher, x, y, k, corpus):
     the device). Returns {path: {measure: value}}."""
     on_device = lambda model: copy.deepcopy(model).to(args.device)
     frozen = on_device(teacher)
-    cache = clip_models.encode_texts(frozen, corpus, args.device)     # the fast path's teacher text, made once (S, D)
+    cache = clip_models.encode_texts(frozen, corpus, args.device, training_precision=True)   # the fast path's teacher
+                                                                                             # text, made once (S, D)
     T_device = corpus[k].long().to(args.device)
     loss_args = argparse.Namespace(lam=0.5, variant="paper")
     losses = {
@@ -280,9 +281,9 @@ def loader_bench(args, kind, split):
 
 
 def full_text_embeddings(model, tokens, device, batch=1024):
-    """The plain way: open_clip's encode_text over the full context, chunks in corpus order."""
+    """The plain way: open_clip's encode_text over the full context, chunks in corpus order, in AnSS's fp32."""
     out = []
-    with torch.no_grad(), engine.autocast(device):
+    with torch.no_grad(), engine.eval_precision(device):
         for i in range(0, len(tokens), batch):
             out.append(F.normalize(model.encode_text(tokens[i:i + batch].long().to(device)).float(), dim=-1))
     return torch.cat(out)
@@ -305,7 +306,7 @@ def head_bench(args, visual, D):
         for batch in (1, 256):
             x = torch.randn(batch, 3, args.image_size, args.image_size, device=args.device)
             E = torch.randn(batch, D, device=args.device)
-            with torch.no_grad(), engine.autocast(args.device):
+            with torch.no_grad(), engine.eval_precision(args.device):   # as evaluate.py runs the heads
                 t_model = median_seconds(lambda: model(x), args.device, repeat=20 if batch == 1 else 3, warmup=2)
                 t_head = median_seconds(lambda: head_only(E), args.device, repeat=20 if batch == 1 else 3, warmup=2)
             out[head, batch] = (t_model, t_head)

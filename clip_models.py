@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
-from engine import DataError, autocast, progress
+from engine import DataError, autocast, eval_precision, progress
 
 
 
@@ -216,15 +216,17 @@ def encode_text_trimmed(model, tokens, groups=1):
 
 
 @torch.no_grad()
-def encode_texts(model, tokens, device, batch=1024, desc="text"):
-    """(S, L) tokens -> (S, D) L2-normalised text embeddings, in chunks (eval mode, no grad). Sentences go
+def encode_texts(model, tokens, device, batch=1024, desc="text", training_precision=False):
+    """(S, L) tokens -> (S, D) L2-normalised text embeddings, in chunks (eval mode, no grad), in the evaluation
+    precision (fp32, engine.eval_precision). training_precision: in the training autocast instead, for CVLP's
+    cached teacher text, which stands in for the teacher's forward inside the training step. Sentences go
     shortest first, so that each chunk is trimmed to about its own length (encode_text_trimmed)."""
     model.eval()
     order = tokens.argmax(dim=-1).argsort()                      # (S,) by EOT position: shortest first
     out = None                                                   # (S, D), filled in place: one copy, not three
     for i in progress(range(0, len(tokens), batch), desc=desc, unit="batch"):
         rows = order[i:i + batch]
-        with autocast(device):
+        with autocast(device) if training_precision else eval_precision(device):
             E = F.normalize(encode_text_trimmed(model, tokens[rows]).float(), dim=-1)       # (b, D)
         if out is None:
             out = torch.empty(len(tokens), E.shape[1], device=device)
@@ -234,10 +236,10 @@ def encode_texts(model, tokens, device, batch=1024, desc="text"):
 
 @torch.no_grad()
 def encode_images(encode_fn, loader, device, desc="images"):
-    """All images of a loader -> ((N, D) L2-normalised embeddings, (N,) labels)."""
+    """All images of a loader -> ((N, D) L2-normalised embeddings, (N,) labels), in fp32 (engine.eval_precision)."""
     feats, labels = [], []
     for x, y in progress(loader, desc=desc, unit="batch"):
-        with autocast(device):
+        with eval_precision(device):
             feats.append(F.normalize(encode_fn(x.to(device, non_blocking=True)).float(), dim=-1))
         labels.append(y)
     return torch.cat(feats), torch.cat(labels).to(device)

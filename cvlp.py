@@ -237,7 +237,8 @@ def run(args):
         torch.distributed.barrier()
     teacher_text = None
     if args.lam < 1:                       # the frozen teacher's embedding of a sentence never changes: once, here
-        teacher_text = encode_texts(teacher, text["tokens"], args.device, desc="teacher text")   # (S, D)
+        teacher_text = encode_texts(teacher, text["tokens"], args.device, desc="teacher text",   # (S, D), in the
+                                    training_precision=True)     # precision the step's own teacher forward would use
 
     transform = make_transform(args.image_size, *clip_mean_std(), train=True, crop_scale=DATASETS[args.data]["crop_scale"])
     loader = make_loader(data.train, transform, args, sampling=args.sampling, generator=rngs["sampler"])

@@ -39,9 +39,10 @@ DATASETS = {
     "inat2018": dict(root="data/inat", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
 }
 
-# Shot splits by training images per class (SPEC §4). The paper writes many >= 100 and few <= 20,
-# which overlap with medium (20~100); we use the common LTR convention: many > 100, few < 20.
-MANY_ABOVE, FEW_BELOW = 100, 20
+# Shot splits by training images per class, as the paper (Sec. 4.2) and the official evaluation define them:
+# many >= 100, few <= 20, medium between (SPEC.md §4). The other common LTR convention (many > 100, few < 20)
+# differs only for a class of exactly 100 or exactly 20 images: it puts both in medium.
+MANY_FROM, FEW_UP_TO = 100, 20
 SHAPES_WORLDS = ("shapes_lt", "shapes_lt_coined", "shapes_lt_small")   # generated in memory by shapes_lt.py
 SMALL_DIVISOR = 10                                   # shapes_lt_small keeps max(1, n_c // 10) training images
 
@@ -118,9 +119,9 @@ class LTData:
 
 
 def shot_split(counts):
-    """(C,) training counts -> (C,) array of "many" | "medium" | "few" (paper Sec. 4.2)."""
+    """(C,) training counts -> (C,) array of "many" (>= 100) | "medium" | "few" (<= 20), paper Sec. 4.2."""
     counts = np.asarray(counts)
-    return np.where(counts > MANY_ABOVE, "many", np.where(counts < FEW_BELOW, "few", "medium"))
+    return np.where(counts >= MANY_FROM, "many", np.where(counts <= FEW_UP_TO, "few", "medium"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,9 +384,9 @@ def summary(data):
              f"images       train {len(data.train.labels)}, val {len(data.val.labels)}, test {len(data.test.labels)}",
              f"train/class  max {counts.max()}, min {counts.min()}, "
              f"imbalance factor {counts.max() / max(counts.min(), 1):.0f}"]
-    for s in ("many", "medium", "few"):
+    for s, bounds in (("many", f">= {MANY_FROM}"), ("medium", "between"), ("few", f"<= {FEW_UP_TO}")):
         sel = shots == s
-        lines.append(f"  {s:<6}     {sel.sum():4d} classes, {counts[sel].sum():7d} train images")
+        lines.append(f"  {s:<6}     {sel.sum():4d} classes, {counts[sel].sum():7d} train images ({bounds} per class)")
     st = corpus_stats(data.corpus)
     src = [x for srcs in data.corpus.source for x in srcs]
     lines.append(f"corpus       {sum(map(len, data.corpus.sentences))} sentences "

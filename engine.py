@@ -5,6 +5,7 @@ Nothing here is in the paper's equations; the stage scripts (cvlp.py, anss.py, l
 Like MAE's engine_*.py: the stages import from this file, it imports from none of them. CLIP models, their
 weights, tokens and embeddings are clip_models.py's.
 """
+import contextlib
 import itertools
 import math
 import os
@@ -127,10 +128,22 @@ def warn(message):
 
 
 def autocast(device):
-    """bf16 autocast on CUDA, plain fp32 on CPU."""
+    """The training precision: bf16 autocast on CUDA, plain fp32 on CPU. Evaluation uses eval_precision."""
     if str(device).startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
+
+
+@contextlib.contextmanager
+def eval_precision(device, precision="fp32"):
+    """The evaluation precision (SPEC.md §3): fp32 on every device, whatever the training ran in, so that an
+    accuracy does not move with the training precision (bf16 changes predictions; evaluation is a small share
+    of the time). Autocast is off for CPU and CUDA alike, also inside an enclosing training autocast; matmuls
+    follow torch's float32 setting (TF32 on a GPU where a stage allows it). precision "fp16": fp16 autocast on
+    CUDA, as the official evaluation runs (evaluate.py --released --eval-precision fp16); fp32 on a CPU."""
+    fp16 = precision == "fp16" and str(device).startswith("cuda")
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
+        yield
 
 
 # ----------------------------------------------------------------------------------------------

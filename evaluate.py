@@ -14,8 +14,11 @@ Prints the table and writes eval.json (accuracies per head and split, per-class 
 
     python evaluate.py --data imagenet_lt --backbone RN50 --released checkpoint.pth
 
-evaluates a fine-tuned model released with the official code (SPEC.md §8) with its inference rule, beside
-the paper's number (run_released).
+evaluates a fine-tuned model released with the official code (SPEC.md §8) with its inference rules, beside
+the paper's number (run_released). The official evaluation takes the overall top-1 from the alpha mix of Eq. (7)
+and the many / medium / few columns from the logit sum (SPEC.md §3): --released and LGR heads trained with
+--variant official report both. Shot splits are the paper's (Sec. 4.2, data.shot_split): many >= 100 training
+images, few <= 20. Every evaluation runs in fp32 (engine.eval_precision), whatever the training precision.
 
 The results tables over several seeds (every row trained, then evaluated here) and the learning curves are
 experiments.py's.
@@ -37,7 +40,12 @@ from data import add_common_args, fill_defaults, load_data, make_loader, prompt_
 from engine import (DataError, atomic_write, check_meta, checkpoint_meta, fail, load_checkpoint, one_process_only,
                     progress, run_stage, warn)
 from images import make_transform
-from lgr import accuracy_by_shot, build_recognizer, official_alpha, predict, recognizer_from_released
+from lgr import accuracy_by_shot, build_recognizer, official_accuracy, official_alpha, predict, recognizer_from_released
+
+# --variant official: the row of the prediction behind the official code's many / medium / few columns.
+LOGIT_SUM = "logit sum"
+LOGIT_SUM_NOTE = ("logit sum: argmax of logits_I + logits_T, the prediction the official code takes its many / medium /"
+                  " few columns from (its overall: the alpha mix; SPEC.md §3)")
 
 # The experiment runner used to live here: its old flags point to the new commands.
 MOVED = {"--table": "python experiments.py table [--data D --seeds 0 1 2 ...]",
@@ -53,7 +61,11 @@ def get_parser(add_help=True):
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--released", default=None, metavar="CHECKPOINT",
                    help="evaluate a released VL-LTR checkpoint.pth of the official code (SPEC.md §8) with its "
-                        "inference rule (alpha 0.2, iNat 0.7) and evaluation crop (256 -> 224)")
+                        "inference rules (overall: alpha mix, alpha 0.2, iNat 0.7; many / medium / few: logit sum) and "
+                        "evaluation crop (256 -> 224)")
+    p.add_argument("--eval-precision", default="fp32", choices=["fp32", "fp16"],
+                   help="--released: fp32 (every evaluation here) or fp16 autocast on CUDA, as the official "
+                        "evaluation runs (SPEC.md §3)")
     return p
 
 
@@ -62,7 +74,10 @@ def get_args(argv=None):
     moved = [flag for flag in MOVED if flag in argv]
     if moved:
         fail(f"evaluate.py {moved[0]} moved to experiments.py: run `{MOVED[moved[0]]}`")
-    return fill_defaults(get_parser().parse_args(argv))
+    args = fill_defaults(get_parser().parse_args(argv))
+    if args.eval_precision != "fp32" and not args.released:
+        fail(f"--eval-precision {args.eval_precision} is for --released checkpoints; every other evaluation runs in fp32")
+    return args
 
 
 @torch.no_grad()
@@ -163,6 +178,8 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
         model = build_recognizer(args, args.device, ckpt)
         p, y = predict(model, loader, args, desc=name)
         record(name, p["P"], y)
+        if "logit_sum" in p:                 # --variant official: the official many / medium / few rule (SPEC.md §3)
+            record(f"{name}: {LOGIT_SUM}", p["logit_sum"], y)
         if head == "lgr":
             record(f"{name}: P^I only", p["P_I"], y)
             record(f"{name}: P^T only", p["P_T"], y)
@@ -220,6 +237,8 @@ def run(args):
     if "VL-LTR (LGR)" not in results and "VL-LTR (LGR)" not in failed:
         print(f"note: no {args.out}/lgr.pt yet: run `python cvlp.py && python anss.py && python lgr.py` for VL-LTR")
     print(format_table(results, f"{args.data} {args.backbone}, {args.split} split, top-1 (%)"))
+    if any(name.endswith(LOGIT_SUM) for name in results):
+        print(LOGIT_SUM_NOTE)
     print(f"wrote {path}")
     if failed:
         name, why = next(iter(failed.items()))
@@ -236,8 +255,10 @@ PAPER_VLLTR = {("imagenet_lt", "RN50"): "70.1 / 77.8 / 67.0 / 50.8", ("imagenet_
 
 
 def run_released(args):
-    """A released checkpoint.pth (SPEC.md §8) on args.split with the official code's inference rule and
-    evaluation images (short side to 256, centre crop 224), beside the paper's number. Writes eval_released.json."""
+    """A released checkpoint.pth (SPEC.md §8) on args.split with the official code's inference rules and
+    evaluation images (short side to 256, centre crop 224), beside the paper's number: the row the official
+    evaluation reports (overall of the alpha mix, many / medium / few of the logit sum), then every column of
+    each of the two predictions and of each branch. Writes eval_released.json."""
     model = recognizer_from_released(args.released, args.backbone, args.image_size).to(args.device)
     data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
     if len(model.anchors) != data.num_classes:
@@ -246,16 +267,27 @@ def run_released(args):
     args.variant, alpha = "official", official_alpha(args.data)
     transform = make_transform(args.image_size, *clip_mean_std(), train=False, crop_pct=0.875)
     p, y = predict(model, make_loader(getattr(data, args.split), transform, args), args, desc="released")
-    results = {f"VL-LTR released, alpha {alpha}": accuracy_by_shot(p["P"], y, data.counts),
+    # The official evaluation takes its overall top-1 and its many / medium / few columns from two predictions
+    # (SPEC.md §3): the first row is what it reports, the next two give every column of each prediction.
+    results = {"as the official evaluation": official_accuracy(p["P"], p["logit_sum"], y, data.counts),
+               f"  alpha mix, alpha {alpha}": accuracy_by_shot(p["P"], y, data.counts),
+               f"  {LOGIT_SUM}": accuracy_by_shot(p["logit_sum"], y, data.counts),
                "  P^I only": accuracy_by_shot(p["P_I"], y, data.counts),
                "  P^T only": accuracy_by_shot(p["P_T"], y, data.counts)}
-    print(format_table(results, f"{args.released}: {args.data} {args.backbone}, {args.split} split, top-1 (%)"))
     paper = PAPER_VLLTR.get((args.data, args.backbone))
-    if paper:
-        print(f"paper (test split): {paper}")
+    shown = dict(results)
+    if paper:                                # the paper's row beside the first, the one computed by its rules
+        values = [float(v) for v in paper.split(" (")[0].split(" / ")] + [float("nan")] * 3
+        shown = {"as the official evaluation": results["as the official evaluation"],
+                 "paper (test split)": dict(zip(("overall", "many", "medium", "few"), values)), **results}
+    print(format_table(shown, f"{args.released}: {args.data} {args.backbone}, {args.split} split, top-1 (%), "
+                              f"{args.eval_precision}"))
+    print("as the official evaluation: overall of the alpha mix, many / medium / few of the logit sum (SPEC.md §3); "
+          "the paper's tables were computed this way")
+    print(LOGIT_SUM_NOTE)
     path = os.path.join(args.out, "eval_released.json")
     report = {"data": args.data, "backbone": args.backbone, "split": args.split, "checkpoint": args.released,
-              "alpha": alpha, "results": results, "paper": paper}
+              "alpha": alpha, "eval_precision": args.eval_precision, "results": results, "paper": paper}
     atomic_write(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
     print(f"wrote {path}")
 

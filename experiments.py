@@ -4,12 +4,14 @@ several seeds, and the learning curves kept in the checkpoints. Evaluation itsel
     python experiments.py table                                # every row, seeds 0, 1, 2 -> results/shapes_lt.{json,md}
     python experiments.py table --data shapes_lt_coined --seeds 0
     python experiments.py curves runs/a/cvlp.pt runs/b/cvlp.pt # learning curves side by side, and a plot
+    python experiments.py regroup results/shapes_lt.json       # many / medium / few again from the per-class accuracies
 
 `table` runs each row's stages (run_table: a finished stage is skipped, a stopped one resumed), evaluates
 every run folder on the test split (evaluate.evaluate_folder), then writes results/<data>.json and .md (mean
 and std over seeds) and, with matplotlib installed, the README's plots.
 """
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -17,6 +19,7 @@ import os
 import shutil
 import time
 
+import numpy as np
 import torch
 
 import anss
@@ -25,7 +28,7 @@ import evaluate
 import lgr
 from anss import suffix
 from clip_models import clip_mean_std
-from data import contact_sheet, fill_defaults, load_data, shot_split
+from data import FEW_UP_TO, MANY_FROM, contact_sheet, fill_defaults, load_data, shot_split
 from engine import DataError, atomic_write, load_checkpoint, one_process_only, run_stage
 from evaluate import evaluate_folder
 from images import make_transform
@@ -48,6 +51,9 @@ def get_args(argv=None):
                    help="cvlp.pt / lgr.pt files: mean losses and, with --val-every-epoch or lgr.py, the val score per epoch")
     c.add_argument("--results", default="results", help="where the plot goes")
     c.add_argument("--name", default="learning_curves.png", help="file name of the plot")
+    r = sub.add_parser("regroup", help="recompute the many / medium / few cells of results/<data>.json (and .md, and "
+                       "the per-class plot) from its per-class test accuracies with data.shot_split, without the runs")
+    r.add_argument("reports", nargs="+", metavar="JSON", help="results/<data>.json files written by `table`")
     args = p.parse_args(argv)
     return fill_defaults(args) if args.command == "table" else args
 
@@ -55,7 +61,7 @@ def get_args(argv=None):
 def main(argv=None):
     one_process_only("experiments.py")
     args = get_args(argv)
-    run_stage(run_table if args.command == "table" else run_curves, args)
+    run_stage({"table": run_table, "curves": run_curves, "regroup": run_regroup}[args.command], args)
 
 
 def run_curves(args):
@@ -102,6 +108,7 @@ def run_curves(args):
 # The table: python experiments.py table  (Table 8 and Table 4 rows, several seeds)
 
 SPLITS = ("overall", "many", "medium", "few")
+SHOT_SPLIT = f"many >= {MANY_FROM}, few <= {FEW_UP_TO} training images (Sec. 4.2)"   # recorded in results/<data>.json
 # Each row: the folder its checkpoints live in and the method name evaluate_folder() gives it there.
 TABLE8 = [("Zero-shot CLIP", "full", "Zero-Shot CLIP"), ("Baseline (CLIP + FC)", "full", "Baseline (CLIP + FC)"),
           ("VL-LTR", "full", "VL-LTR (LGR)"),
@@ -218,13 +225,23 @@ def run_table(args):
         print(f"wrote {path}")
 
 
+def seed_cells(per_seed, folder, method):
+    """One row of a table: {split: {"mean", "std"}} over the seeds of one method's accuracies."""
+    rows = [per_seed[s]["results"][folder][method] for s in per_seed]
+    return {k: dict(zip(("mean", "std"), mean_std([r[k] for r in rows]))) for k in SPLITS}
+
+
+def table_rows(per_seed):
+    """Table 8, Table 4 and the Eq. (7) branches as mean ± std cells over the seeds."""
+    cells = functools.partial(seed_cells, per_seed)
+    return {"table8": {row: cells(folder, method) for row, folder, method in TABLE8},
+            "table4": {row: {**cells(folder, method), "paper": paper} for row, folder, method, paper in TABLE4},
+            "branches": {m: cells("full", f"VL-LTR (LGR): {m} only") for m in ("P^I", "P^T")}}
+
+
 def table_report(args, per_seed, timings, seconds):
     """Mean and std over seeds of every cell of Table 8, Table 4 and the AnSS precision."""
     seeds = list(per_seed)
-
-    def cells(folder, method):
-        rows = [per_seed[s]["results"][folder][method] for s in seeds]
-        return {k: dict(zip(("mean", "std"), mean_std([r[k] for r in rows]))) for k in SPLITS}
 
     def precision(pick):                                         # pick: the full run's anchors.json "precision"
         return dict(zip(("mean", "std"), mean_std([pick(per_seed[s]["precision"]["full"]) for s in seeds])))
@@ -234,10 +251,8 @@ def table_report(args, per_seed, timings, seconds):
     return {
         "data": args.data, "backbone": args.backbone, "split": args.split, "seeds": seeds, "epochs": epochs,
         "device": str(args.device), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-        "wall_seconds": round(seconds, 1), "stage_seconds": timings,
-        "table8": {row: cells(folder, method) for row, folder, method in TABLE8},
-        "table4": {row: {**cells(folder, method), "paper": paper} for row, folder, method, paper in TABLE4},
-        "branches": {m: cells("full", f"VL-LTR (LGR): {m} only") for m in ("P^I", "P^T")},
+        "wall_seconds": round(seconds, 1), "stage_seconds": timings, "shot_split": SHOT_SPLIT,
+        **table_rows(per_seed),
         "anss_precision": {
             "AnSS, M = 64 from templates + descriptions": precision(lambda p: p["anss"]["precision"]),
             "cut-off, M = 64 from templates + descriptions": precision(lambda p: p["cutoff"]["precision"]),
@@ -261,8 +276,12 @@ def table_markdown(report):
              f"Seeds {report['seeds']} (each a new world, CLIP stand-in and training run); {report['device']}, "
              f"torch {report['torch']}, {report['date']}; epochs: CVLP {e['cvlp']}, LGR {e['lgr']}, baseline "
              f"{e['baseline']}. Regenerate: `python experiments.py table"
-             + ("" if report["data"] == "shapes_lt" else f" --data {report['data']}") + "`.", "",
-             "| method (Table 8) | overall | many | medium | few |", "|---|---|---|---|---|"]
+             + ("" if report["data"] == "shapes_lt" else f" --data {report['data']}") + "`.", ""]
+    if "shot_split" in report:
+        regrouped = report.get("regrouped")
+        lines += [f"Shot splits: {report['shot_split']}" + (f"; many / medium / few regrouped from the per-class "
+                  f"accuracies on {regrouped} (`python experiments.py regroup`)" if regrouped else "") + ".", ""]
+    lines += ["| method (Table 8) | overall | many | medium | few |", "|---|---|---|---|---|"]
     lines += [row(name, c) for name, c in report["table8"].items()]
     lines += ["", "| Table 4 row | overall | many | medium | few | paper, ImageNet-LT RN50 |", "|---|---|---|---|---|---|"]
     lines += [row(name, c, f" {c['paper']} |") for name, c in report["table4"].items()]
@@ -274,6 +293,50 @@ def table_markdown(report):
                  else f"{100 * c['mean']:.1f}% ± {100 * c['std']:.1f}")
         lines.append(f"| {name} | {value} |")
     return "\n".join(lines) + "\n"
+
+
+def regroup(report):
+    """A results report with every many / medium / few number recomputed from the per-class test accuracies under
+    data.shot_split, for a report written under other boundaries whose runs are gone. Exact where the test split
+    is balanced (every class the same number of test images, as shapes_lt's 20; Sec. 4.2 evaluates on balanced
+    test sets): a group's top-1 is then the mean of its classes' top-1. Checked first on every method of every
+    seed: its stored overall top-1 must be the mean of its per-class top-1."""
+    for seed, run in report["per_seed"].items():
+        shots = shot_split(run["train_counts"])                  # (C,)
+        for folder, methods in run["results"].items():
+            for method, r in methods.items():
+                per_class = np.array(r["per_class"])             # (C,) top-1 % per class, rounded to 0.01
+                if abs(per_class.mean() - r["overall"]) > 0.01:
+                    raise DataError(f"seed {seed} {folder} {method}: overall {r['overall']:.2f} is not the mean of "
+                                    f"its per-class accuracies ({per_class.mean():.2f}): the test split is not "
+                                    f"balanced, so the groups cannot be recomputed; re-evaluate the runs instead")
+                for k in ("many", "medium", "few"):
+                    r[k] = per_class[shots == k].mean() if (shots == k).any() else float("nan")
+    return {**report, **table_rows(report["per_seed"]), "shot_split": SHOT_SPLIT,
+            "regrouped": time.strftime("%Y-%m-%d")}
+
+
+def run_regroup(args):
+    """regroup: rewrite each results/<data>.json, its .md and (with matplotlib) its per-class plot."""
+    for path in args.reports:
+        if not os.path.isfile(path):
+            raise DataError(f"{path} not found; pass a results/<data>.json written by `python experiments.py table`")
+        with open(path) as f:
+            report = json.load(f)
+        report["per_seed"] = {int(s): run for s, run in report["per_seed"].items()}   # JSON keys are strings
+        report = regroup(report)
+        atomic_write(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
+        md = path[:-len(".json")] + ".md"
+        atomic_write(md, lambda f: f.write(table_markdown(report).encode()))
+        print(table_markdown(report))
+        print(f"wrote {path} and {md}")
+        if importlib.util.find_spec("matplotlib") is not None:
+            import matplotlib
+            matplotlib.use("Agg")
+            prefix = "" if report["data"] == "shapes_lt" else f"{report['data']}_"   # as make_plots names them
+            plot = os.path.join(os.path.dirname(path), prefix + "per_class_accuracy.png")
+            plot_per_class_accuracy(report, report["data"], plot)
+            print(f"wrote {plot}")
 
 
 def make_plots(args, report, root):
@@ -308,7 +371,7 @@ def plot_per_class_accuracy(report, name, path):
         centres = [np.exp(np.log(n[bins == b]).mean()) for b in np.unique(bins)]
         ax.plot(centres, [acc[bins == b].mean() for b in np.unique(bins)], "-o", color=colour,
                 label=f"{label} (binned mean)")
-    for x in (19.5, 100.5):                                      # few < 20 <= medium <= 100 < many
+    for x in (FEW_UP_TO + 0.5, MANY_FROM - 0.5):                 # few <= 20 < medium < 100 <= many (Sec. 4.2)
         ax.axvline(x, color="grey", ls="--", lw=1)
     for x, text in ((9.5, "few"), (45, "medium"), (230, "many")):
         ax.text(x, 97, text, ha="center", va="top", color="grey")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from anss import load_encoder, suffix
 from clip_models import clip_mean_std, create_clip
 from data import DATASETS, SHAPES_WORLDS, add_common_args, fill_defaults, load_data, make_loader, shot_split
-from engine import (DataError, autocast, checkpoint_meta, cosine_schedule, distribute, fit, init_distributed,
+from engine import (DataError, checkpoint_meta, cosine_schedule, distribute, eval_precision, fit, init_distributed,
                     load_checkpoint, prepare_out, progress, rank_world, run_stage, seed_everything)
 from images import make_transform
 
@@ -84,6 +84,9 @@ class LGRHead(nn.Module):
                 nn.init.eye_(W.weight)
                 nn.init.zeros_(W.bias)
         self.log_inv_tau = nn.Parameter(torch.tensor(math.log(1 / tau)), requires_grad=variant == "paper")
+        # Training keeps 1/tau <= 100, CLIP's clamp on its learnable scale (SPEC.md §2): a learnable tau that runs
+        # to 0 would make the text logits of Eq. 7 explode. A released head is read without it (its fixed scale).
+        self.max_inv_tau = 100.0
 
     def anchor_side(self, E_T):
         """What the head needs of the anchors E^T (C, M, D), which stay fixed while the head learns: the mean
@@ -108,7 +111,7 @@ class LGRHead(nn.Module):
         qV, EV = (torch.cat([q, E_I]) @ E_T.reshape(C * M, D).T).view(2, -1, C, M)   # (B, C, M) q.V_cm, E^I.V_cm
         QK = (qV - mean * q.sum(-1)[:, None, None]) / std + shift[:, None, None]      # (B, C, M) Q.K_cm
         A = attention_weights(QK, mask, D)                       # Eq. (6)  (B, C, M)
-        tau = 1 / self.log_inv_tau.exp().clamp(max=100)
+        tau = 1 / self.log_inv_tau.exp().clamp(max=self.max_inv_tau)
         # Eq. (6)-(7): cos(E^I, G) from A, <E^I, V> and V V^T; G = A V (B, C, D) is never built
         logits_I, logits_T = self.mlp(E_I), class_text_logits_via_gram(E_I, A, EV, VVt, tau)   # Eq. (7), before softmax
         return logits_I, logits_T, A
@@ -122,7 +125,7 @@ def lgr_head_plain(head, E_I, E_T, mask):
     K, V = head.W_k(head.ln_k(E_T)), E_T                         # Eq. (5)  (C, M, D), (C, M, D)
     A = language_guided_attention(Q, K, mask)                    # (B, C, M)
     G = torch.einsum("bcm,cmd->bcd", A, V)                       # Eq. (6)  (B, C, D)
-    tau = 1 / head.log_inv_tau.exp().clamp(max=100)              # as in LGRHead.forward
+    tau = 1 / head.log_inv_tau.exp().clamp(max=head.max_inv_tau)   # as in LGRHead.forward
     logits_I, logits_T = head.mlp(E_I), class_text_logits(E_I, G, tau)   # Eq. (7), before softmax
     return logits_I, logits_T, A
 
@@ -160,6 +163,12 @@ def lgr_probabilities(logits_I, logits_T, variant="paper", alpha=0.2):
     official (SPEC.md §3): alpha P^I + (1 - alpha) P^T (alpha 0.2 ImageNet-LT / Places-LT, 0.7 iNat)."""
     P_I, P_T = logits_I.softmax(dim=-1), logits_T.softmax(dim=-1)
     return alpha * P_I + (1 - alpha) * P_T if variant == "official" else P_I + P_T
+
+
+def logit_sum_prediction(logits_I, logits_T):
+    """The prediction behind the official evaluation's many / medium / few columns (SPEC.md §3): argmax of the
+    raw logit sum logits_I + logits_T, not of the alpha mix that gives its overall top-1. (B, C) x 2 -> (B,)."""
+    return (logits_I + logits_T).argmax(1)
 
 
 def recognition_loss(logits_I, logits_T, y):
@@ -258,7 +267,8 @@ def recognizer_from_released(path, backbone, image_size):
     """A released VL-LTR checkpoint (SPEC.md §8) as our Recognizer, --variant official: its visual encoder,
     its anchor embeddings "text_embeddings" (C, M, D) with the zero rows (padding) masked, and its head
     mapped onto LGRHead (RELEASED_HEAD): the official W_q, W_k have no bias (ours are set to zero), its tau
-    is the fixed exp(-logit_scale). The image embedding reaches both branches as it is (Eq. 4, 7)."""
+    is the fixed exp(-logit_scale) as stored, above 1/100 or not. The image embedding reaches both branches as
+    it is (Eq. 4, 7)."""
     sd = read_released(path)
     missing = [k for k in ["text_embeddings", *RELEASED_HEAD.values()] if k not in sd]
     unknown = [k for k in sd if k.startswith("text_block.") and k not in RELEASED_HEAD.values()]
@@ -277,6 +287,7 @@ def recognizer_from_released(path, backbone, image_size):
         raise DataError(f"--released {path} has D = {D}, --backbone {backbone} D = {encoder.text_projection.shape[1]}; "
                         f"pass the backbone it was trained with (RN50: 1024, ViT-B-16: 512)")
     model = Recognizer(encoder.visual, D, C, "lgr", variant="official", anchors=E_T, mask=mask)
+    model.head.max_inv_tau = math.inf                            # the official head: exp(logit_scale), no clamp
     state = {k: v for k, v in sd.items() if k.startswith("visual.")}
     state.update({f"head.{ours}": sd[theirs] for ours, theirs in RELEASED_HEAD.items()})
     state["head.W_q.bias"] = state["head.W_k.bias"] = torch.zeros(D)   # the official W_q, W_k: no bias
@@ -291,11 +302,13 @@ def recognizer_from_released(path, backbone, image_size):
 
 @torch.no_grad()
 def predict(model, loader, args, desc="eval"):
-    """All predictions of a loader: {"P": Eq. 7, "P_I": visual branch, "P_T": text branch} argmaxes, and labels."""
+    """All predictions of a loader: {"P": Eq. 7, "P_I": visual branch, "P_T": text branch} argmaxes, with
+    --variant official also "logit_sum" (the official many / medium / few rule), and labels. In the evaluation
+    precision (fp32; --eval-precision fp16 on CUDA for a released model), whatever the training precision."""
     model.eval()
-    preds, labels = {"P": [], "P_I": [], "P_T": []}, []
+    preds, labels = {"P": [], "P_I": [], "P_T": [], "logit_sum": []}, []
     for x, y in progress(loader, desc=desc, unit="batch"):
-        with autocast(args.device):
+        with eval_precision(args.device, getattr(args, "eval_precision", "fp32")):
             logits_I, logits_T, _ = model(x.to(args.device, non_blocking=True))
         logits_I = logits_I.float()
         if logits_T is None:
@@ -305,6 +318,8 @@ def predict(model, loader, args, desc="eval"):
             preds["P"].append(P.argmax(1).cpu())
             preds["P_I"].append(logits_I.argmax(1).cpu())
             preds["P_T"].append(logits_T.argmax(1).cpu())
+            if args.variant == "official":
+                preds["logit_sum"].append(logit_sum_prediction(logits_I, logits_T.float()).cpu())
         labels.append(y)
     return {k: torch.cat(v) for k, v in preds.items() if v}, torch.cat(labels)
 
@@ -320,6 +335,14 @@ def accuracy_by_shot(pred, y, counts):
         out[name] = 100 * correct[sel].mean().item() if sel.any() else float("nan")
     out["per_class"] = [round(100 * v, 2) for v in per_class.tolist()]
     return out
+
+
+def official_accuracy(pred_mix, pred_logit_sum, y, counts):
+    """The numbers as the official evaluation reports them, and as the paper's tables print them (SPEC.md §3):
+    overall top-1 of the alpha mix, many / medium / few of the logit sum (logit_sum_prediction), two predictions.
+    So the columns need not average to the overall: ImageNet-LT RN50 77.8 / 67.0 / 50.8 give ~69.0, not 70.1."""
+    mix, logit_sum = accuracy_by_shot(pred_mix, y, counts), accuracy_by_shot(pred_logit_sum, y, counts)
+    return {"overall": mix["overall"], **{k: logit_sum[k] for k in ("many", "medium", "few")}}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from PIL import Image
 
 from clip_models import clip_mean_std
 from data import load_data, shot_split
-from engine import DataError, autocast, load_checkpoint, run_stage
+from engine import DataError, eval_precision, load_checkpoint, run_stage
 from images import load_rgb, make_transform
 from lgr import build_recognizer, lgr_probabilities, official_alpha
 
@@ -84,7 +84,7 @@ def explain(model, args, classes, image, top=5, sentences=3):
     """One PIL image -> its top classes by P (Eq. 7), each with P, P^I, P^T and the `sentences` anchors of
     largest attention weight A (Eq. 6) among the class's real anchors (padding never shows)."""
     x = make_transform(args.image_size, *clip_mean_std(), train=False)(image)[None].to(args.device)   # (1, 3, S, S)
-    with autocast(args.device):
+    with eval_precision(args.device):                           # fp32, whatever the training precision
         logits_I, logits_T, A = model(x)                         # (1, C), (1, C), (1, C, M)
     logits_I, logits_T, A = logits_I.float(), logits_T.float(), A.float()
     P = lgr_probabilities(logits_I, logits_T, args.variant, official_alpha(args.data))[0]   # (C,)
@@ -109,8 +109,8 @@ def format_text(name, top):
 
 
 def demo(args, model, run_args, classes):
-    """A few test images of few-shot classes (one per class, spread over the tail), each with its
-    explanation beside it, drawn into one PNG."""
+    """A few test images of few-shot classes (<= 20 training images, Sec. 4.2; one per class, spread over the
+    tail), each with its explanation beside it, drawn into one PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -113,9 +113,10 @@ def test_batch_transform_matches_the_per_image_eval_transform_and_loader_uses_it
     torch.testing.assert_close(torch.cat([b for b, _ in batches]), one_by_one, atol=1e-5, rtol=0)
 
 
-def test_shot_split_boundaries_many_above_100_few_below_20():
-    counts = [500, 101, 100, 50, 20, 19, 5]
-    assert list(data.shot_split(counts)) == ["many", "many", "medium", "medium", "medium", "few", "few"]
+def test_shot_split_boundaries_are_the_papers_many_from_100_few_up_to_20():
+    # Sec. 4.2: many-shot >= 100 images, few-shot <= 20; exactly 100 is many, exactly 20 is few.
+    counts = [500, 101, 100, 99, 50, 21, 20, 19, 5]
+    assert list(data.shot_split(counts)) == ["many", "many", "many", "medium", "medium", "medium", "few", "few", "few"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,10 +20,12 @@ from cvlp import (class_wise_contrastive_loss, cosine_similarity_matrix, distill
                   sample_sentences)
 from clip_models import create_clip, interpolate_pos_embed, tokenize_exact
 from data import Corpus, prompt_sentences
+from engine import DataError
 from evaluate import knn_predict, zero_shot_classifier
-from experiments import mean_std, table_markdown
+from experiments import TABLE4, TABLE8, mean_std, regroup, table_markdown
 from lgr import (LGRHead, Recognizer, accuracy_by_shot, class_text_logits, class_text_logits_via_gram,
-                 language_guided_attention, lgr_head_plain, lgr_probabilities, recognition_loss)
+                 language_guided_attention, lgr_head_plain, lgr_probabilities, logit_sum_prediction, official_accuracy,
+                 recognition_loss)
 from shapes_lt import clip_loss
 
 
@@ -694,6 +696,63 @@ def test_accuracy_by_shot_splits_test_images_by_their_class_training_count():
     assert r["overall"] == pytest.approx(100 * 4 / 6)
     assert (r["many"], r["medium"], r["few"]) == pytest.approx((100.0, 50.0, 50.0))
     assert r["per_class"] == [100.0, 50.0, 50.0]
+
+
+def test_official_columns_come_from_the_logit_sum_not_the_alpha_mix():
+    # SPEC.md §3: the official evaluation's overall is argmax of 0.2 softmax(logits_I) + 0.8 softmax(logits_T),
+    # its many / medium / few columns argmax of logits_I + logits_T. One test image per class; the classes have
+    # 150 / 50 / 10 training images: many / medium / few.
+    counts = np.array([150, 50, 10])
+    y = torch.tensor([0, 1, 2])
+    logits_I = torch.tensor([[2.0, 0.0, 0.0], [4.0, 0.0, 0.0], [4.0, 0.0, 0.0]])
+    logits_T = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    # Image 0: both branches say class 0, both rules are right. Image 1 (class 1):
+    #   logit sum [4, 1, 0] -> class 0, wrong.
+    #   softmax([4, 0, 0]) = [e^4, 1, 1] / (e^4 + 2) = [0.9647, 0.0177, 0.0177]
+    #   softmax([0, 1, 0]) = [1, e, 1] / (e + 2)     = [0.2119, 0.5761, 0.2119]
+    #   mix = 0.2 * first + 0.8 * second            = [0.3624, 0.4644, 0.1731] -> class 1, right.
+    # Image 2 is image 1 with classes 1 and 2 swapped: logit sum wrong (class 0), mix right (class 2).
+    a, b = math.exp(4) / (math.exp(4) + 2), 1 / (math.exp(4) + 2)
+    c, d = 1 / (math.e + 2), math.e / (math.e + 2)
+    mix_1 = [0.2 * a + 0.8 * c, 0.2 * b + 0.8 * d, 0.2 * b + 0.8 * c]
+    assert mix_1 == pytest.approx([0.3624, 0.4644, 0.1731], abs=1e-4)
+    P = lgr_probabilities(logits_I, logits_T, "official", alpha=0.2)
+    assert P[1].tolist() == pytest.approx(mix_1, abs=1e-6)
+    mix, logit_sum = P.argmax(1), logit_sum_prediction(logits_I, logits_T)
+    assert mix.tolist() == [0, 1, 2] and logit_sum.tolist() == [0, 0, 0]
+
+    by_mix, by_sum = accuracy_by_shot(mix, y, counts), accuracy_by_shot(logit_sum, y, counts)
+    assert [by_mix[k] for k in ("overall", "many", "medium", "few")] == pytest.approx([100.0, 100.0, 100.0, 100.0])
+    assert [by_sum[k] for k in ("overall", "many", "medium", "few")] == pytest.approx([100 / 3, 100.0, 0.0, 0.0])
+    # As the official evaluation reports it: overall 100 of the mix, columns 100 / 0 / 0 of the logit sum,
+    # whose class-weighted mean (100 + 0 + 0) / 3 = 33.3 is not the overall, as with the paper's 69.0 vs 70.1.
+    assert official_accuracy(mix, logit_sum, y, counts) == pytest.approx(
+        {"overall": 100.0, "many": 100.0, "medium": 0.0, "few": 0.0})
+
+
+def test_regroup_recomputes_the_shot_columns_from_per_class_accuracies_with_the_papers_boundaries():
+    # Five classes with 150 / 100 / 50 / 20 / 10 training images and the same number of test images each
+    # (balanced): per-class top-1 90 / 80 / 60 / 40 / 10, overall (90 + 80 + 60 + 40 + 10) / 5 = 56.
+    # Stored under > 100 / < 20: many 90, medium (80 + 60 + 40) / 3 = 60, few 10. The paper's >= 100 / <= 20:
+    # many (90 + 80) / 2 = 85, medium 60, few (40 + 10) / 2 = 25.
+    stored = {"overall": 56.0, "many": 90.0, "medium": 60.0, "few": 10.0, "per_class": [90.0, 80.0, 60.0, 40.0, 10.0]}
+    methods = [(folder, method) for _, folder, method in TABLE8] + [(folder, method) for _, folder, method, _ in TABLE4]
+    methods += [("full", f"VL-LTR (LGR): {b} only") for b in ("P^I", "P^T")]
+    results = {}
+    for folder, method in methods:
+        results.setdefault(folder, {})[method] = dict(stored)
+    report = {"data": "shapes_lt", "per_seed": {0: {"train_counts": [150, 100, 50, 20, 10], "results": results}}}
+    new = regroup(report)
+    r = new["per_seed"][0]["results"]["full"]["VL-LTR (LGR)"]
+    assert (r["overall"], r["many"], r["medium"], r["few"]) == pytest.approx((56.0, 85.0, 60.0, 25.0))
+    assert new["table8"]["VL-LTR"]["few"] == pytest.approx({"mean": 25.0, "std": 0.0})
+    assert new["table4"]["#1 full VL-LTR"]["many"]["mean"] == pytest.approx(85.0)
+    assert new["table4"]["#1 full VL-LTR"]["paper"] == 70.1
+    assert new["shot_split"].startswith("many >= 100, few <= 20")
+    # An overall that is not the mean of the per-class accuracies: the test split was not balanced.
+    results["full"]["VL-LTR (LGR)"]["overall"] = 60.0
+    with pytest.raises(DataError, match="not the mean of its per-class accuracies .*the test split is not balanced"):
+        regroup(report)
 
 
 def test_table_cells_are_mean_and_sample_std_over_seeds():

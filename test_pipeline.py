@@ -96,6 +96,24 @@ def test_a_failing_head_leaves_the_other_heads_in_eval_json(run, tmp_path, monke
     assert err[-1].startswith("error: 2 head(s) failed, first Baseline (CLIP + FC): ") and "is not a readable checkpoint" in err[-1]
 
 
+def test_official_variant_lgr_is_reported_with_the_logit_sum_row_beside_the_alpha_mix(run, tmp_path, capsys):
+    # SPEC.md §3: the official code's many / medium / few come from argmax(logits_I + logits_T); the paper variant
+    # (the run above) has no such row.
+    assert "VL-LTR (LGR): logit sum" not in json.loads((run["out"] / "eval.json").read_text())["results"]
+    out = tmp_path / "official"
+    out.mkdir()
+    for f in ("cvlp.pt", "anchors.json", "anchor_embeds.pt"):
+        (out / f).write_bytes((run["out"] / f).read_bytes())
+    common = ["--data", "shapes_lt", "--data-root", str(run["root"]), "--out", str(out), "--device", "cpu"]
+    lgr.main(common + ["--variant", "official", "--epochs", "1", "--stop-after-steps", "2", "--batch", "32"])
+    capsys.readouterr()
+    evaluate.main(common + ["--clip-weights", str(run["clip"])])
+    printed = capsys.readouterr().out
+    r = json.loads((out / "eval.json").read_text())["results"]
+    assert {"VL-LTR (LGR)", "VL-LTR (LGR): logit sum", "VL-LTR (LGR): P^I only", "VL-LTR (LGR): P^T only"} <= set(r)
+    assert "logit sum: argmax of logits_I + logits_T" in printed
+
+
 def test_missing_previous_stage_names_the_command_that_makes_it(run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         anss.main(["--data", "shapes_lt", "--data-root", str(run["root"]), "--out", str(tmp_path), "--device", "cpu"])

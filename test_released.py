@@ -8,6 +8,7 @@ The released format is written here from a tiny model, and its logits are recomp
 from the official equations (SPEC.md §8), not with our LGR code.
 """
 import argparse
+import json
 import logging
 import os
 import types
@@ -168,6 +169,26 @@ def test_released_checkpoint_gives_the_official_logits_and_prediction(tmp_path):
     assert P.argmax(1).tolist() == want_P.argmax(1).tolist()
 
 
+def test_released_logit_scale_above_ln_100_is_read_as_stored(tmp_path):
+    # The official head multiplies the cosines by exp(logit_scale), unclamped; our training clamps 1/tau at 100.
+    # At logit_scale 5.0 (> ln 100 = 4.605) the text logits are exp(5) = 148.4 times the cosines, not 100 times.
+    sd = released_model_dict()
+    sd["logit_scale"] = torch.tensor(5.0)
+    model = lgr.recognizer_from_released(write_released(tmp_path / "checkpoint.pth", sd), "shapes-tiny", 32).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    reference_clip = clip_models.create_clip("shapes-tiny", 32).eval()
+    reference_clip.visual.load_state_dict({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
+    with torch.no_grad():
+        logits_I, logits_T, _ = model(x)
+        E_I = reference_clip.encode_image(x)
+    want_I, want_T, want_P = official_equations(sd, E_I, alpha=0.2)
+    _, want_T_clamped, _ = official_equations({**sd, "logit_scale": torch.tensor(np.log(100.0))}, E_I, alpha=0.2)
+    np.testing.assert_allclose(want_T / want_T_clamped, np.exp(5.0) / 100, rtol=1e-9)   # 1.484: only the scale differs
+    np.testing.assert_allclose(logits_T.numpy(), want_T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits_I.numpy(), want_I, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(lgr.lgr_probabilities(logits_I, logits_T, "official", 0.2).numpy(), want_P, atol=1e-5)
+
+
 def test_released_evaluation_crop_is_the_centre_224_of_the_short_side_resized_to_256():
     img = torch.randint(0, 256, (3, 256, 300), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     mean, std = (0.5, 0.25, 0.125), (0.5, 0.5, 0.25)
@@ -185,8 +206,24 @@ def test_evaluate_released_prints_the_table_with_dashes_for_empty_groups(tmp_pat
                    "--released", path, "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     # The three test images are the same red square: one prediction for all, right for exactly one class.
-    assert "VL-LTR released, alpha 0.2     33.3       -       -    33.3" in out
+    assert "  alpha mix, alpha 0.2         33.3       -       -    33.3" in out
     assert os.path.exists(tmp_path / "out" / "eval_released.json")
+
+
+def test_evaluate_released_prints_the_official_row_with_the_papers_row_under_it(tmp_path, capsys, monkeypatch):
+    root = make_imagenet_tree(tmp_path / "imagenet")            # 3 classes of 2 train images: all few-shot
+    path = write_released(tmp_path / "checkpoint.pth", released_model_dict())
+    monkeypatch.setitem(evaluate.PAPER_VLLTR, ("imagenet_lt", "shapes-tiny"), "70.1 / 77.8 / 67.0 / 50.8")
+    evaluate.main(["--data", "imagenet_lt", "--data-root", str(root), "--backbone", "shapes-tiny", "--image-size", "32",
+                   "--released", path, "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().out.splitlines()
+    first = lines.index(next(line for line in lines if line.startswith("as the official evaluation  ")))
+    assert lines[first + 1] == "paper (test split)             70.1    77.8    67.0    50.8"
+    assert lines[first + 2].startswith("  alpha mix, alpha 0.2") and lines[first + 3].startswith("  logit sum")
+    report = json.loads((tmp_path / "out" / "eval_released.json").read_text())
+    assert list(report["results"]) == ["as the official evaluation", "  alpha mix, alpha 0.2", "  logit sum",
+                                       "  P^I only", "  P^T only"]
+    assert report["eval_precision"] == "fp32"
 
 
 def test_format_table_prints_a_dash_for_a_group_without_classes():
