@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from anss import load_encoder, suffix
-from clip_models import clip_mean_std, context_length, encode_images, encode_texts, tokenize_exact
+from clip_models import clip_preprocess, context_length, default_tag, encode_images, encode_texts, tokenize_exact
 from cvlp import load_clip
 from data import add_common_args, fill_defaults, load_data, make_loader, prompt_sentences
 from engine import DataError, atomic_write, check_meta, checkpoint_meta, fail, load_checkpoint, one_process_only, run_stage
@@ -119,7 +119,8 @@ def main(argv=None):
 def evaluate_folder(args, data, zero_shot=True):
     """Every head whose file is in args.out, on args.split: {method: accuracy_by_shot}, {method: (pred, y)}, paths."""
     counts, split = data.counts, getattr(data, args.split)
-    loader = make_loader(split, make_transform(args.image_size, *clip_mean_std(), train=False), args)
+    loader = make_loader(split, make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained),
+                                               train=False), args)
     results, preds, found = {}, {}, []
 
     def record(name, pred, y):
@@ -188,13 +189,17 @@ PAPER_VLLTR = {("imagenet_lt", "RN50"): "70.1 / 77.8 / 67.0 / 50.8", ("imagenet_
 def run_released(args):
     """A released checkpoint.pth (SPEC.md §8) on args.split with the official code's inference rule and
     evaluation images (short side to 256, centre crop 224), beside the paper's number. Writes eval_released.json."""
+    if args.pretrained != default_tag(args.backbone):
+        raise DataError(f"the released VL-LTR models were fine-tuned from OpenAI's CLIP weights; drop --pretrained "
+                        f"{args.pretrained}")
     model = recognizer_from_released(args.released, args.backbone, args.image_size).to(args.device)
     data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
     if len(model.anchors) != data.num_classes:
         raise DataError(f"--released {args.released} has {len(model.anchors)} classes, {args.data} has "
                         f"{data.num_classes}; pass the --data it was trained on")
     args.variant, alpha = "official", official_alpha(args.data)
-    transform = make_transform(args.image_size, *clip_mean_std(), train=False, crop_pct=0.875)
+    transform = make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained), train=False,
+                               crop_pct=0.875)
     p, y = predict(model, make_loader(getattr(data, args.split), transform, args), args, desc="released")
     results = {f"VL-LTR released, alpha {alpha}": accuracy_by_shot(p["P"], y, data.counts),
                "  P^I only": accuracy_by_shot(p["P_I"], y, data.counts),
