@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from clip_models import clip_mean_std, create_clip, encode_images, encode_texts
+from clip_models import clip_preprocess, create_clip, encode_images, encode_texts
 from cvlp import load_clip
 from data import add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
 from engine import (atomic_write, check_meta, checkpoint_meta, load_checkpoint, one_process_only, prepare_out,
@@ -139,7 +139,7 @@ def load_encoder(args, device):
     path = os.path.join(args.out, "cvlp.pt")
     ckpt = load_checkpoint(path, "cvlp", f"python cvlp.py --data {args.data}")
     check_meta(ckpt, checkpoint_meta(args, "cvlp", args.num_classes), path)
-    model = create_clip(ckpt["backbone"], ckpt["args"]["image_size"])
+    model = create_clip(ckpt["backbone"], ckpt["args"]["image_size"], args.pretrained)   # check_meta: cvlp.py's tag
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 
@@ -163,7 +163,8 @@ def run(args):
     E_T = encode_texts(model, text["tokens"], args.device, desc="sentences")      # (S, D)
     if args.select == "anss":
         subset = data.train.subset(image_subset(data.train.labels, args.images_per_class, args.seed))   # I'
-        loader = make_loader(subset, make_transform(args.image_size, *clip_mean_std(), train=False), args)
+        transform = make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained), train=False)
+        loader = make_loader(subset, transform, args)
         E_I, y = encode_images(model.encode_image, loader, args.device, desc="I'")   # (N', D)
         scores = anchor_scores(E_I, y, E_T, text["label"].to(args.device), tau, data.num_classes, args.chunk).cpu()
     else:

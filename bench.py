@@ -258,7 +258,7 @@ def cvlp_step_bench(args, student0, teacher, x, y, k, corpus):
 def loader_bench(args, kind, split):
     """Images/s of data.make_loader with args.loader = kind, training transform at 224 px, timed from the
     first batch (worker start-up excluded) to the last on the device."""
-    transform = images.make_transform(224, *clip_models.clip_mean_std(), train=True)
+    transform = images.make_transform(224, **clip_models.clip_preprocess(args.backbone), train=True)
     load_args = argparse.Namespace(batch=args.batch, workers=args.workers, device=args.device, loader=kind)
     loader = data.make_loader(split, transform, load_args, sampling="instance", generator=torch.Generator().manual_seed(0))
     if (kind == "gpu" and type(getattr(loader, "dataset", None)) is images.ImageDataset

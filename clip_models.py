@@ -1,8 +1,10 @@
 """CLIP models for VL-LTR: the open_clip encoders of Eq. (1), their weights, tokens and embeddings.
 
-    create_clip(backbone, image_size)          a randomly initialised open_clip CLIP (or the shapes_lt stand-in)
+    pretrained_cfg(backbone, tag)              how the weights of --pretrained TAG were trained (QuickGELU, mean, std)
+    create_clip(backbone, image_size, tag)     a randomly initialised open_clip CLIP built as TAG's weights need it
+    clip_preprocess(backbone, tag)             TAG's image statistics and resizing, for images.make_transform
     load_clip_file(model, path)                local weights: a state dict, or one of OpenAI's TorchScript archives
-    openai_weights(backbone)                   open_clip's cached 'openai' weights, or one download
+    pretrained_weights(backbone, tag)          open_clip's cached weights of TAG, or one download
     tokenize_exact(sentences, L)               open_clip's BPE tokens, and which sentences did not fit
     encode_texts / encode_images               normalised embeddings of a corpus / a loader, in chunks
 
@@ -33,18 +35,91 @@ from engine import DataError, autocast, eval_precision, progress
 TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=4, width=64, layers=2, head_width=32),
                  text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2))
 
+# --pretrained: which weights, and so which settings they were trained with. The paper's are OpenAI's.
+OPENAI_TAG = "openai"
+# The settings of OpenAI's weights (open_clip's 'openai' entries say the same for every model): QuickGELU, their
+# mean and std, bicubic resizing of the short side. Also what a local file of a model open_clip holds no 'openai'
+# entry for is taken to be, as the code did before tags were read.
+OPENAI_CFG = dict(quick_gelu=True, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD,
+                  interpolation="bicubic", resize_mode="shortest")
+# shapes-tiny has one tag of its own: the world's stand-in is trained here (shapes_lt.train_clip_standin) with
+# open_clip.CLIP's nn.GELU and on OpenAI's mean and std.
+STANDIN_TAG = "standin"
+STANDIN_CFG = {**OPENAI_CFG, "quick_gelu": False}
 
-def create_clip(backbone, image_size):
-    """A randomly initialised open_clip CLIP: RN50, ViT-B-16, ... or the shapes-tiny stand-in."""
+
+def default_tag(backbone):
+    """The --pretrained a run uses when none is given: OpenAI's (the paper's), the stand-in's on shapes-tiny."""
+    return STANDIN_TAG if backbone == "shapes-tiny" else OPENAI_TAG
+
+
+def pretrained_cfg(backbone, tag):
+    """open_clip's pretrained config of (backbone, tag) (open_clip.get_pretrained_cfg): where the weights are and
+    how they were trained, {quick_gelu, mean, std, interpolation, resize_mode, hf_hub / url / file}. 'openai' for a
+    model open_clip holds no OpenAI weights for (a local file of them, --clip-weights) gets OpenAI's settings."""
     if backbone == "shapes-tiny":
-        cfg = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "image_size": image_size}}
-        return open_clip.CLIP(**cfg)
+        if tag != STANDIN_TAG:
+            raise DataError(f"--backbone shapes-tiny has one --pretrained, {STANDIN_TAG} (the shapes_lt world's "
+                            f"stand-in); drop --pretrained {tag}")
+        return STANDIN_CFG
+    cfg = open_clip.get_pretrained_cfg(backbone, tag)
+    if cfg:
+        return cfg
+    if tag == OPENAI_TAG:
+        return OPENAI_CFG
+    tags = open_clip.list_pretrained_tags_by_model(backbone)
+    raise DataError(f"open_clip has no --pretrained {tag} for --backbone {backbone}; its tags: "
+                    f"{', '.join(tags) or 'none'} (open_clip.list_pretrained() lists every model and tag)")
+
+
+def create_clip(backbone, image_size, tag=None):
+    """A randomly initialised open_clip CLIP: RN50, ViT-B-16, ... or the shapes-tiny stand-in, with the activation
+    the weights of --pretrained `tag` (default: default_tag) were trained with."""
+    cfg = pretrained_cfg(backbone, tag or default_tag(backbone))
+    if backbone == "shapes-tiny":
+        cfg_tiny = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "image_size": image_size}}
+        return open_clip.CLIP(**cfg_tiny, quick_gelu=cfg["quick_gelu"])
     if backbone not in open_clip.list_models():
         raise DataError(f"unknown --backbone {backbone!r}; use RN50, ViT-B-16 or another open_clip model name")
-    # OpenAI's CLIP weights (the paper's) were trained with QuickGELU; open_clip's plain configs use nn.GELU,
-    # which would load the same weights without complaint and compute something else.
+    check_towers(backbone)
+    # OpenAI's, DFN's and MetaCLIP's weights were trained with QuickGELU, LAION's and DataComp's with nn.GELU; the
+    # other activation loads the same weights without complaint and computes something else. open_clip's own
+    # create_model only warns about a mismatch, so the tag's value is passed as the model's (it overrides the
+    # model config's, e.g. RN50's plain config is nn.GELU).
     with without_log_line("No pretrained weights loaded"):   # the weights come next, from load_clip_file
-        return open_clip.create_model(backbone, pretrained=None, force_image_size=image_size, force_quick_gelu=True)
+        return open_clip.create_model(backbone, pretrained=None, force_image_size=image_size,
+                                      quick_gelu=bool(cfg.get("quick_gelu", False)))
+
+
+def check_towers(backbone):
+    """Refuse, in one line, an open_clip model whose towers or outputs VL-LTR cannot use. The method needs: one
+    (B, D) embedding per image from the image tower alone (lgr.Recognizer keeps only that tower); a text tower
+    that reads CLIP's BPE tokens (data.corpus_tokens tokenises every corpus once with them); and a model trained
+    with the softmax contrastive loss, whose logit_scale is the tau of Eq. (2), (3) and AnSS. Read from the
+    model's config, before anything is built."""
+    cfg = open_clip.get_model_config(backbone)
+    text = cfg.get("text_cfg", {})
+    missing = []
+    if "multimodal_cfg" in cfg:
+        missing.append("a plain image embedding (CoCa's image tower also returns its tokens for the caption decoder)")
+    if text.get("hf_tokenizer_name") or text.get("hf_model_name"):
+        missing.append(f"a text tower that reads CLIP's BPE tokens (it reads "
+                       f"{text.get('hf_tokenizer_name') or text.get('hf_model_name')}'s)")
+    elif text.get("vocab_size", 49408) != 49408:
+        missing.append(f"CLIP's BPE vocabulary of 49408 tokens (its text tower has {text['vocab_size']})")
+    if cfg.get("init_logit_bias") is not None:
+        missing.append("softmax contrastive training (it has a logit_bias: a sigmoid loss, as SigLIP's)")
+    if missing:
+        raise DataError(f"--backbone {backbone} cannot be used by VL-LTR: it lacks {'; '.join(missing)}; choose a "
+                        f"CLIP model (RN50, ViT-B-16, ViT-L-14, EVA02-B-16, ...)")
+
+
+def clip_preprocess(backbone, tag=None):
+    """The image settings the weights of `tag` were trained with, as images.make_transform's keywords:
+    {mean, std, interpolation ('bicubic' | 'bilinear'), resize_mode ('shortest' | 'squash')}. OpenAI's: their
+    mean and std, bicubic, short side; ViT-L-14 laion2b_s32b_b82k: mean = std = 0.5; SigLIP's: squash."""
+    cfg = {**OPENAI_CFG, **pretrained_cfg(backbone, tag or default_tag(backbone))}   # a cfg may leave some out
+    return {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode")}
 
 
 @contextlib.contextmanager
@@ -60,7 +135,14 @@ def without_log_line(prefix):
 
 
 def context_length(model):
-    return model.positional_embedding.shape[0]
+    """The text tower's context L (77 for OpenAI's; CustomTextCLIP keeps its tower in .text, CLIP flattens it)."""
+    return model.context_length
+
+
+def embed_dim(model):
+    """D, the width of both embeddings: the text projection's output ((W, D) parameter, or a Linear layer)."""
+    proj = getattr(model, "text", model).text_projection
+    return proj.out_features if isinstance(proj, torch.nn.Linear) else proj.shape[1]
 
 
 def interpolate_pos_embed(state_dict, model):
@@ -124,31 +206,44 @@ def torchscript_state_dict(path, model):
     return {k: v for k, v in sd.items() if k not in not_weights}
 
 
-def openai_weights(backbone):
-    """The path of OpenAI's CLIP weights for `backbone` (the paper's initialisation): open_clip's cached copy,
-    else a download through open_clip when its server can be reached. Offline, one line at once (open_clip
-    itself retries for about 46 s before failing, SPEC.md §7)."""
-    cfg = open_clip.get_pretrained_cfg(backbone, "openai")
+def pretrained_weights(backbone, tag):
+    """The path of the CLIP weights open_clip names for (backbone, tag) (the paper's: 'openai'): a local file its
+    config points at, its cached copy, else a download through open_clip when its server can be reached.
+    Offline, one line at once (open_clip itself retries for about 46 s before failing, SPEC.md §7)."""
+    what = "OpenAI CLIP weights" if tag == OPENAI_TAG else f"CLIP weights --pretrained {tag}"
+    cfg = open_clip.get_pretrained_cfg(backbone, tag)
     if not cfg:
-        raise DataError(f"open_clip has no OpenAI CLIP weights for --backbone {backbone}; pass --clip-weights PATH")
-    path = cached_openai_weights(cfg)
+        pretrained_cfg(backbone, tag)                             # an unknown tag: its own line, with the tags
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(backbone)) or "none"
+        raise DataError(f"open_clip has no {what} for --backbone {backbone}; pass --clip-weights PATH, or "
+                        f"--pretrained one of its tags ({tags})")
+    if cfg.get("file"):                          # a local entry: open_clip.download_pretrained's first case
+        return cfg["file"]
+    path = cached_weights(cfg)
     if path:
         return path
-    how = (f"pass --clip-weights PATH to a local file ({backbone}.pt from OpenAI, as the official code keeps it "
-           f"in pretrained/, or a state dict), or run once with internet so open_clip caches them")
+    if tag == OPENAI_TAG:
+        how = (f"pass --clip-weights PATH to a local file ({backbone}.pt from OpenAI, as the official code keeps it "
+               f"in pretrained/, or a state dict), or run once with internet so open_clip caches them")
+    else:
+        how = (f"pass --clip-weights PATH to a local copy ({cfg.get('hf_hub') or cfg.get('url')}) with --pretrained "
+               f"{tag}, or run once with internet so open_clip caches them")
     host = download_host(cfg)
+    if not host:
+        raise DataError(f"no {what} for {backbone} in open_clip's cache, and open_clip downloads them only through "
+                        f"the Hugging Face hub: pip install huggingface_hub, or {how}")
     if not reachable(host):
-        raise DataError(f"no OpenAI CLIP weights for {backbone} in open_clip's cache and {host} cannot be reached: {how}")
+        raise DataError(f"no {what} for {backbone} in open_clip's cache and {host} cannot be reached: {how}")
     try:
         return open_clip.download_pretrained(cfg)
     except Exception as e:
-        raise DataError(f"downloading OpenAI CLIP weights for {backbone} failed ({type(e).__name__}): {how}")
+        raise DataError(f"downloading {what} for {backbone} failed ({type(e).__name__}): {how}")
 
 
-def cached_openai_weights(cfg):
-    """Where open_clip 3.3 keeps downloaded 'openai' weights, if they are there: the Hugging Face hub cache
+def cached_weights(cfg):
+    """Where open_clip 3.3 keeps downloaded weights, if they are there: the Hugging Face hub cache
     (cfg['hf_hub'], a safetensors or .bin state dict; used when huggingface_hub is installed), or
-    ~/.cache/clip/<name>.pt (cfg['url'], OpenAI's TorchScript archive). None when neither is there."""
+    ~/.cache/clip/<name> (cfg['url'], e.g. OpenAI's TorchScript archive). None when neither is there."""
     if cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():
         import huggingface_hub
         repo, filename = os.path.split(cfg["hf_hub"])
@@ -164,10 +259,11 @@ def cached_openai_weights(cfg):
 
 
 def download_host(cfg):
-    """The server open_clip.download_pretrained(cfg) fetches from: the Hugging Face hub when it is installed."""
+    """The server open_clip.download_pretrained(cfg) fetches from: the Hugging Face hub when it is installed, else
+    the config's URL; None when there is neither (a hub-only tag without huggingface_hub)."""
     if cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():
         return urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    return urllib.parse.urlparse(cfg["url"]).hostname
+    return urllib.parse.urlparse(cfg["url"]).hostname if cfg.get("url") else None
 
 
 def reachable(host, timeout=5):
@@ -180,11 +276,6 @@ def reachable(host, timeout=5):
         return True
     except OSError:
         return False
-
-
-def clip_mean_std():
-    from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    return OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 
 def encode_text_trimmed(model, tokens, groups=1):
@@ -231,7 +322,7 @@ def encode_texts(model, tokens, device, batch=1024, desc="text", training_precis
         if out is None:
             out = torch.empty(len(tokens), E.shape[1], device=device)
         out[rows.to(device)] = E                                 # back in corpus order
-    return out if out is not None else torch.zeros(0, model.text_projection.shape[1], device=device)
+    return out if out is not None else torch.zeros(0, embed_dim(model), device=device)
 
 
 @torch.no_grad()

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import shapes_lt
-from clip_models import (clip_mean_std, create_clip, encode_images, encode_text_trimmed, encode_texts, load_clip_file,
-                         openai_weights)
+from clip_models import (clip_preprocess, create_clip, encode_images, encode_text_trimmed, encode_texts, load_clip_file,
+                         pretrained_weights)
 from data import DATASETS, SHAPES_WORLDS, add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
 from engine import (DataError, checkpoint_meta, cosine_schedule, distribute, fit, gather, init_distributed,
                     prepare_out, rank_world, run_stage, seed_everything)
@@ -125,12 +125,14 @@ def pretraining_loss(L_ccl, L_dis, lam):
 def load_clip(args, device="cpu"):
     """The CLIP model with pre-trained weights: the student's init (--init clip) and the frozen teacher.
 
-    --clip-weights PATH: a local file. shapes_lt: the world's small stand-in (shapes_lt.py), trained and
-    cached on first use. Otherwise open_clip's 'openai' weights (downloaded once, then cached by open_clip)."""
+    --clip-weights PATH: a local file (of the weights --pretrained names). shapes_lt: the world's small stand-in
+    (shapes_lt.py), trained and cached on first use. Otherwise open_clip's weights of --pretrained (default
+    'openai', the paper's; downloaded once, then cached by open_clip). The model is built as those weights were
+    trained (QuickGELU or GELU, clip_models.create_clip)."""
     path = args.clip_weights
     if not path and args.backbone != "shapes-tiny":
-        path = openai_weights(args.backbone)                     # before building the model: offline fails at once
-    model = create_clip(args.backbone, args.image_size)
+        path = pretrained_weights(args.backbone, args.pretrained)   # before building the model: offline fails at once
+    model = create_clip(args.backbone, args.image_size, args.pretrained)
     if not path:
         path = shapes_lt.standin_path(args.data_root, args.seed)
         if not os.path.exists(path):
@@ -201,7 +203,8 @@ def class_prototype_accuracy(model, data, text, args):
         protos = torch.zeros(data.num_classes, E_T.shape[1], device=args.device).index_add_(
             0, text["label"].to(args.device), E_T)                                      # (C, D)
         protos = F.normalize(protos, dim=-1)
-        loader = make_loader(data.val, make_transform(args.image_size, *clip_mean_std(), train=False), args)
+        transform = make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained), train=False)
+        loader = make_loader(data.val, transform, args)
         E_I, y = encode_images(model.encode_image, loader, args.device, desc="val")    # (V, D), (V,)
     model.train(was_training)
     return (E_I @ protos.T).argmax(1).eq(y).float().mean().item()
@@ -227,7 +230,7 @@ def run(args):
     if args.init == "clip":
         student = load_clip(args, args.device)
     else:
-        student = create_clip(args.backbone, args.image_size).to(args.device)
+        student = create_clip(args.backbone, args.image_size, args.pretrained).to(args.device)
     with torch.no_grad():
         student.logit_scale.fill_(math.log(1 / args.tau))         # tau learnable, init 0.07 (Sec. 3.2)
     if teacher is not None:
@@ -240,7 +243,8 @@ def run(args):
         teacher_text = encode_texts(teacher, text["tokens"], args.device, desc="teacher text",   # (S, D), in the
                                     training_precision=True)     # precision the step's own teacher forward would use
 
-    transform = make_transform(args.image_size, *clip_mean_std(), train=True, crop_scale=DATASETS[args.data]["crop_scale"])
+    transform = make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained), train=True,
+                               crop_scale=DATASETS[args.data]["crop_scale"])
     loader = make_loader(data.train, transform, args, sampling=args.sampling, generator=rngs["sampler"])
     if len(loader) < args.accum:
         raise DataError(f"--batch {args.batch} x --accum {args.accum} is larger than the training set "

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import shapes_lt
-from clip_models import context_length, tokenize_exact
+from clip_models import context_length, default_tag, tokenize_exact
 from engine import DataError, ResumableSampler, atomic_write, fail, rank_world, warn
 from images import DeviceLoader, DeviceTransform, FileBytes, ImageDataset, collate_files, drop_unreadable, load_rgb
 from readers import READERS, Split, read_descriptions
@@ -55,29 +55,38 @@ def add_common_args(p):
     p.add_argument("--backbone", default=None, help="RN50 | ViT-B-16 | shapes-tiny | another open_clip model "
                    "(default: per dataset; the later stages must use cvlp.py's)")
     p.add_argument("--clip-weights", default=None, help="local CLIP weights: a state dict, or OpenAI's archive "
-                   "(RN50.pt, ViT-B-16.pt); default: open_clip's 'openai' weights (needs internet once), on shapes_lt "
-                   "the world's small CLIP stand-in, trained on first use")
+                   "(RN50.pt, ViT-B-16.pt); default: open_clip's weights of --pretrained (needs internet once), on "
+                   "shapes_lt the world's small CLIP stand-in, trained on first use")
+    p.add_argument("--pretrained", default=None, metavar="TAG", help="which CLIP weights: an open_clip tag of "
+                   "--backbone (open_clip.list_pretrained_tags_by_model), e.g. laion2b_s34b_b88k for ViT-B-16; it "
+                   "sets QuickGELU or GELU, mean / std and resizing as those weights were trained, and names what a "
+                   "--clip-weights file holds (default: openai, the paper's; shapes-tiny: standin; the later stages "
+                   "must use cvlp.py's)")
     p.add_argument("--image-size", type=int, default=None, help="input size (default: per dataset; 384 for the iNat "
                    "ViT-B/16-384 row)")
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: up to 8; 0 on shapes_lt)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (counted, one warning) instead of stopping")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>, runs/<data>/<backbone>-<tag> "
+                   "for a --pretrained other than the default)")
     p.add_argument("--seed", type=int, default=0, help="seeds training and the shapes_lt world")
     return p
 
 
 def fill_defaults(args):
-    """Per-dataset defaults shared by all stages (DATASETS); the run folder runs/<data>/<backbone>."""
+    """Per-dataset defaults shared by all stages (DATASETS); the run folder runs/<data>/<backbone>, with the tag
+    appended for weights other than the default ones (so that two runs of one backbone keep their own files)."""
     if args.data not in DATASETS:
         fail(f"unknown --data {args.data!r}; choose one of: {', '.join(DATASETS)}")
     d = DATASETS[args.data]
     args.backbone = args.backbone or d["backbone"]
+    args.pretrained = args.pretrained or default_tag(args.backbone)
     args.image_size = args.image_size or d["image_size"]
     args.data_root = args.data_root or d["root"]
     args.workers = args.workers if args.workers is not None else (0 if args.data in SHAPES_WORLDS else default_workers())
-    args.out = args.out or os.path.join("runs", args.data, args.backbone)
+    folder = args.backbone if args.pretrained == default_tag(args.backbone) else f"{args.backbone}-{args.pretrained}"
+    args.out = args.out or os.path.join("runs", args.data, folder)
     return args
 
 

@@ -182,17 +182,28 @@ def prepare_out(args):
 
 
 def checkpoint_meta(args, stage, num_classes):
-    """What made a checkpoint: refused on --resume or by the next stage when it does not match."""
-    return {"stage": stage, "data": args.data, "backbone": args.backbone, "num_classes": num_classes,
-            "variant": getattr(args, "variant", None), "version": CODE_VERSION}
+    """What made a checkpoint: refused on --resume or by the next stage when it does not match. "pretrained": the
+    CLIP weights' tag, from which a later stage rebuilds the same model and image transforms."""
+    return {"stage": stage, "data": args.data, "backbone": args.backbone, "pretrained": args.pretrained,
+            "num_classes": num_classes, "variant": getattr(args, "variant", None), "version": CODE_VERSION}
+
+
+def checkpoint_tag(ckpt):
+    """The --pretrained tag a checkpoint was made under. Checkpoints written before the tag was recorded were
+    made from OpenAI's weights, the only ones loaded right then ("openai"; on shapes-tiny the world's stand-in,
+    "standin")."""
+    return ckpt.get("pretrained") or ("standin" if ckpt.get("backbone") == "shapes-tiny" else "openai")
 
 
 def check_meta(ckpt, meta, path):
-    for key in ("stage", "data", "backbone", "num_classes", "head"):
-        if ckpt.get(key) != meta.get(key):
+    found = {**ckpt, "pretrained": checkpoint_tag(ckpt)}
+    for key in ("stage", "data", "backbone", "pretrained", "num_classes", "head"):
+        if found.get(key) != meta.get(key):
+            fix = (f"pass --pretrained {found[key]}, the tag it was made under" if key == "pretrained" else
+                   "point --out at the matching run")
             raise DataError(f"{path} is a {ckpt.get('stage')} checkpoint of {ckpt.get('data')}/{ckpt.get('backbone')} "
-                            f"with {ckpt.get('num_classes')} classes ({key} {ckpt.get(key)!r}), but this run expects "
-                            f"{key} {meta.get(key)!r}; point --out at the matching run, or rerun the stage that writes it")
+                            f"with {ckpt.get('num_classes')} classes ({key} {found.get(key)!r}), but this run expects "
+                            f"{key} {meta.get(key)!r}; {fix}, or rerun the stage that writes it")
 
 
 # ----------------------------------------------------------------------------------------------

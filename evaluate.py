@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from anss import load_encoder, suffix
-from clip_models import clip_mean_std, context_length, encode_images, encode_texts, tokenize_exact
+from clip_models import clip_preprocess, context_length, default_tag, encode_images, encode_texts, tokenize_exact
 from cvlp import load_clip
 from data import add_common_args, fill_defaults, load_data, make_loader, prompt_sentences
 from engine import (DataError, atomic_write, check_meta, checkpoint_meta, fail, load_checkpoint, one_process_only,
@@ -157,7 +157,8 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
     one line and skipped, and the others still run; on_result(results, preds, found) is called after every head
     (run() rewrites eval.json then, so a long evaluation keeps what it has computed)."""
     counts, split = data.counts, getattr(data, args.split)
-    loader = make_loader(split, make_transform(args.image_size, *clip_mean_std(), train=False), args)
+    loader = make_loader(split, make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained),
+                                               train=False), args)
     results, preds, found, failed = {}, {}, [], {}
 
     def record(name, pred, y):
@@ -259,13 +260,17 @@ def run_released(args):
     evaluation images (short side to 256, centre crop 224), beside the paper's number: the row the official
     evaluation reports (overall of the alpha mix, many / medium / few of the logit sum), then every column of
     each of the two predictions and of each branch. Writes eval_released.json."""
+    if args.pretrained != default_tag(args.backbone):
+        raise DataError(f"the released VL-LTR models were fine-tuned from OpenAI's CLIP weights; drop --pretrained "
+                        f"{args.pretrained}")
     model = recognizer_from_released(args.released, args.backbone, args.image_size).to(args.device)
     data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
     if len(model.anchors) != data.num_classes:
         raise DataError(f"--released {args.released} has {len(model.anchors)} classes, {args.data} has "
                         f"{data.num_classes}; pass the --data it was trained on")
     args.variant, alpha = "official", official_alpha(args.data)
-    transform = make_transform(args.image_size, *clip_mean_std(), train=False, crop_pct=0.875)
+    transform = make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained), train=False,
+                               crop_pct=0.875)
     p, y = predict(model, make_loader(getattr(data, args.split), transform, args), args, desc="released")
     # The official evaluation takes its overall top-1 and its many / medium / few columns from two predictions
     # (SPEC.md §3): the first row is what it reports, the next two give every column of each prediction.

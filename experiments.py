@@ -27,7 +27,7 @@ import cvlp
 import evaluate
 import lgr
 from anss import suffix
-from clip_models import clip_mean_std
+from clip_models import clip_preprocess
 from data import FEW_UP_TO, MANY_FROM, contact_sheet, fill_defaults, load_data, shot_split
 from engine import DataError, atomic_write, load_checkpoint, one_process_only, run_stage
 from evaluate import evaluate_folder
@@ -162,7 +162,7 @@ def run_table(args):
     is skipped and a stopped one resumed, so rerunning the command continues. Writes <results>/<data>.json
     and .md (mean and std over seeds) and, with matplotlib installed, the plots."""
     common = ["--data", args.data, "--data-root", args.data_root, "--device", str(args.device),
-              "--workers", str(args.workers)]
+              "--workers", str(args.workers), "--backbone", args.backbone, "--pretrained", args.pretrained]
     if args.clip_weights:
         common += ["--clip-weights", args.clip_weights]
     root = os.path.join(args.table_out, args.data)
@@ -398,7 +398,8 @@ def plot_lgr_attention(args, data, results, path):
     gain[shot_split(data.counts) != "few"] = -np.inf
     c = int(gain.argmax())
     i = int(np.flatnonzero(data.test.labels == c)[0])
-    x = make_transform(args.image_size, *clip_mean_std(), train=False)(torch.from_numpy(data.test.images[i]).permute(2, 0, 1))
+    transform = make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained), train=False)
+    x = transform(torch.from_numpy(data.test.images[i]).permute(2, 0, 1))
     with torch.no_grad():
         logits_I, logits_T, A = model(x[None].to(args.device))
     predicted = int(lgr_probabilities(logits_I, logits_T, args.variant, official_alpha(args.data)).argmax())

@@ -1,7 +1,8 @@
 """Images for VL-LTR: reading any image file, CLIP's augmentation, and the Dataset the loaders draw from.
 
 Train: RandomResizedCrop + horizontal flip; eval: resize + centre crop; both normalised with CLIP's mean
-and std (the paper fine-tunes CLIP, so its input statistics). Images held in memory (shapes_lt) are
+and std and resized as its weights were trained (the paper fine-tunes CLIP, so its input statistics; the
+settings of each --pretrained tag come from clip_models.clip_preprocess). Images held in memory (shapes_lt) are
 augmented a whole batch at a time (`Transform.batch`), image files one at a time in the loader's workers.
 Which images belong to which split and class is data.py's business.
 """
@@ -78,31 +79,39 @@ class ImageDataset(torch.utils.data.Dataset):
         return list(zip(x.unbind(), self.split.labels[indices].tolist()))
 
 
-def make_transform(image_size, mean, std, train, crop_scale=(0.08, 1.0), crop_pct=1.0):
+def make_transform(image_size, mean, std, train, crop_scale=(0.08, 1.0), crop_pct=1.0, interpolation="bicubic",
+                   resize_mode="shortest"):
     """Train: RandomResizedCrop + horizontal flip; eval: resize + centre crop (CLIP's; crop_pct 0.875 resizes
     the short side to image_size / 0.875 first, 256 for 224, as the official code evaluates). Both normalise
-    with the CLIP model's mean and std. See Transform."""
-    return Transform(image_size, mean, std, train, crop_scale, crop_pct)
+    with the CLIP model's mean and std and resize with its interpolation ('bicubic' | 'bilinear'); resize_mode
+    'squash' (SigLIP's, DFN's ViT-H) resizes eval images to a square, ignoring the aspect ratio, as open_clip
+    does. clip_models.clip_preprocess(backbone, tag) gives the last four keywords. See Transform."""
+    return Transform(image_size, mean, std, train, crop_scale, crop_pct, interpolation, resize_mode)
 
 
 class Transform:
     """transform(img): one PIL image or uint8 (3, H, W) tensor -> (3, S, S) float, with torchvision v2.
     transform.batch(x): uint8 (B, 3, H, W) -> (B, 3, S, S) in a few calls per batch, the same transform
     image by image: its own crop and flip for each, drawn as v2 draws them, resized as torchvision resizes
-    float images (bicubic, antialias), then rounded to uint8 levels. (v2's uint8 kernel also rounds between
+    float images (bicubic or bilinear, antialias), then rounded to uint8 levels. (v2's uint8 kernel also rounds between
     its two 1-D passes, so on sharp edges the two paths can differ by a few levels.)"""
 
-    def __init__(self, image_size, mean, std, train, crop_scale=(0.08, 1.0), crop_pct=1.0):
+    def __init__(self, image_size, mean, std, train, crop_scale=(0.08, 1.0), crop_pct=1.0, interpolation="bicubic",
+                 resize_mode="shortest"):
         from torchvision.transforms import v2
-        bicubic = v2.InterpolationMode.BICUBIC
-        self.size, self.train, self.crop_scale = image_size, train, crop_scale
+        if interpolation not in ("bicubic", "bilinear") or resize_mode not in ("shortest", "squash"):
+            raise DataError(f"image resizing {interpolation} / {resize_mode} is not supported (bicubic or bilinear, "
+                            f"shortest or squash)")
+        mode = v2.InterpolationMode.BICUBIC if interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
+        self.size, self.train, self.crop_scale, self.interpolation = image_size, train, crop_scale, interpolation
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        resized = int(image_size / crop_pct)
         if train:
-            geometry = [v2.RandomResizedCrop(image_size, scale=crop_scale, interpolation=bicubic, antialias=True),
+            geometry = [v2.RandomResizedCrop(image_size, scale=crop_scale, interpolation=mode, antialias=True),
                         v2.RandomHorizontalFlip()]
-        else:
-            geometry = [v2.Resize(int(image_size / crop_pct), interpolation=bicubic, antialias=True),
-                        v2.CenterCrop(image_size)]
+        else:                                   # squash: both sides to the size; shortest: the short side, aspect kept
+            geometry = [v2.Resize((resized, resized) if resize_mode == "squash" else resized, interpolation=mode,
+                                  antialias=True), v2.CenterCrop(image_size)]
         self.geometry = v2.Compose(geometry)                     # eval: deterministic, so batchable as is
         self.per_image = v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True),
                                      v2.Normalize(mean, std)])
@@ -123,7 +132,7 @@ class Transform:
     def crop_flip(self, images, boxes, flip):
         """The train geometry for given draws: images (B, 3, H, W) or [B] (3, H_k, W_k), boxes (B, 4), flip (B,)
         bool -> (B, 3, S, S) float: each box resized (resized_crops), rounded to uint8 levels, mirrored where flip."""
-        x = resized_crops(images, boxes, self.size).clamp_(0, 255).round_()
+        x = resized_crops(images, boxes, self.size, self.interpolation).clamp_(0, 255).round_()
         return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
 
     def normalise(self, x):
@@ -154,11 +163,11 @@ def random_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), tries=10):
     return torch.stack([top, left, h, w], 1)
 
 
-def resized_crops(x, boxes, size):
+def resized_crops(x, boxes, size, interpolation="bicubic"):
     """(B, C, H, W) float, or a list of B (C, H_k, W_k) images of any size and dtype; (B, 4) boxes (top, left,
-    h, w) -> (B, C, size, size) float: each box resized with bicubic interpolation and antialias, as
-    torchvision's resized_crop does."""
-    return torch.cat([F.interpolate(x[k][None, :, t:t + h, l:l + w].float(), size=(size, size), mode="bicubic",
+    h, w) -> (B, C, size, size) float: each box resized with `interpolation` ('bicubic' | 'bilinear') and
+    antialias, as torchvision's resized_crop does."""
+    return torch.cat([F.interpolate(x[k][None, :, t:t + h, l:l + w].float(), size=(size, size), mode=interpolation,
                                     align_corners=False, antialias=True)
                       for k, (t, l, h, w) in enumerate(boxes.tolist())])
 
@@ -228,7 +237,7 @@ class DeviceTransform:
     PIL), converted to RGB; whatever that decoder does not handle (CMYK, a PNG named .JPEG, a file it refuses)
     goes through load_rgb on the CPU, image by image, with its error messages.
     Train: a RandomResizedCrop box drawn from each image's own H x W (random_crop_boxes), resized as
-    Transform.batch resizes (resized_crops: bicubic, antialias, rounded to uint8 levels), mirrored with
+    Transform.batch resizes (resized_crops: bicubic or bilinear, antialias, rounded to uint8 levels), mirrored with
     probability 1/2; eval: Transform's own resize of the short side and centre crop, image by image. Then
     normalised with the CLIP mean and std. The random draws come from torch's global generator in the main
     process, in order, so --resume continues them exactly (as --workers 0 does for --loader pil).

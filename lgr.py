@@ -18,10 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from anss import load_encoder, suffix
-from clip_models import clip_mean_std, create_clip
+from clip_models import clip_preprocess, create_clip, embed_dim
 from data import DATASETS, SHAPES_WORLDS, add_common_args, fill_defaults, load_data, make_loader, shot_split
-from engine import (DataError, checkpoint_meta, cosine_schedule, distribute, eval_precision, fit, init_distributed,
-                    load_checkpoint, prepare_out, progress, rank_world, run_stage, seed_everything)
+from engine import (DataError, checkpoint_meta, checkpoint_tag, cosine_schedule, distribute, eval_precision, fit,
+                    init_distributed, load_checkpoint, prepare_out, progress, rank_world, run_stage, seed_everything)
 from images import make_transform
 
 
@@ -214,8 +214,11 @@ class Recognizer(nn.Module):
 def build_recognizer(args, device, ckpt=None):
     """Visual encoder from cvlp.pt (or CLIP) and a fresh head, or both from a saved lgr.py checkpoint;
     anchors from anchor_embeds.pt (frozen buffers, not part of the checkpoint)."""
-    encoder = create_clip(args.backbone, args.image_size) if ckpt is not None else load_encoder(args, device)[0]
-    D = encoder.text_projection.shape[1]
+    if ckpt is not None:
+        encoder = create_clip(args.backbone, args.image_size, args.pretrained)
+    else:
+        encoder = load_encoder(args, device)[0]
+    D = embed_dim(encoder)
     anchors = mask = None
     if args.head == "lgr":
         a = load_checkpoint(os.path.join(args.out, f"anchor_embeds{suffix(args)}.pt"), "anss",
@@ -224,6 +227,9 @@ def build_recognizer(args, device, ckpt=None):
         if (a.get("data"), len(anchors)) != (args.data, args.num_classes):
             raise DataError(f"anchor_embeds{suffix(args)}.pt holds {len(anchors)} classes of {a.get('data')}, this run "
                             f"{args.num_classes} of {args.data}; rerun anss.py with this --data and --out")
+        if checkpoint_tag(a) != args.pretrained:
+            raise DataError(f"anchor_embeds{suffix(args)}.pt was made under --pretrained {checkpoint_tag(a)}, this run "
+                            f"uses {args.pretrained}; pass --pretrained {checkpoint_tag(a)}, or rerun anss.py")
         if anchors.shape[-1] != D:
             raise DataError(f"anchor_embeds.pt has D = {anchors.shape[-1]}, the encoder D = {D}; rerun anss.py")
     C = len(anchors) if anchors is not None else args.num_classes
@@ -282,9 +288,9 @@ def recognizer_from_released(path, backbone, image_size):
     mask = E_T.ne(0).any(dim=-1)                                 # (C, M) True for real anchor sentences
     if not mask.any(dim=1).all():
         raise DataError(f"--released {path}: class {int((~mask.any(dim=1)).nonzero()[0])} has no anchor sentence")
-    encoder = create_clip(backbone, image_size)
-    if encoder.text_projection.shape[1] != D:
-        raise DataError(f"--released {path} has D = {D}, --backbone {backbone} D = {encoder.text_projection.shape[1]}; "
+    encoder = create_clip(backbone, image_size)                  # OpenAI's weights: the official code fine-tuned those
+    if embed_dim(encoder) != D:
+        raise DataError(f"--released {path} has D = {D}, --backbone {backbone} D = {embed_dim(encoder)}; "
                         f"pass the backbone it was trained with (RN50: 1024, ViT-B-16: 512)")
     model = Recognizer(encoder.visual, D, C, "lgr", variant="official", anchors=E_T, mask=mask)
     model.head.max_inv_tau = math.inf                            # the official head: exp(logit_scale), no clamp
@@ -375,13 +381,14 @@ def run(args):
     if args.compile:                       # in place (nn.Module.compile): parameter names, checkpoints unchanged
         model.visual.compile()
 
-    mean_std = clip_mean_std()
-    train_transform = make_transform(args.image_size, *mean_std, train=True, crop_scale=DATASETS[args.data]["crop_scale"])
+    preprocess = clip_preprocess(args.backbone, args.pretrained)    # the images the CLIP weights were trained on
+    train_transform = make_transform(args.image_size, **preprocess, train=True,
+                                     crop_scale=DATASETS[args.data]["crop_scale"])
     loader = make_loader(data.train, train_transform, args, sampling=args.sampling, generator=rngs["sampler"])
     if len(loader) < args.accum:
         raise DataError(f"--batch {args.batch} x --accum {args.accum} is larger than the training set "
                         f"({len(data.train.labels)} images); lower --batch")
-    val_loader = make_loader(data.val, make_transform(args.image_size, *mean_std, train=False), args)
+    val_loader = make_loader(data.val, make_transform(args.image_size, **preprocess, train=False), args)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
                             weight_decay=args.wd, fused=str(args.device).startswith("cuda"))
     steps = len(loader) // args.accum

@@ -6,8 +6,8 @@ branches P^I and P^T, and under each class the anchor sentences the LGR head att
     python predict.py --demo --run runs/shapes_lt/shapes-tiny             # tail-class test images -> PNG
 
 The run folder needs lgr.pt (lgr.py), anchors.json and anchor_embeds.pt (anss.py); everything else (dataset,
-backbone, image size, variant) is read from lgr.pt. The class names and anchor sentences come from
-anchors.json, so a real dataset's run works without its images. --demo also needs the run's dataset.
+backbone, CLIP weights' tag, image size, variant) is read from lgr.pt. The class names and anchor sentences
+come from anchors.json, so a real dataset's run works without its images. --demo also needs the run's dataset.
 """
 import argparse
 import json
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clip_models import clip_mean_std
+from clip_models import clip_preprocess
 from data import load_data, shot_split
-from engine import DataError, eval_precision, load_checkpoint, run_stage
+from engine import DataError, checkpoint_tag, eval_precision, load_checkpoint, run_stage
 from images import load_rgb, make_transform
 from lgr import build_recognizer, lgr_probabilities, official_alpha
 
@@ -67,7 +67,7 @@ def load_run(run, device):
                         f"{ckpt.get('init')}); point --run at a folder where `python lgr.py` wrote lgr.pt")
     saved = ckpt["args"]
     args = Namespace(**{**saved, "out": run, "head": "lgr", "init": "cvlp", "num_classes": ckpt["num_classes"],
-                        "device": device})
+                        "pretrained": checkpoint_tag(ckpt), "device": device})   # the tag: its model and images
     model = build_recognizer(args, device, ckpt).eval()         # anchors from anchor_embeds.pt
     anchors_path = os.path.join(run, "anchors.json")
     if not os.path.exists(anchors_path):
@@ -83,7 +83,8 @@ def load_run(run, device):
 def explain(model, args, classes, image, top=5, sentences=3):
     """One PIL image -> its top classes by P (Eq. 7), each with P, P^I, P^T and the `sentences` anchors of
     largest attention weight A (Eq. 6) among the class's real anchors (padding never shows)."""
-    x = make_transform(args.image_size, *clip_mean_std(), train=False)(image)[None].to(args.device)   # (1, 3, S, S)
+    transform = make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained), train=False)
+    x = transform(image)[None].to(args.device)                  # (1, 3, S, S)
     with eval_precision(args.device):                           # fp32, whatever the training precision
         logits_I, logits_T, A = model(x)                         # (1, C), (1, C), (1, C, M)
     logits_I, logits_T, A = logits_I.float(), logits_T.float(), A.float()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clip_models import clip_mean_std, context_length, tokenize_exact
+from clip_models import STANDIN_TAG, clip_preprocess, context_length, tokenize_exact
 from engine import atomic_write, progress, warn
 
 SHAPES_VERSION = 3   # bump when the generator changes: cached worlds are keyed by version + seed
@@ -301,7 +301,8 @@ def train_clip_standin(model, path, seed, device, n_pairs=20000, steps=450, batc
     g = torch.Generator().manual_seed(seed)
     images, captions = shapes_caption_pairs(n_pairs, seed, model.visual.image_size[0])
     tokens = tokenize_exact(captions, context_length(model))[0]                                  # (n, L)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in clip_mean_std())
+    preprocess = clip_preprocess("shapes-tiny", STANDIN_TAG)                                    # OpenAI's mean, std
+    mean, std = (torch.tensor(preprocess[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2)                                       # (n, 3, H, W) uint8
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)

@@ -124,7 +124,8 @@ def test_image_and_text_embeddings_run_fp32_inside_a_training_autocast(monkeypat
 def test_predict_explain_runs_fp32_inside_a_training_autocast(monkeypatch):
     model = tiny_recognizer()
     seen = dtype_recorder(model.visual[1])
-    args = argparse.Namespace(device="cpu", variant="official", data="imagenet_lt", image_size=8)
+    args = argparse.Namespace(device="cpu", variant="official", data="imagenet_lt", image_size=8, backbone="RN50",
+                              pretrained="openai")
     classes = [{"name": n, "sentences": s} for n, s in (("a", ["a1", "a2"]), ("b", ["b1"]), ("c", ["c1", "c2"]))]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         top = predict.explain(model, args, classes, Image.new("RGB", (8, 8), (200, 30, 30)), top=3, sentences=1)

@@ -55,8 +55,8 @@ def test_openai_torchscript_archive_loads_through_clip_weights(tmp_path):
     save_openai_style_archive(original, tmp_path / "RN50.pt")
     assert clip_models.is_torchscript_archive(tmp_path / "RN50.pt")
 
-    args = argparse.Namespace(backbone="shapes-tiny", image_size=32, clip_weights=str(tmp_path / "RN50.pt"),
-                              data="shapes_lt", data_root=str(tmp_path), seed=0)
+    args = argparse.Namespace(backbone="shapes-tiny", pretrained="standin", image_size=32,
+                              clip_weights=str(tmp_path / "RN50.pt"), data="shapes_lt", data_root=str(tmp_path), seed=0)
     torch.manual_seed(1)                                         # a different random init underneath
     loaded = cvlp.load_clip(args).state_dict()
     assert set(loaded) == set(expected)
@@ -287,7 +287,7 @@ def test_no_cached_weights_and_no_network_is_one_line_at_once(empty_caches, monk
     monkeypatch.setattr(clip_models, "reachable", lambda host, timeout=5: False)
     with pytest.raises(DataError, match=r"^no OpenAI CLIP weights for RN50 in open_clip's cache and huggingface.co "
                                         r"cannot be reached: pass --clip-weights PATH .*pretrained/"):
-        clip_models.openai_weights("RN50")
+        clip_models.pretrained_weights("RN50", "openai")
 
 
 def test_cached_weights_are_used_without_the_network(empty_caches, monkeypatch):
@@ -295,20 +295,21 @@ def test_cached_weights_are_used_without_the_network(empty_caches, monkeypatch):
     archive = empty_caches / ".cache" / "clip" / "RN50.pt"     # where open_clip puts OpenAI's URL download
     archive.parent.mkdir(parents=True)
     archive.write_bytes(b"x")
-    assert clip_models.openai_weights("RN50") == str(archive)
+    assert clip_models.pretrained_weights("RN50", "openai") == str(archive)
     # The Hugging Face hub cache (open_clip's first choice) wins when both are there.
     repo = empty_caches / "hf" / "models--timm--resnet50_clip.openai"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("abc123")
     (repo / "snapshots" / "abc123").mkdir(parents=True)
     (repo / "snapshots" / "abc123" / "open_clip_model.safetensors").write_bytes(b"x")
-    assert clip_models.openai_weights("RN50") == str(repo / "snapshots" / "abc123" / "open_clip_model.safetensors")
+    want = repo / "snapshots" / "abc123" / "open_clip_model.safetensors"
+    assert clip_models.pretrained_weights("RN50", "openai") == str(want)
 
 
 def test_online_without_cache_downloads_through_open_clip(empty_caches, monkeypatch):
     monkeypatch.setattr(clip_models, "reachable", lambda host, timeout=5: host == "huggingface.co")
     monkeypatch.setattr(open_clip, "download_pretrained", lambda cfg: f"/downloaded/{cfg['hf_hub']}")
-    assert clip_models.openai_weights("RN50") == "/downloaded/timm/resnet50_clip.openai/"
+    assert clip_models.pretrained_weights("RN50", "openai") == "/downloaded/timm/resnet50_clip.openai/"
 
 
 def test_open_clip_random_init_line_is_silenced_only_inside_create_clip(caplog):
@@ -323,5 +324,6 @@ def test_open_clip_random_init_line_is_silenced_only_inside_create_clip(caplog):
     ("imagenet_lt", 2, None, 2), ("imagenet_lt", 16, None, 8), ("imagenet_lt", 2, 5, 5), ("shapes_lt", 16, None, 0)])
 def test_loader_workers_default_to_the_cores_this_process_may_use(monkeypatch, dataset, cores, explicit, want):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    args = types.SimpleNamespace(data=dataset, backbone=None, image_size=None, data_root=None, workers=explicit, out=None)
+    args = types.SimpleNamespace(data=dataset, backbone=None, pretrained=None, image_size=None, data_root=None,
+                                 workers=explicit, out=None)
     assert data.fill_defaults(args).workers == want
