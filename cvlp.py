@@ -54,6 +54,9 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>)")
     p.add_argument("--resume", action="store_true", help="continue this stage from <out>/cvlp.pt")
+    p.add_argument("--save-every", type=float, default=0, metavar="MINUTES", help="also save <out>/cvlp.pt every "
+                   "this many minutes mid-epoch (0: after each epoch only): a run killed without warning loses at most that "
+                   "much (with torchrun --max-restarts and --resume it goes on from there); the training is unchanged")
     p.add_argument("--seed", type=int, default=0, help="seeds training and the shapes_lt world")
     p.add_argument("--accum", type=int, default=1, help="optimiser step every N batches (effective batch N x --batch; "
                    "cvlp's contrastive softmax still spans one --batch)")
