@@ -46,6 +46,9 @@ def get_args(argv=None):
     p.add_argument("--loader", default="pil", choices=["pil", "gpu"],
                    help="gpu: workers only read the files; decoding and augmentation run batched on --device")
     p.add_argument("--resume", action="store_true", help="continue this stage from <out>/cvlp.pt")
+    p.add_argument("--save-every", type=float, default=0, metavar="MINUTES", help="also save <out>/cvlp.pt every "
+                   "this many minutes mid-epoch (0: after each epoch only): a run killed without warning loses at most that "
+                   "much (with torchrun --max-restarts and --resume it goes on from there); the training is unchanged")
     p.add_argument("--accum", type=int, default=1, help="optimiser step every N batches (effective batch N x --batch; "
                    "cvlp's contrastive softmax still spans one --batch)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")

@@ -259,14 +259,24 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
     batches one optimiser step, gradients clipped to --clip-grad. What long runs need:
     - after every epoch an atomic checkpoint (plus <name>_best.pt when validate() improves); its
       position["history"] lists every finished epoch's mean losses and validate() score (the learning curve);
-    - Ctrl-C or --stop-after-steps saves the state of the last optimiser step, also mid-epoch;
+    - Ctrl-C (SIGINT), SIGTERM (a scheduler's warning before preemption; torchrun's agent stopping its workers)
+      or --stop-after-steps saves the state of the last optimiser step, also mid-epoch; a signal then exits
+      with 128 + its number (130, 143), as a process killed by it would;
+    - --save-every M also saves mid-epoch every M minutes, so a kill without warning (SIGKILL: the
+      out-of-memory killer, a lost node) costs at most M minutes; torchrun --max-restarts with --resume then
+      continues from there;
     - --resume restores weights, optimiser, schedule, the epoch's sample order and position and every
       random state, so it ends with the same weights as an uninterrupted run (bitwise on CPU, --workers 0);
     - a non-finite loss stops the run before it reaches the weights or the checkpoint.
     rngs: {"sampler": generator of the sampler, ...other generators the batch_loss draws from}.
     torchrun: every rank runs this loop on its share of each global batch, in step; rank 0 alone validates and
-    writes checkpoints (the random states it saves are every rank's: all draw the global batch's randomness)."""
+    writes checkpoints (the random states it saves are every rank's: all draw the global batch's randomness);
+    a signal on any rank stops every rank at the same step (agree)."""
     rank, world_size = rank_world()
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))    # torchrun --max-restarts: attempt number
+    if restart and not args.resume:
+        warn(f"torchrun restarted this run (restart {restart}) without --resume: it starts again from the first "
+             f"step; pass --resume to continue from {path}")
     pos = {"epoch": 0, "batch": 0, "best": None, "history": [], "sampler_epoch": rngs["sampler"].get_state()}
     torch_rng = None
     if args.resume and os.path.exists(path):
@@ -278,7 +288,8 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
         for k, g in rngs.items():
             g.set_state(ckpt["rng"][k])
         pos, torch_rng = ckpt["position"], ckpt["rng"]["torch"]
-        print(f"resumed from {path} at epoch {pos['epoch'] + 1}, batch {pos['batch']}")
+        print(f"resumed from {path} at epoch {pos['epoch'] + 1}, batch {pos['batch']}"
+              + (f" (torchrun restart {restart})" if restart else ""))
 
     def save(target, position, rng_states):
         ckpt = {**meta, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "args": vars(args),
@@ -293,13 +304,14 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
     def rng_states():
         return {**{k: g.get_state() for k, g in rngs.items()}, "torch": torch.get_rng_state()}
 
-    interrupted = []                                             # Ctrl-C: finish the step, save, stop
+    received = []                                                # signals so far: finish the step, save, stop
 
-    def on_ctrl_c(*_):
-        interrupted.append(1)
-        if world_size == 1:                                      # a second Ctrl-C aborts (torchrun forwards the
-            signal.signal(signal.SIGINT, previous)               # first one again: its agent SIGKILLs after 30 s)
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    def on_signal(signum, _frame):
+        received.append(signum)
+        if signum == signal.SIGINT and world_size == 1:          # a second Ctrl-C aborts (torchrun forwards the
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])   # first one again: its agent SIGKILLs after 30 s)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved_at = time.time()                                       # --save-every counts from here
     params = [p for p in model.parameters() if p.requires_grad]
     try:
         for epoch in range(pos["epoch"], args.epochs):
@@ -322,8 +334,8 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
                     loss, stats = batch_loss(x, y)
                 if world_size == 1:
                     value = loss.item()                                # one host sync per batch, for the log
-                else:                                                  # torchrun: global loss; Ctrl-C on any rank
-                    value, ctrl_c = agree(loss, interrupted)
+                else:                                                  # torchrun: global loss; a signal on any rank
+                    value, stop = agree(loss, received)
                 if not math.isfinite(value):
                     raise DataError(f"loss is {value} at epoch {epoch + 1}, batch {i + 1}; stopped before it reached the "
                                     f"weights ({path} holds the last good state); lower --lr or set --clip-grad")
@@ -340,15 +352,21 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 if world_size == 1:
-                    ctrl_c = bool(interrupted)
-                if ctrl_c or (args.stop_after_steps and sched.last_epoch >= args.stop_after_steps):
+                    stop = stop_signal(received)
+                if stop or (args.stop_after_steps and sched.last_epoch >= args.stop_after_steps):
                     if rank == 0:
                         save(path, {**pos, "epoch": epoch, "batch": i + 1}, rng_states())   # mid-epoch position
-                    why = "interrupted" if ctrl_c else f"stopped after {sched.last_epoch} steps (--stop-after-steps)"
+                    why = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}.get(
+                        stop, f"stopped after {sched.last_epoch} steps (--stop-after-steps)")
                     print(f"{why}: saved {path} at epoch {epoch + 1}, batch {i + 1}; continue with --resume")
-                    if ctrl_c:
-                        sys.exit(130)
+                    if stop:
+                        sys.exit(128 + stop)                           # 130 Ctrl-C, 143 SIGTERM, as the shell reports them
                     return False
+                # Rank 0 alone decides and writes, so the ranks need not agree on the clock; nothing here draws
+                # from a generator, so the training is the same with or without --save-every.
+                if args.save_every and rank == 0 and time.time() - saved_at >= 60 * args.save_every:
+                    save(path, {**pos, "epoch": epoch, "batch": i + 1}, rng_states())
+                    saved_at = time.time()
             opt.zero_grad(set_to_none=True)                            # drop a partial accumulation
             pos = {**pos, "epoch": epoch + 1, "batch": 0}
             line = "  ".join(f"{k} {v / max(n, 1):.4f}" for k, v in sums.items())
@@ -365,12 +383,21 @@ def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=
                 save(path.replace(".pt", "_best.pt"), pos, rng_states())
             if rank == 0:
                 save(path, pos, rng_states())
+                saved_at = time.time()
     except torch.cuda.OutOfMemoryError:
         raise DataError(f"GPU out of memory with --batch {args.batch}; pass a smaller --batch, or --batch "
                         f"{args.batch // 2} --accum {2 * args.accum} to keep the effective batch")
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return True
+
+
+def stop_signal(received):
+    """The signal a run stops on: SIGTERM if one came (the scheduler's kill follows it), else SIGINT, else None."""
+    if signal.SIGTERM in received:
+        return signal.SIGTERM
+    return signal.SIGINT if received else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,10 +413,35 @@ def init_distributed(args):
     if str(args.device).startswith("cuda"):
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(args.device)
-    torch.distributed.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
+    backend = "nccl" if str(args.device).startswith("cuda") else "gloo"
+    store = attempt_store()
+    if store is None:
+        torch.distributed.init_process_group(backend)                # env://: MASTER_ADDR, MASTER_PORT
+    else:
+        torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                             world_size=int(os.environ["WORLD_SIZE"]))
     if torch.distributed.get_rank() != 0:
         import builtins
         builtins.print = lambda *a, **k: None
+    if (store is None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0):
+        warn("torchrun --max-restarts on several machines: start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, "
+             "so that a restarted run's ranks find each other (else they may try the killed ranks' addresses)")
+
+
+def attempt_store():
+    """torchrun on one machine: the key-value store the ranks meet in, private to this attempt; otherwise None
+    (init_process_group opens the one in MASTER_ADDR:MASTER_PORT). torchrun's agent keeps one store for all
+    attempts of a run (TORCHELASTIC_USE_AGENT_STORE), so after a restart a rank can read the address that a
+    killed rank of the last attempt left there and fail to connect (pytorch/pytorch#135712); a prefix per
+    attempt keeps the attempts apart. TORCHELASTIC_RESTART_COUNT is the same for every rank of one machine,
+    not always across machines: there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each attempt a new store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1:
+        return None
+    from torch.distributed.constants import default_pg_timeout
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                       timeout=default_pg_timeout)      # the agent serves it; every rank a client
+    return torch.distributed.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def one_process_only(script):
@@ -433,11 +485,13 @@ def gather(t):
         return torch.cat(torch.distributed.nn.functional.all_gather(t))
 
 
-def agree(loss, interrupted):
-    """torchrun: (the mean of the ranks' losses, whether any rank had a Ctrl-C so far), in one all_reduce.
-    Equal shares of the global batch make the mean the global batch's loss. Every rank then takes the same
-    branch (stop on a non-finite loss; save and stop), so none is left waiting in a collective."""
-    t = torch.stack([loss.detach().float(), torch.tensor(float(bool(interrupted)), device=loss.device)])
+def agree(loss, received):
+    """torchrun: (the mean of the ranks' losses, the signal to stop on: SIGTERM if any rank has had one so far,
+    else SIGINT if any has had a Ctrl-C, else None), in one all_reduce. Equal shares of the global batch make the
+    mean the global batch's loss. Every rank then takes the same branch (stop on a non-finite loss; save and
+    stop, with the same exit status), so none is left waiting in a collective."""
+    flags = [float(signal.SIGINT in received), float(signal.SIGTERM in received)]
+    t = torch.cat([loss.detach().float().reshape(1), torch.tensor(flags, device=loss.device)])   # (3,)
     torch.distributed.all_reduce(t)
-    value, ctrl_c = (t / rank_world()[1]).tolist()
-    return value, ctrl_c > 0
+    value, ctrl_c, term = t.tolist()
+    return value / rank_world()[1], stop_signal([signal.SIGINT] * (ctrl_c > 0) + [signal.SIGTERM] * (term > 0))

@@ -3,9 +3,14 @@
 Two processes are spawned here as torchrun would start them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
 in the environment), on CPU with gloo; they run the real cvlp.py / lgr.py main() one after another. The
 reference is the plain one-process run of the same scripts with the global batch, in this process.
+A rank killed mid-epoch runs under torchrun itself (`python -m torch.distributed.run --max-restarts 1`), which
+starts this file as its script: see the end of the file.
 """
 import os
+import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -168,3 +173,71 @@ def test_anss_and_evaluate_refuse_torchrun_with_a_one_line_error(monkeypatch, ca
             stage.main([])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and f"plain `python {name}" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# A rank killed mid-epoch (SIGKILL: the out-of-memory killer, a lost node) under torchrun --max-restarts
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def kill_rank_1_on_first_attempt(stage, batch):
+    """Patch stage.fit so that rank 1 is SIGKILLed (no handler, no save) in its `batch`-th batch, in torchrun's
+    first attempt only (TORCHELASTIC_RESTART_COUNT 0): the restarted attempt runs undisturbed."""
+    fit = engine.fit
+
+    def fit_killed_once(model, batch_loss, *rest, **kwargs):
+        calls = []
+
+        def loss_or_kill(x, y):
+            calls.append(1)
+            if (len(calls) == batch and os.environ["RANK"] == "1"
+                    and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return batch_loss(x, y)
+        return fit(model, loss_or_kill, *rest, **kwargs)
+    stage.fit = fit_killed_once
+
+
+def torchrun(*argv, timeout=240):
+    """`python -m torch.distributed.run --standalone --nproc-per-node 2 ARGV` from this folder: the finished
+    process (stdout, stderr, returncode). Past `timeout` s it is stopped as a scheduler would (SIGTERM to the
+    agent, which passes it to its workers and SIGKILLs them 30 s later) and the test fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, argv)]
+    p = subprocess.Popen(cmd, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        try:
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        pytest.fail(f"torchrun still running after {timeout} s:\n{out}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+@pytest.mark.parametrize("stage, make_args, checkpoint", [("cvlp", stage_args, "cvlp.pt"), ("lgr", lgr_args, "lgr_clip.pt")],
+                         ids=["cvlp", "lgr"])
+def test_rank_killed_mid_epoch_is_restarted_by_torchrun_and_ends_as_the_uninterrupted_run(
+        shapes_env, runs, stage, make_args, checkpoint):
+    # 3 steps of 2 ranks x 8, a checkpoint after every step (--save-every of a few microseconds); rank 1 is killed
+    # in step 2 of the first attempt. torchrun stops rank 0 and starts both again; --resume (which found no
+    # checkpoint in the first attempt, so it started fresh) now continues after step 1.
+    out = runs["tmp"] / f"{stage}_restarted"
+    write_anchors(out)
+    r = torchrun("--max-restarts", "1", "test_distributed.py", stage,
+                 *make_args(shapes_env, out, 8, "--resume", "--save-every", "1e-7"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {out / checkpoint} at epoch 1, batch 1 (torchrun restart 1)" in r.stdout, r.stdout
+    a, b = weights(out, checkpoint), weights(runs["tmp"] / "two", checkpoint)   # the uninterrupted 2-rank run's
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+if __name__ == "__main__":     # torchrun's worker in the test above: `test_distributed.py cvlp|lgr ARGS`
+    stage = {"cvlp": cvlp, "lgr": lgr}[sys.argv[1]]
+    kill_rank_1_on_first_attempt(stage, batch=2)
+    stage.main(sys.argv[2:])

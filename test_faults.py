@@ -248,17 +248,27 @@ def assert_same_weights(a, b):
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
-def test_resume_mid_epoch_ends_with_bitwise_the_same_weights(shapes_env, tmp_path):
-    # Uninterrupted: 4 optimiser steps of 2 accumulated batches. Interrupted: stop after 2 steps, resume to 4.
-    cvlp.main(cvlp_args(shapes_env, tmp_path / "a", "--accum", "2", "--stop-after-steps", "4"))
+FOUR_STEPS = ("--accum", "2", "--stop-after-steps", "4")         # 4 optimiser steps of 2 accumulated batches
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shapes_env, tmp_path_factory):
+    """cvlp.pt of an uninterrupted run of FOUR_STEPS: what every interrupted and resumed run must end with."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    cvlp.main(cvlp_args(shapes_env, out, *FOUR_STEPS))
+    return out / "cvlp.pt"
+
+
+def test_resume_mid_epoch_ends_with_bitwise_the_same_weights(shapes_env, tmp_path, uninterrupted):
+    # Interrupted: stop after 2 of the 4 steps, resume to 4.
     cvlp.main(cvlp_args(shapes_env, tmp_path / "b", "--accum", "2", "--stop-after-steps", "2"))
     assert torch.load(tmp_path / "b" / "cvlp.pt", weights_only=True)["position"]["batch"] == 4   # mid-epoch
-    cvlp.main(cvlp_args(shapes_env, tmp_path / "b", "--accum", "2", "--stop-after-steps", "4", "--resume"))
-    assert_same_weights(weights(tmp_path / "a" / "cvlp.pt"), weights(tmp_path / "b" / "cvlp.pt"))
+    cvlp.main(cvlp_args(shapes_env, tmp_path / "b", *FOUR_STEPS, "--resume"))
+    assert_same_weights(weights(uninterrupted), weights(tmp_path / "b" / "cvlp.pt"))
     # Without restoring the sample order and random states the weights differ (the test can fail):
     cvlp.main(cvlp_args(shapes_env, tmp_path / "c", "--accum", "2", "--stop-after-steps", "2", "--seed", "1"))
     with pytest.raises(AssertionError):
-        assert_same_weights(weights(tmp_path / "a" / "cvlp.pt"), weights(tmp_path / "c" / "cvlp.pt"))
+        assert_same_weights(weights(uninterrupted), weights(tmp_path / "c" / "cvlp.pt"))
 
 
 def noisy_tree(root, n_per_class=2, classes=3):
@@ -353,24 +363,53 @@ def test_resume_of_the_fc_baseline_across_stops_is_exact(shapes_env, tmp_path):
     assert_same_weights(weights(tmp_path / "a" / "fc_clip.pt"), weights(tmp_path / "b" / "fc_clip.pt"))
 
 
-def test_ctrl_c_saves_the_last_step_and_exits_130(shapes_env, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def stray_signal_fails():
+    """While the test runs, a Ctrl-C or SIGTERM that the training loop does not catch fails the test (instead of
+    stopping pytest, or killing it)."""
+    def stray(signum, _frame):
+        raise AssertionError(f"signal {signum} was not caught by the training loop")
+    before = {s: signal.signal(s, stray) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield stray
+    for s, handler in before.items():
+        signal.signal(s, handler)
+
+
+@pytest.mark.parametrize("signum, code, says", [(signal.SIGINT, 130, "interrupted: saved"),
+                                                (signal.SIGTERM, 143, "terminated (SIGTERM): saved")],
+                         ids=["ctrl_c", "sigterm"])                    # SIGTERM: slurm before preemption, torchrun
+def test_ctrl_c_or_sigterm_saves_the_step_exits_128_plus_signal_and_resumes_exactly(
+        shapes_env, tmp_path, monkeypatch, capsys, uninterrupted, stray_signal_fails, signum, code, says):
     real, calls = cvlp.cvlp_loss, []
 
-    def loss_then_ctrl_c(*a):
+    def loss_then_signal(*a):
         calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)                  # as if the user pressed Ctrl-C in step 2
+        if len(calls) == 3:                                      # in the first of step 2's two batches
+            os.kill(os.getpid(), signum)
         return real(*a)
 
-    monkeypatch.setattr(cvlp, "cvlp_loss", loss_then_ctrl_c)
-    before = signal.getsignal(signal.SIGINT)                      # default, or ignored in a background shell
+    monkeypatch.setattr(cvlp, "cvlp_loss", loss_then_signal)
     with pytest.raises(SystemExit) as e:
-        cvlp.main(cvlp_args(shapes_env, tmp_path))
-    assert e.value.code == 130
-    assert "interrupted: saved" in capsys.readouterr().out
+        cvlp.main(cvlp_args(shapes_env, tmp_path, *FOUR_STEPS))
+    assert e.value.code == code
+    assert [line for line in capsys.readouterr().out.splitlines() if "--resume" in line] == [
+        f"{says} {tmp_path / 'cvlp.pt'} at epoch 1, batch 4; continue with --resume"]
     position = torch.load(tmp_path / "cvlp.pt", weights_only=True)["position"]
-    assert (position["epoch"], position["batch"]) == (0, 2)     # the step in which Ctrl-C came was finished
-    assert signal.getsignal(signal.SIGINT) is before              # the handler before the run is restored
+    assert (position["epoch"], position["batch"]) == (0, 4)     # the step in which the signal came was finished
+    assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is stray_signal_fails   # restored
+    monkeypatch.setattr(cvlp, "cvlp_loss", real)
+    cvlp.main(cvlp_args(shapes_env, tmp_path, *FOUR_STEPS, "--resume"))
+    assert_same_weights(weights(uninterrupted), weights(tmp_path / "cvlp.pt"))
+
+
+def test_save_every_writes_mid_epoch_checkpoints_and_leaves_the_training_unchanged(shapes_env, tmp_path, monkeypatch,
+                                                                                   uninterrupted):
+    positions, real = [], engine.save_checkpoint
+    monkeypatch.setattr(engine, "save_checkpoint", lambda path, ckpt: positions.append(
+        (ckpt["position"]["epoch"], ckpt["position"]["batch"])) or real(path, ckpt))
+    cvlp.main(cvlp_args(shapes_env, tmp_path, *FOUR_STEPS, "--save-every", "1e-7"))   # 6 us: after every step
+    assert positions == [(0, 2), (0, 4), (0, 6), (0, 8)]         # steps 1-3 by --save-every, step 4 by the stop
+    assert_same_weights(weights(uninterrupted), weights(tmp_path / "cvlp.pt"))
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(shapes_env, tmp_path, monkeypatch, capsys):
