@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import math
 import os
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -276,12 +277,19 @@ def make_loader(split, transform, args, sampling=None, generator=None, batch=Non
         files = torch.utils.data.DataLoader(
             FileBytes(split), batch_size=batch or args.batch, sampler=sampler, num_workers=args.workers,
             collate_fn=collate_files, drop_last=bool(sampling), persistent_workers=args.workers > 0,
-            generator=torch.Generator())
+            worker_init_fn=ignore_sigterm, generator=torch.Generator())
         return DeviceLoader(files, DeviceTransform(transform, args.device), sampler)
     return torch.utils.data.DataLoader(
         ImageDataset(split, transform), batch_size=batch or args.batch, sampler=sampler,
         num_workers=args.workers, pin_memory=str(args.device).startswith("cuda"), drop_last=bool(sampling),
-        persistent_workers=args.workers > 0)
+        persistent_workers=args.workers > 0, worker_init_fn=ignore_sigterm)
+
+
+def ignore_sigterm(worker_id):
+    """In each loader worker: ignore SIGTERM, as torch's workers already ignore Ctrl-C. slurm and torchrun send
+    it to every process of the job; the training process then finishes its step and saves (engine.fit), which
+    needs its workers alive, and stops them itself when it exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------------

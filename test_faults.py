@@ -10,12 +10,14 @@ Each case runs a real entry point on a tiny ImageNet-LT tree (test_data.make_ima
 otherwise. The training faults at the end run cvlp.py / lgr.py / anss.py in-process on shapes_lt
 (the conftest `shapes_env` world) with a tiny random CLIP and a few steps.
 """
+import argparse
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -29,6 +31,7 @@ import data
 import engine
 import evaluate
 import experiments
+import images
 import lgr
 from test_data import append_line, make_imagenet_tree, write
 
@@ -529,3 +532,18 @@ def test_progress_in_a_log_file_writes_a_line_every_so_often(monkeypatch, capsys
     assert lines == ["cvlp 1/50: 2/4 batch (50%), 0.05 batch/s, 40 s, ~40 s left  loss=1.0",
                      "cvlp 1/50: 4/4 batch (100%), 0.05 batch/s, 80 s, ~0 s left  loss=3.0",
                      "cvlp 1/50: done, 4/4 batch (100%), 0.04 batch/s, 90 s  loss=3.0"]
+
+
+def test_loader_workers_outlive_a_sigterm_sent_to_the_whole_job():
+    """slurm and torchrun send SIGTERM to every process: the loader workers ignore it (the training process saves
+    and then stops them), so the batches after it still arrive instead of 'DataLoader worker ... killed'."""
+    split = data.Split(np.zeros((6, 8, 8, 3), dtype=np.uint8), np.arange(6) % 3)
+    args = argparse.Namespace(loader="pil", workers=1, batch=2, device="cpu")
+    loader = data.make_loader(split, images.make_transform(8, (0.5,) * 3, (0.5,) * 3, train=False), args)
+    batches = iter(loader)
+    first = next(batches)
+    for worker in batches._workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    rest = list(batches)
+    assert [y.tolist() for _, y in [first] + rest] == [[0, 1], [2, 0], [1, 2]]
