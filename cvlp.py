@@ -221,7 +221,6 @@ def run(args):
     init_distributed(args)                                       # torchrun: join the other ranks (else nothing)
     seed_everything(args.seed)
     rngs = {"sampler": torch.Generator().manual_seed(args.seed), "text": torch.Generator().manual_seed(args.seed + 1)}
-    torch.backends.cuda.matmul.allow_tf32 = True
     prepare_out(args)
     rank, world_size = rank_world()
     if rank > 0:                          # torchrun: wait while rank 0 makes the caches (world, CLIP stand-in, tokens)

@@ -40,7 +40,9 @@ def fail(message):
 
 
 def run_stage(run, args):
-    """Run a stage's run(args): bad input ends in the one-line error of fail(), never a traceback."""
+    """Run a stage's run(args): bad input ends in the one-line error of fail(), never a traceback. On a GPU, fp32
+    matmuls run as TF32 (evaluation is fp32, SPEC.md §3; training's bf16 autocast is unaffected)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
     try:
         run(args)
     except DataError as e:
@@ -139,7 +141,7 @@ def eval_precision(device, precision="fp32"):
     """The evaluation precision (SPEC.md §3): fp32 on every device, whatever the training ran in, so that an
     accuracy does not move with the training precision (bf16 changes predictions; evaluation is a small share
     of the time). Autocast is off for CPU and CUDA alike, also inside an enclosing training autocast; matmuls
-    follow torch's float32 setting (TF32 on a GPU where a stage allows it). precision "fp16": fp16 autocast on
+    follow torch's float32 setting (TF32 on a GPU, set by run_stage). precision "fp16": fp16 autocast on
     CUDA, as the official evaluation runs (evaluate.py --released --eval-precision fp16); fp32 on a CPU."""
     fp16 = precision == "fp16" and str(device).startswith("cuda")
     with torch.autocast("cpu", enabled=False), torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
