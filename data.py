@@ -5,6 +5,8 @@ Paper Sec. 4.1 (datasets, text descriptions) and Sec. 4.2 (shot splits); SPEC.md
     python data.py --data shapes_lt            # summary + contact sheet, no download
     python data.py --data imagenet_lt --data-root data/imagenet
     python data.py --data imagenet_lt --data-root data/imagenet --skip-bad-images   # + decode every image once
+    python data.py --data folder --data-root PATH              # your own tree: train/<class>/*, val/<class>/*
+    python data.py --data cifar100_lt --imbalance 10           # CIFAR-100-LT from torchvision's CIFAR-100 files
 
 Every dataset becomes an `LTData` here: the class names, three `Split`s (train / val / test) and a
 `Corpus` (per class, a list of sentences). The stages use `load_data`, `make_loader` (square-root
@@ -26,7 +28,7 @@ import shapes_lt
 from clip_models import context_length, default_tag, tokenize_exact
 from engine import DataError, ResumableSampler, atomic_write, fail, rank_world, warn
 from images import DeviceLoader, DeviceTransform, FileBytes, ImageDataset, collate_files, drop_unreadable, load_rgb
-from readers import READERS, Split, read_descriptions
+from readers import READERS, Split, read_cifar100, read_descriptions, read_image_folder, read_named_descriptions
 
 # Per-dataset defaults: where the data lives and what the stages use when not told otherwise.
 DATASETS = {
@@ -38,6 +40,14 @@ DATASETS = {
     "imagenet_lt": dict(root="data/imagenet", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
     "places_lt": dict(root="data/places", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
     "inat2018": dict(root="data/inat", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
+    # your own ImageFolder tree (readers.read_image_folder): no default place, --data-root PATH; ImageNet-LT's settings
+    "folder": dict(root=None, backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
+    # CIFAR-100-LT (Cui et al. 2019): 32 px images upsampled to CLIP's 224 and cropped as ImageNet's, as LIFT and
+    # BALLAD fine-tune CLIP on it. --data cifar100_lt --imbalance 10 is the run named cifar100_lt_ir10 (dataset_name)
+    "cifar100_lt": dict(root="data/cifar100", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
+    "cifar100_lt_ir100": dict(root="data/cifar100", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
+    "cifar100_lt_ir50": dict(root="data/cifar100", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
+    "cifar100_lt_ir10": dict(root="data/cifar100", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
 }
 
 # Shot splits by training images per class, as the paper (Sec. 4.2) and the official evaluation define them:
@@ -46,13 +56,19 @@ DATASETS = {
 MANY_FROM, FEW_UP_TO = 100, 20
 SHAPES_WORLDS = ("shapes_lt", "shapes_lt_coined", "shapes_lt_small")   # generated in memory by shapes_lt.py
 SMALL_DIVISOR = 10                                   # shapes_lt_small keeps max(1, n_c // 10) training images
+CIFAR_IMBALANCES = (100, 50, 10)                     # n_max / n_min of CIFAR-100-LT as the literature reports it
+CIFAR_SUBSET_SEED = 0                                # LDAM-DRW's rand_number; not --seed: every run, the same images
 
 
 def add_common_args(p):
     """The options every stage shares (cvlp.py, anss.py, lgr.py, evaluate.py): the dataset, the CLIP backbone and
     its weights, the run folder, the device and the seed. fill_defaults() fills in the per-dataset defaults."""
     p.add_argument("--data", default="shapes_lt", help=" | ".join(DATASETS))
-    p.add_argument("--data-root", default=None, help="dataset folder (default: DATASETS[data]['root'])")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: DATASETS[data]['root']; "
+                   "--data folder: required)")
+    p.add_argument("--imbalance", type=int, default=None, choices=CIFAR_IMBALANCES,
+                   help="--data cifar100_lt: n_max / n_min of the training counts (default 100); the run is "
+                   "named cifar100_lt_ir<imbalance> in its checkpoints and run folder")
     p.add_argument("--backbone", default=None, help="RN50 | ViT-B-16 | shapes-tiny | another open_clip model "
                    "(default: per dataset; the later stages must use cvlp.py's)")
     p.add_argument("--clip-weights", default=None, help="local CLIP weights: a state dict, or OpenAI's archive "
@@ -63,8 +79,9 @@ def add_common_args(p):
                    "sets QuickGELU or GELU, mean / std and resizing as those weights were trained, and names what a "
                    "--clip-weights file holds (default: openai, the paper's; shapes-tiny: standin; the later stages "
                    "must use cvlp.py's)")
-    p.add_argument("--image-size", type=int, default=None, help="input size (default: per dataset; 384 for the iNat "
-                   "ViT-B/16-384 row)")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: per dataset, 224 for CLIP "
+                   "backbones; 384 for the iNat ViT-B/16-384 row; CIFAR-100-LT's 32 px images are upsampled to it, as "
+                   "LIFT and BALLAD do)")
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: up to 8; 0 on shapes_lt)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (counted, one warning) instead of stopping")
@@ -76,10 +93,14 @@ def add_common_args(p):
 
 
 def fill_defaults(args):
-    """Per-dataset defaults shared by all stages (DATASETS); the run folder runs/<data>/<backbone>, with the tag
-    appended for weights other than the default ones (so that two runs of one backbone keep their own files)."""
-    if args.data not in DATASETS:
-        fail(f"unknown --data {args.data!r}; choose one of: {', '.join(DATASETS)}")
+    """Per-dataset defaults shared by all stages (DATASETS); the dataset's name (dataset_name: cifar100_lt with
+    --imbalance 10 becomes cifar100_lt_ir10); the run folder runs/<run_name>/<backbone>, with the tag appended for
+    weights other than the default ones (so that two runs of one backbone keep their own files)."""
+    try:
+        args.data = dataset_name(args.data, getattr(args, "imbalance", None))
+    except DataError as e:
+        fail(e)
+    args.imbalance = cifar_imbalance(args.data)                  # in the saved args: None unless CIFAR-100-LT
     d = DATASETS[args.data]
     args.backbone = args.backbone or d["backbone"]
     args.pretrained = args.pretrained or default_tag(args.backbone)
@@ -87,8 +108,36 @@ def fill_defaults(args):
     args.data_root = args.data_root or d["root"]
     args.workers = args.workers if args.workers is not None else (0 if args.data in SHAPES_WORLDS else default_workers())
     folder = args.backbone if args.pretrained == default_tag(args.backbone) else f"{args.backbone}-{args.pretrained}"
-    args.out = args.out or os.path.join("runs", args.data, folder)
+    args.out = args.out or os.path.join("runs", run_name(args.data, args.data_root), folder)
     return args
+
+
+def cifar_imbalance(name):
+    """The imbalance factor in a CIFAR-100-LT name: "cifar100_lt_ir10" -> 10; None for the other datasets."""
+    return int(name[len("cifar100_lt_ir"):]) if name.startswith("cifar100_lt_ir") else None
+
+
+def dataset_name(data, imbalance=None):
+    """--data and --imbalance -> the name a run goes by: in its checkpoints (a later stage refuses another's, so an
+    ir10 anss.py stops at an ir100 cvlp.pt), eval.json and run folder. "cifar100_lt" -> "cifar100_lt_ir<imbalance>"
+    (default 100); every other name stays as it is, and takes no --imbalance."""
+    if data not in DATASETS:
+        raise DataError(f"unknown --data {data!r}; choose one of: {', '.join(DATASETS)}")
+    if data == "cifar100_lt":
+        return f"cifar100_lt_ir{imbalance or 100}"
+    if imbalance is not None and imbalance != cifar_imbalance(data):
+        raise DataError(f"--imbalance {imbalance} does not fit --data {data}" + (
+            f" (imbalance {cifar_imbalance(data)}); give --data cifar100_lt --imbalance {imbalance}"
+            if cifar_imbalance(data) else "; it sets CIFAR-100-LT's training counts (--data cifar100_lt)"))
+    return data
+
+
+def run_name(name, root):
+    """The run folder's name under runs/: the dataset's, and for --data folder the tree's own (folder_<name of
+    --data-root>), so that two trees do not share a run folder."""
+    if name == "folder" and root:
+        return f"folder_{os.path.basename(os.path.normpath(root))}"
+    return name
 
 
 def default_workers():
@@ -204,33 +253,79 @@ def skip_unreadable(train, val, test):
     """--skip-bad-images: drop the unreadable images of the three splits, with one summarised warning."""
     train, bad_train = drop_unreadable(train)
     new_val, bad_val = drop_unreadable(val)
-    test, bad_test = (new_val, []) if test is val else drop_unreadable(test)   # iNat: val serves as test
+    test, bad_test = (new_val, []) if test is val else drop_unreadable(test)   # iNat, a tree without test/: val is test
     bad = bad_train + bad_val + bad_test
     if bad:
-        warn(f"skipped {len(bad)} unreadable images (first: {bad[0][0]} at {bad[0][1]}); --skip-bad-images left "
+        where = f" at {bad[0][1]}" if bad[0][1] else ""          # an ImageFolder tree has no split-file lines
+        warn(f"skipped {len(bad)} unreadable images (first: {bad[0][0]}{where}); --skip-bad-images left "
              f"them out (train {len(bad_train)}, val {len(bad_val)}, test {len(bad_test)})")
     return train, new_val, test
 
 
-def make_lt_data(name, classnames, train, val, test, root, wiki, skip_bad_images=False):
+def make_lt_data(name, classnames, train, val, test, descriptions, skip_bad_images=False):
     """Assemble LTData: drop unreadable images if asked, warn once about classes without training images,
-    build the text corpus."""
+    build the text corpus from the [C][k] description sentences."""
     if skip_bad_images:
         train, val, test = skip_unreadable(train, val, test)
     empty = int((np.bincount(train.labels, minlength=len(classnames)) == 0).sum())
     if empty:
         warn(f"{empty} of {len(classnames)} classes have no training images in {name}")
-    descriptions = read_descriptions(root, len(classnames), wiki)
     return LTData(name, classnames, train, val, test, build_corpus(classnames, descriptions))
+
+
+def image_folder_data(root, descriptions=True, skip_bad_images=False):
+    """--data folder: the user's ImageFolder tree (readers.read_image_folder) as LTData; class descriptions from
+    <root>/descriptions/<class folder>.txt when descriptions is True."""
+    if root is None:
+        raise DataError("--data folder needs --data-root PATH, a folder holding train/<class>/* and val/<class>/*")
+    folders, classnames, train, val, test = read_image_folder(root)
+    text = (read_named_descriptions(os.path.join(root, "descriptions"), folders) if descriptions
+            else [[] for _ in folders])
+    return make_lt_data("folder", classnames, train, val, test, text, skip_bad_images)
+
+
+# CIFAR-100-LT, as the long-tailed literature builds it (Cui et al. 2019; Cao et al. 2019's LDAM-DRW code,
+# which LIFT and BALLAD reuse): class i keeps n_i = int(n_max * (1 / imbalance) ** (i / 99)) training images,
+# n_max = 500; the balanced test set (100 a class) is the test split and, there being no other, the val split.
+
+
+def long_tailed_counts(n_max, num_classes, imbalance):
+    """[C] training images per class, falling exponentially from n_max to n_max / imbalance; int() rounds down, as
+    the literature's code does (CIFAR-100, n_max 500: 10,847 images at imbalance 100, 12,608 at 50, 19,573 at 10)."""
+    return [int(n_max * (1 / imbalance) ** (i / (num_classes - 1))) for i in range(num_classes)]
+
+
+def long_tailed_subset(split, counts, seed=CIFAR_SUBSET_SEED):
+    """Class c keeps counts[c] of its images: the first ones of its indices shuffled by one RandomState(seed),
+    class after class. That is LDAM-DRW's draw (np.random.seed(0), then np.random.shuffle per class) without
+    touching numpy's global state, so the subset is the literature's, image for image."""
+    rng = np.random.RandomState(seed)
+    keep = []
+    for c, n in enumerate(counts):
+        index = np.flatnonzero(split.labels == c)                # this class's images, in file order
+        rng.shuffle(index)
+        keep.append(index[:n])
+    return split.subset(np.concatenate(keep))
+
+
+def cifar100_lt_data(root, imbalance, descriptions=True):
+    """CIFAR-100-LT with the given imbalance factor from torchvision's CIFAR-100 files (readers.read_cifar100):
+    class names from the meta file, underscores as spaces; descriptions from <root>/descriptions/<meta name>.txt
+    (aquarium_fish.txt) when descriptions is True. Images stay in memory, uint8 (N, 32, 32, 3), as shapes_lt's."""
+    names, train, test = read_cifar100(root)
+    n_max = int(np.bincount(train.labels, minlength=len(names)).min())   # 500 in CIFAR-100's training file
+    train = long_tailed_subset(train, long_tailed_counts(n_max, len(names), imbalance))
+    classnames = [n.replace("_", " ") for n in names]
+    text = read_named_descriptions(os.path.join(root, "descriptions"), names) if descriptions else [[] for _ in names]
+    return make_lt_data(f"cifar100_lt_ir{imbalance}", classnames, train, test, test, text)
 
 
 def load_data(name, root=None, seed=0, text="wiki+prompt", skip_bad_images=False):
     """The one entry point: dataset name -> LTData. text: "wiki+prompt" (default) or "prompt" only.
     skip_bad_images: decode every listed image once now and drop the missing or unreadable ones, with one
     summarised warning. Without it a missing image is an error here and a corrupt one an error (naming
-    file and split line) when it is loaded. shapes_lt lives in memory: nothing to check."""
-    if name not in DATASETS:
-        raise DataError(f"unknown --data {name!r}; choose one of: {', '.join(DATASETS)}")
+    file and split line) when it is loaded. shapes_lt and CIFAR-100-LT live in memory: nothing to check."""
+    name = dataset_name(name)                                    # cifar100_lt -> cifar100_lt_ir100
     root = root or DATASETS[name]["root"]
     if name in SHAPES_WORLDS:
         world = shapes_lt.load_world(root, seed)                 # generated once per seed, cached under root
@@ -238,9 +333,14 @@ def load_data(name, root=None, seed=0, text="wiki+prompt", skip_bad_images=False
         data = shapes_lt_data(world, name, coined)
         if name == "shapes_lt_small":
             data.train = first_images(data.train, SMALL_DIVISOR)
+    elif name == "folder":
+        data = image_folder_data(root, text != "prompt", skip_bad_images)
+    elif cifar_imbalance(name):                                  # in memory: nothing to skip
+        data = cifar100_lt_data(root, cifar_imbalance(name), text != "prompt")
     else:
         classnames, train, val, test = READERS[name](root, check_images=not skip_bad_images)
-        data = make_lt_data(name, classnames, train, val, test, root, text != "prompt", skip_bad_images)
+        descriptions = read_descriptions(root, len(classnames), text != "prompt")
+        data = make_lt_data(name, classnames, train, val, test, descriptions, skip_bad_images)
     if text == "prompt":
         data.corpus = prompt_only(data.corpus)
     return data
@@ -385,8 +485,9 @@ def contact_sheet(data, path, per_row=20, cell=48, max_classes=400):
     for j, c in enumerate(order):
         x, y = (j % per_row) * cell, (j // per_row) * (cell + 12)
         if c in first:
-            images = data.train.images
-            im = Image.fromarray(images[first[c]]) if isinstance(images, np.ndarray) else load_rgb(images[first[c]])
+            images, lines = data.train.images, data.train.lines
+            im = (Image.fromarray(images[first[c]]) if isinstance(images, np.ndarray)
+                  else load_rgb(images[first[c]], lines[first[c]] if lines else None))
             sheet.paste(im.resize((cell - 4, cell - 4), Image.NEAREST), (x + 2, y + 2))
         draw.text((x + 2, y + cell - 2), f"{counts[c]}", fill=(0, 0, 0))
     atomic_write(path, lambda f: sheet.save(f, format="PNG"))
@@ -398,7 +499,8 @@ def summary(data):
     counts = data.counts
     shots = shot_split(counts)
     lines = [f"dataset      {data.name}: {data.num_classes} classes",
-             f"images       train {len(data.train.labels)}, val {len(data.val.labels)}, test {len(data.test.labels)}",
+             f"images       train {len(data.train.labels)}, val {len(data.val.labels)}, test {len(data.test.labels)}"
+             + (" (val is the test split)" if data.val is data.test else ""),
              f"train/class  max {counts.max()}, min {counts.min()}, "
              f"imbalance factor {counts.max() / max(counts.min(), 1):.0f}"]
     for s, bounds in (("many", f">= {MANY_FROM}"), ("medium", "between"), ("few", f"<= {FEW_UP_TO}")):
@@ -421,8 +523,10 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="shapes_lt", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-root", default=None, help="dataset folder (default: DATASETS[data]['root'])")
+    p.add_argument("--imbalance", type=int, default=None, choices=CIFAR_IMBALANCES,
+                   help="--data cifar100_lt: n_max / n_min of the training counts (default 100)")
     p.add_argument("--seed", type=int, default=0, help="shapes_lt world seed")
-    p.add_argument("--sheet", default=None, help="contact sheet PNG (default: runs/<data>/contact_sheet.png)")
+    p.add_argument("--sheet", default=None, help="contact sheet PNG (default: runs/<run name>/contact_sheet.png)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="decode every image once; report and leave out the unreadable ones (checks a download)")
     return p.parse_args(argv)
@@ -431,9 +535,10 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     try:
-        data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
+        name = dataset_name(args.data, args.imbalance)
+        data = load_data(name, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
         print(summary(data))
-        path = contact_sheet(data, args.sheet or os.path.join("runs", args.data, "contact_sheet.png"))
+        path = contact_sheet(data, args.sheet or os.path.join("runs", run_name(name, args.data_root), "contact_sheet.png"))
         shown = "" if data.num_classes <= 400 else f" (400 of {data.num_classes} classes, evenly spaced head to tail)"
         print(f"contact sheet {path}{shown}")
     except DataError as e:

@@ -7,6 +7,7 @@ augmented a whole batch at a time (`Transform.batch`), image files one at a time
 Which images belong to which split and class is data.py's business.
 """
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -26,8 +27,8 @@ def load_rgb(path, where=None):
         raise DataError(f"image not found: {path}" + (f" (listed at {where})" if where else "")
                         + "; check --data-root or the split file")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"cannot read image {path}" + (f" (listed at {where})" if where else "")
-                        + f": {e}; re-download it or remove its line from the split file")
+        fix = "re-download it or remove its line from the split file" if where else "replace it or remove it"
+        raise DataError(f"cannot read image {path}" + (f" (listed at {where})" if where else "") + f": {e}; {fix}")
 
 
 def readable(path):
@@ -45,10 +46,11 @@ def drop_unreadable(split):
     with ThreadPoolExecutor() as pool:
         ok = list(progress(pool.map(readable, split.images), total=len(split.images), desc="checking images", unit="img"))
     keep = [i for i, good in enumerate(ok) if good]
-    dropped = [(split.images[i], split.lines[i]) for i, good in enumerate(ok) if not good]
+    lines = split.lines or [None] * len(ok)                      # an ImageFolder tree has no split file
+    dropped = [(split.images[i], lines[i]) for i, good in enumerate(ok) if not good]
     if not keep:
-        raise DataError(f"none of the {len(ok)} images listed in {split.lines[0].rsplit(':', 1)[0]} can be read "
-                        f"(first: {split.images[0]}); check --data-root")
+        source = f"listed in {lines[0].rsplit(':', 1)[0]}" if lines[0] else f"under {os.path.commonpath(split.images)}"
+        raise DataError(f"none of the {len(ok)} images {source} can be read (first: {split.images[0]}); check --data-root")
     return split.subset(keep), dropped
 
 
