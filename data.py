@@ -503,9 +503,9 @@ def summary(data):
              + (" (val is the test split)" if data.val is data.test else ""),
              f"train/class  max {counts.max()}, min {counts.min()}, "
              f"imbalance factor {counts.max() / max(counts.min(), 1):.0f}"]
-    for s, bounds in (("many", f">= {MANY_FROM}"), ("medium", "between"), ("few", f"<= {FEW_UP_TO}")):
+    for s, bounds in (("many", f">= {MANY_FROM}"), ("medium", f"{FEW_UP_TO + 1}-{MANY_FROM - 1}"), ("few", f"<= {FEW_UP_TO}")):
         sel = shots == s
-        lines.append(f"  {s:<6}     {sel.sum():4d} classes, {counts[sel].sum():7d} train images ({bounds} per class)")
+        lines.append(f"  {s:<6}     {sel.sum():4d} classes, {counts[sel].sum():7d} train images ({bounds} a class)")
     st = corpus_stats(data.corpus)
     src = [x for srcs in data.corpus.source for x in srcs]
     lines.append(f"corpus       {sum(map(len, data.corpus.sentences))} sentences "

@@ -272,7 +272,7 @@ def read_inat2018(root, check_images=True):
     Classes are the categories.json entries sorted by id (ids 0..8141 in the official file, so
     class index = category id there); wiki/desc_<index>.txt uses that index.
     """
-    check_root(root, "train2018.json, val2018.json, categories.json, the images they list "
+    check_root(root, "train2018.json, val2018.json (or val.json), categories.json, the images they list "
                      "(train_val2018/...) and optional wiki/desc_<index>.txt")
     try:
         categories = sorted(read_json(os.path.join(root, "categories.json")), key=lambda c: c["id"])
@@ -281,7 +281,10 @@ def read_inat2018(root, check_images=True):
         raise DataError(f"{root}/categories.json: expected a list of {{id, name, ...}}; re-download it")
     class_of = {c["id"]: i for i, c in enumerate(categories)}
     train = read_coco_split(os.path.join(root, "train2018.json"), root, class_of, check_images)
-    val = read_coco_split(os.path.join(root, "val2018.json"), root, class_of, check_images)
+    val_file = os.path.join(root, "val2018.json")
+    if not os.path.isfile(val_file) and os.path.isfile(os.path.join(root, "val.json")):
+        val_file = os.path.join(root, "val.json")                 # the name the official VL-LTR README gives it
+    val = read_coco_split(val_file, root, class_of, check_images)
     return classnames, train, val, val
 
 

@@ -494,3 +494,5 @@ def test_inat2018_reads_coco_json_and_uses_val_as_test(tmp_path):
     assert d.train.lines[0] == os.path.join(str(tmp_path), "train2018.json") + ":annotations[0]"
     assert list(d.val.labels) == [1] and d.test is d.val                # the paper reports on val
     assert [len(s) for s in d.corpus.sentences] == [80, 80]
+    os.rename(tmp_path / "val2018.json", tmp_path / "val.json")           # the official VL-LTR README's name for it
+    assert data.load_data("inat2018", str(tmp_path), text="prompt").val.images == [os.path.join(str(tmp_path), files[2])]

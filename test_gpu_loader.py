@@ -5,7 +5,7 @@
 
 The reference is the PIL path (images.Transform, one image at a time with torchvision v2), written out step
 by step. Tolerance: the decoders agree here (torchvision and PIL both use libjpeg-turbo; nvjpeg on CUDA may
-differ by a level or two, which the GPU issue measures), and the eval resize is Transform's own, so the eval
+differ by a level or two, not yet measured on a GPU), and the eval resize is Transform's own, so the eval
 path must match to within 1 uint8 level. The train resize differs in one rounding: Transform resizes uint8
 images with v2's uint8 kernel, which rounds to whole levels and clips to 0..255 between its horizontal and
 vertical passes; DeviceTransform resizes in float and rounds once at the end (as Transform.batch does). On
