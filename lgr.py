@@ -415,8 +415,8 @@ def run(args):
           f"lr {args.lr}, visual {'frozen' if args.freeze_visual else 'fine-tuned'}, device {args.device}")
     train_mode()
     meta = {**checkpoint_meta(args, "lgr", data.num_classes), "head": args.head, "init": args.init}
-    fit(model, lambda x, y: lgr_loss(train_model, x, y), loader, opt, sched, args, path, meta, rngs, validate)
-    print(f"wrote {path} (last) and {os.path.basename(path).replace('.pt', '_best.pt')} (best val)")
+    if fit(model, lambda x, y: lgr_loss(train_model, x, y), loader, opt, sched, args, path, meta, rngs, validate):
+        print(f"wrote {path} (last) and {os.path.basename(path).replace('.pt', '_best.pt')} (best val)")
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def write_tree(data, root, fraction, seed):
     listed = [p for split in splits.values() for p, _ in split]
     place_images(root, listed, min(4096, len(listed)), rng)
     import torch                                                 # random tiny CLIP weights for --clip-weights
-    from engine import create_clip
+    from clip_models import create_clip
     torch.manual_seed(seed)
     torch.save(create_clip("shapes-tiny", 32).state_dict(), os.path.join(root, "shapes_tiny_clip.pt"))
     test = splits["test"] or splits["val"]
