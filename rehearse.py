@@ -37,7 +37,7 @@ from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("data", "cvlp", "anss", "lgr", "fc_clip", "evaluate", "predict")
-TREE_VERSION = 1
+TREE_VERSION = 2
 # Real sizes (Liu et al. 2019; iNat 2018), the real many (> 100) / medium / few (< 20) class counts, and the
 # paper's Table 7 description sentences per class: (min, max, mean, median). iNat's val is its test set.
 SIZES = {
@@ -82,14 +82,15 @@ def default_root(data, fraction):
 
 
 def train_counts(C, total, n_max, n_min, shots):
-    """(C,) training images per class, head to tail, summing to `total`. Log-linear from 100 to 20 over the
-    medium classes and from 19 to n_min over the few (real class counts per split, scaled to C); over the many,
+    """(C,) training images per class, head to tail, summing to `total`. Log-linear from 99 to 21 over the
+    medium classes and from 19 to n_min over the few (real class counts per split, scaled to C); no class has
+    exactly 100 or 20 images, so the > 100 / < 20 and >= 100 / <= 20 rules give the same split; over the many,
     log n = log 101 + log(n_max / 101) t^p from n_max to 101, its bend p found by bisection. With a handful
     of classes n_max is lowered until the total can be reached."""
     many, medium = (max(1, round(s * C / sum(shots))) for s in shots[:2])
     i = np.arange(C)
     t_med, t_few = (i - many) / medium, (i - many - medium + 1) / max(C - many - medium, 1)
-    tail = np.exp(np.where(i < many + medium, np.log(100) + np.log(20 / 100) * t_med,
+    tail = np.exp(np.where(i < many + medium, np.log(99) + np.log(21 / 99) * t_med,
                            np.log(19) + np.log(n_min / 19) * t_few)).round()
     n_max = min(n_max, (total - tail[many:].sum() - 101 * (many - 1)) // 2)
 
