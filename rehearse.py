@@ -255,9 +255,12 @@ def ensure_tree(args):
     want = {"data": args.data, "fraction": args.fraction, "seed": args.seed, "version": TREE_VERSION}
     if os.path.exists(marker) and not args.regenerate:
         tree = read_json(marker)
-        if {k: tree[k] for k in want} == want:
+        found = {k: tree.get(k) for k in want}
+        if found == want:
             return {**tree, "cached": True}
-        sys.exit(f"error: {args.root} holds another tree ({ {k: tree[k] for k in want} }); pass --regenerate or --root")
+        if {**found, "version": TREE_VERSION} != want:
+            sys.exit(f"error: {args.root} holds another tree ({found}); pass --regenerate or --root")
+        print(f"{args.root} was written by an older rehearse.py (tree version {found['version']}): writing it again")
     if os.path.isdir(args.root) and os.listdir(args.root):
         if not os.path.exists(marker) and not os.path.isdir(os.path.join(args.root, "pool")):
             sys.exit(f"error: {args.root} is not empty and was not written by rehearse.py; pass another --root")

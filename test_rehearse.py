@@ -1,4 +1,6 @@
 """rehearse.py: the generated trees are read by data.load_data with the sizes and corpus statistics asked for."""
+import json
+
 import numpy as np
 import pytest
 
@@ -43,3 +45,16 @@ def test_sentence_counts_follow_table_7_at_full_size():
     m = rehearse.sentence_counts(1000, 1, 721, 127, 89, np.random.default_rng(0))   # ImageNet-LT
     assert (m.min(), m.max(), np.median(m)) == (1, 721, 89)
     assert abs(m.mean() - 127) < 5                                        # 125.3: the clip at 721 trims the top
+
+
+def test_a_tree_is_written_again_only_when_it_is_stale(tmp_path):
+    root = tmp_path / "places_lt"
+    args = rehearse.get_args(["places_lt", "--fraction", "0.002", "--root", str(root)])
+    rehearse.ensure_tree(args)
+    marker = json.loads((root / "tree.json").read_text())
+    (root / "tree.json").write_text(json.dumps({**marker, "version": rehearse.TREE_VERSION - 1}))
+    tree = rehearse.ensure_tree(args)                                     # an older generator's tree: written again
+    assert not tree["cached"] and json.loads((root / "tree.json").read_text())["version"] == rehearse.TREE_VERSION
+    other = rehearse.get_args(["places_lt", "--fraction", "0.003", "--root", str(root)])
+    with pytest.raises(SystemExit, match=r"holds another tree .*'fraction': 0\.002.*; pass --regenerate or --root"):
+        rehearse.ensure_tree(other)                                       # another size: never deleted silently
