@@ -1,6 +1,8 @@
-"""Shared pytest fixtures: one generated shapes_lt world and one tiny random CLIP per test session."""
+"""Shared pytest fixtures: one generated shapes_lt world and one tiny random CLIP per test session, the token
+cache of the session, and open_clip's weight caches emptied for the offline tests."""
 import os
 
+import open_clip
 import pytest
 import torch
 
@@ -40,3 +42,13 @@ def tiny_clip(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(clip_models.create_clip("shapes-tiny", 32).state_dict(), path)
     return path
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """open_clip's two caches moved to empty folders under tmp_path; no download may start."""
+    import huggingface_hub
+    monkeypatch.setenv("HOME", str(tmp_path))                    # ~/.cache/clip
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda *a, **k: pytest.fail("download started"))
+    return tmp_path

@@ -15,19 +15,17 @@ the embedded shapes_lt world is generated in shapes_lt.py.
 """
 import argparse
 import hashlib
-import math
 import os
 import signal
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
 import shapes_lt
 from clip_models import context_length, default_tag, tokenize_exact
 from engine import DataError, ResumableSampler, atomic_write, fail, rank_world, warn
-from images import DeviceLoader, DeviceTransform, FileBytes, ImageDataset, collate_files, drop_unreadable, load_rgb
+from images import DeviceLoader, DeviceTransform, FileBytes, ImageDataset, collate_files, contact_sheet, drop_unreadable
 from readers import READERS, Split, read_cifar100, read_descriptions, read_image_folder, read_named_descriptions
 
 # Per-dataset defaults: where the data lives and what the stages use when not told otherwise.
@@ -457,7 +455,7 @@ def require_sentences(data, text):
 
 
 # ----------------------------------------------------------------------------------------------
-# Summary and contact sheet
+# The dataset check: summary (the contact sheet is images.contact_sheet)
 
 
 def corpus_stats(corpus, context_length=77):
@@ -467,31 +465,6 @@ def corpus_stats(corpus, context_length=77):
     lengths = (tok.argmax(dim=1) + 1).float()                    # tokens incl. [SOS] and [EOS]
     return dict(M_min=int(m.min()), M_max=int(m.max()), M_mean=float(m.mean()), M_med=float(np.median(m)),
                 L_avg=float(lengths.mean()) if len(lengths) else 0.0)
-
-
-def contact_sheet(data, path, per_row=20, cell=48, max_classes=400):
-    """One training image per class, head (top left) to tail (bottom right), with its count. More than
-    max_classes classes (iNat's 8,142 would make a 960 x 24,480 px sheet): that many, evenly spaced from head
-    to tail."""
-    from PIL import ImageDraw
-    counts = data.counts
-    order = np.argsort(-counts, kind="stable")
-    if len(order) > max_classes:
-        order = order[np.linspace(0, len(order) - 1, max_classes).round().astype(int)]
-    rows = math.ceil(len(order) / per_row)
-    sheet = Image.new("RGB", (per_row * cell, rows * (cell + 12)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    first = {int(c): i for i, c in reversed(list(enumerate(data.train.labels)))}
-    for j, c in enumerate(order):
-        x, y = (j % per_row) * cell, (j // per_row) * (cell + 12)
-        if c in first:
-            images, lines = data.train.images, data.train.lines
-            im = (Image.fromarray(images[first[c]]) if isinstance(images, np.ndarray)
-                  else load_rgb(images[first[c]], lines[first[c]] if lines else None))
-            sheet.paste(im.resize((cell - 4, cell - 4), Image.NEAREST), (x + 2, y + 2))
-        draw.text((x + 2, y + cell - 2), f"{counts[c]}", fill=(0, 0, 0))
-    atomic_write(path, lambda f: sheet.save(f, format="PNG"))
-    return path
 
 
 def summary(data):
@@ -538,7 +511,7 @@ def main(argv=None):
         name = dataset_name(args.data, args.imbalance)
         data = load_data(name, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
         print(summary(data))
-        path = contact_sheet(data, args.sheet or os.path.join("runs", run_name(name, args.data_root), "contact_sheet.png"))
+        path = contact_sheet(data.train, data.counts, args.sheet or os.path.join("runs", run_name(name, args.data_root), "contact_sheet.png"))
         shown = "" if data.num_classes <= 400 else f" (400 of {data.num_classes} classes, evenly spaced head to tail)"
         print(f"contact sheet {path}{shown}")
     except DataError as e:

@@ -28,10 +28,10 @@ import evaluate
 import lgr
 from anss import suffix
 from clip_models import clip_preprocess
-from data import FEW_UP_TO, MANY_FROM, contact_sheet, fill_defaults, load_data, shot_split
+from data import FEW_UP_TO, MANY_FROM, fill_defaults, load_data, shot_split
 from engine import DataError, atomic_write, load_checkpoint, one_process_only, run_stage
 from evaluate import evaluate_folder
-from images import make_transform
+from images import contact_sheet, make_transform
 from lgr import build_recognizer, lgr_probabilities, official_alpha
 
 
@@ -350,7 +350,7 @@ def make_plots(args, report, root):
     plot_per_class_accuracy(report, args.data, paths[0])
     seed = report["seeds"][0]
     data = load_data(args.data, args.data_root, seed)
-    contact_sheet(data, paths[1])
+    contact_sheet(data.train, data.counts, paths[1])
     args.out, args.seed, args.num_classes = os.path.join(root, f"seed{seed}", "full"), seed, data.num_classes
     plot_lgr_attention(args, data, report["per_seed"][seed]["results"]["full"], paths[2])
     return paths

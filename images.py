@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from engine import DataError, progress, rank_world
+from engine import DataError, atomic_write, progress, rank_world
 
 
 def load_rgb(path, where=None):
@@ -300,3 +300,27 @@ class DeviceLoader:
         batches = iter(self.files)                               # now, before engine.fit restores the generator
         return ((self.transform(list(files.split(lengths.tolist())), paths, wheres), y)
                 for files, lengths, y, paths, wheres in batches)
+
+
+def contact_sheet(split, counts, path, per_row=20, cell=48, max_classes=400):
+    """One image of each class of `split` (a data.Split) with its count (C,), head (top left) to tail (bottom
+    right), as a PNG. More than max_classes classes (iNat's 8,142 would make a 960 x 24,480 px sheet): that many,
+    evenly spaced from head to tail."""
+    from PIL import ImageDraw
+    order = np.argsort(-counts, kind="stable")
+    if len(order) > max_classes:
+        order = order[np.linspace(0, len(order) - 1, max_classes).round().astype(int)]
+    rows = math.ceil(len(order) / per_row)
+    sheet = Image.new("RGB", (per_row * cell, rows * (cell + 12)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    first = {int(c): i for i, c in reversed(list(enumerate(split.labels)))}
+    for j, c in enumerate(order):
+        x, y = (j % per_row) * cell, (j // per_row) * (cell + 12)
+        if c in first:
+            i = first[c]
+            im = (Image.fromarray(split.images[i]) if isinstance(split.images, np.ndarray)
+                  else load_rgb(split.images[i], split.lines[i] if split.lines else None))
+            sheet.paste(im.resize((cell - 4, cell - 4), Image.NEAREST), (x + 2, y + 2))
+        draw.text((x + 2, y + cell - 2), f"{counts[c]}", fill=(0, 0, 0))
+    atomic_write(path, lambda f: sheet.save(f, format="PNG"))
+    return path

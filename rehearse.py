@@ -341,7 +341,7 @@ def measure(name, argv, log_dir, mem_cap, timeout):
             now = tree_rss(proc.pid)
             peak = max(peak, now)
             if time.time() > next_note:                          # the stages' tqdm bars are silent in a log
-                print(f"  ... {time.time() - t0:.0f} s, RSS {gb(now)} GB (peak {gb(peak)})", flush=True)
+                print(f"  ... {time.time() - t0:.0f} s, RSS {gb(now)} GiB (peak {gb(peak)})", flush=True)
                 next_note += 30
             if timeout and time.time() - t0 > timeout and not timed_out:
                 os.killpg(proc.pid, signal.SIGKILL)              # its own process group: the stage and its workers
@@ -354,7 +354,7 @@ def measure(name, argv, log_dir, mem_cap, timeout):
     r = {"stage": name, "command": "python " + " ".join(argv), "wall_s": round(wall, 1), "peak_rss_tree_bytes": peak,
          "max_rss_process_bytes": usage.ru_maxrss * 1024, "status": state, "load_avg": round(os.getloadavg()[0], 1),
          "error": last_line(err) if rc else "", "last_output": last_line(out)}
-    print(f"  {state}: {wall:.1f} s, peak RSS {gb(peak)} GB (tree), {gb(r['max_rss_process_bytes'])} GB (largest "
+    print(f"  {state}: {wall:.1f} s, peak RSS {gb(peak)} GiB (tree), {gb(r['max_rss_process_bytes'])} GiB (largest "
           f"process)\n  " + (f"error: {r['error']}" if rc else r["last_output"][:160]), flush=True)
     return r
 
@@ -376,7 +376,7 @@ def markdown(report, other):
              f"shapes-tiny 32 px, {report['cpus']} CPU cores, --workers {report['workers']}, "
              f"--mem-cap {report['mem_cap']}; load: the "
              "1-minute load average as the stage ended (a shared machine inflates the times).", "",
-             "| stage | wall (s) | peak RSS, tree (GB) | largest process (GB) | load | status | error |"
+             "| stage | wall (s) | peak RSS, tree (GiB) | largest process (GiB) | load | status | error |"
              + (" growth full / tenth (wall, RSS) |" if other else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if other else "")]
     for r in report["stages"]:
@@ -401,6 +401,7 @@ def main(argv=None):
     if "cvlp" in stages:                                         # a fresh run: token caches are made again
         shutil.rmtree(run, ignore_errors=True)
     os.makedirs(os.path.join(run, "logs"), exist_ok=True)
+    os.environ["VL_LTR_CACHE"] = os.path.join(run, "token_cache")   # the stages' tokens (data.cache_dir), as on a first run
     print(f"training stages stop after {args.stop_after_steps} steps (--stop-after-steps); the rest runs in full")
     commands = stage_commands(args, tree, run)
     results = [{**measure(s, commands[s], os.path.join(run, "logs"), parse_size(args.mem_cap), args.timeout),

@@ -21,7 +21,6 @@ import predict
 from engine import DataError, checkpoint_tag
 from images import make_transform
 from test_data import make_imagenet_tree
-from test_released import empty_caches  # noqa: F401  (a fixture: open_clip's caches moved to empty folders)
 
 ARCH = "tiny-clip"                                   # registered as an open_clip model config below
 GELU_TAG, QUICK_TAG = "web_gelu", "web_quickgelu"

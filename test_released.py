@@ -273,16 +273,6 @@ def test_released_file_with_arbitrary_objects_is_refused_without_running_them(tm
 # Offline start: the cache first, one line at once when nothing is there and nothing can be reached
 
 
-@pytest.fixture
-def empty_caches(tmp_path, monkeypatch):
-    """open_clip's two caches moved to empty folders under tmp_path; no download may start."""
-    import huggingface_hub
-    monkeypatch.setenv("HOME", str(tmp_path))                    # ~/.cache/clip
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(open_clip, "download_pretrained", lambda *a, **k: pytest.fail("download started"))
-    return tmp_path
-
-
 def test_no_cached_weights_and_no_network_is_one_line_at_once(empty_caches, monkeypatch):
     monkeypatch.setattr(clip_models, "reachable", lambda host, timeout=5: False)
     with pytest.raises(DataError, match=r"^no OpenAI CLIP weights for RN50 in open_clip's cache and huggingface.co "
