@@ -511,7 +511,8 @@ def main(argv=None):
         name = dataset_name(args.data, args.imbalance)
         data = load_data(name, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
         print(summary(data))
-        path = contact_sheet(data.train, data.counts, args.sheet or os.path.join("runs", run_name(name, args.data_root), "contact_sheet.png"))
+        sheet = args.sheet or os.path.join("runs", run_name(name, args.data_root), "contact_sheet.png")
+        path = contact_sheet(data.train, data.counts, sheet)
         shown = "" if data.num_classes <= 400 else f" (400 of {data.num_classes} classes, evenly spaced head to tail)"
         print(f"contact sheet {path}{shown}")
     except DataError as e:
