@@ -14,12 +14,12 @@ import os
 import numpy as np
 import torch
 
-from clip_models import clip_preprocess, create_clip, encode_images, encode_texts
+from clip_models import create_clip, encode_images, encode_texts
 from cvlp import load_clip
 from data import add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
 from engine import (atomic_write, check_meta, checkpoint_meta, load_checkpoint, one_process_only, prepare_out,
                     progress, run_stage, save_checkpoint, seed_everything)
-from images import make_transform
+from images import clip_transform
 
 
 def get_args(argv=None):
@@ -56,19 +56,15 @@ def anchor_scores(E_I, y, E_T, t, tau, num_classes, chunk=4096):
     The logsumexp runs over blocks of `chunk` images x `chunk` sentences, so memory stays chunk^2
     whatever N' and S are; the work is one pass over the (N', S) products.
     """
-    n_per_class = torch.bincount(y, minlength=num_classes).clamp(min=1).float()          # (C,)
-    mean_image = E_I.new_zeros(num_classes, E_I.shape[1]).index_add_(0, y, E_I) / n_per_class[:, None]   # (C, D)
-    scores = torch.empty(len(E_T), device=E_T.device)
-    blocks = [(k, i) for k in range(0, len(E_T), chunk) for i in range(0, len(E_I), chunk)]
-    lse = None
-    for k, i in progress(blocks, desc="AnSS scores", unit="block"):
-        if i == 0:
-            lse = torch.full((len(E_T[k:k + chunk]),), float("-inf"), device=E_T.device)   # (k,) running
-        S = E_I[i:i + chunk] @ E_T[k:k + chunk].T / tau                                    # (i, k) block of S / tau
-        lse = torch.logaddexp(lse, S.logsumexp(dim=0))
-        if i + chunk >= len(E_I):                                                          # the sentences' last block
-            own = (mean_image[t[k:k + chunk]] * E_T[k:k + chunk]).sum(-1) / tau             # (k,)
-            scores[k:k + chunk] = lse - own
+    n_per_class = torch.bincount(y, minlength=num_classes).float()                        # (C,)
+    mean_image = E_I.new_zeros(num_classes, E_I.shape[1]).index_add_(0, y, E_I) / n_per_class.clamp(min=1)[:, None]
+    scores = torch.zeros(len(E_T), device=E_T.device)    # a class with no image in I' keeps 0: corpus order
+    for k in progress(range(0, len(E_T) if len(E_I) else 0, chunk), desc="AnSS scores", unit="block"):
+        T, c = E_T[k:k + chunk], t[k:k + chunk]                                            # (k, D), (k,)
+        lse = torch.stack([(E_I[i:i + chunk] @ T.T / tau).logsumexp(dim=0)                 # (k,) per image block
+                           for i in range(0, len(E_I), chunk)]).logsumexp(dim=0)
+        own = (mean_image[c] * T).sum(-1) / tau                                            # (k,)
+        scores[k:k + chunk] = torch.where(n_per_class[c] > 0, lse - own, 0.0)
     return scores
 
 
@@ -144,6 +140,16 @@ def load_encoder(args, device):
     return model.to(device).eval(), ckpt
 
 
+def load_anchor_embeds(args):
+    """This run's anchor_embeds.pt (anchor_embeds_clip.pt under --init clip): (C, M, D) embeddings and (C, M) mask,
+    refused with one line when another dataset, backbone, tag or number of classes made it."""
+    path = os.path.join(args.out, f"anchor_embeds{suffix(args)}.pt")
+    made_by = f"python anss.py --data {args.data}" + (" --init clip" if args.init == "clip" else "")
+    a = load_checkpoint(path, "anss", made_by)
+    check_meta(a, checkpoint_meta(args, "anss", args.num_classes), path)
+    return a["embeds"], a["mask"]
+
+
 def main(argv=None):
     one_process_only("anss.py")
     run_stage(run, get_args(argv))
@@ -163,7 +169,7 @@ def run(args):
     E_T = encode_texts(model, text["tokens"], args.device, desc="sentences")      # (S, D)
     if args.select == "anss":
         subset = data.train.subset(image_subset(data.train.labels, args.images_per_class, args.seed))   # I'
-        transform = make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained), train=False)
+        transform = clip_transform(args, train=False)
         loader = make_loader(subset, transform, args)
         E_I, y = encode_images(model.encode_image, loader, args.device, desc="I'")   # (N', D)
         scores = anchor_scores(E_I, y, E_T, text["label"].to(args.device), tau, data.num_classes, args.chunk).cpu()

@@ -17,12 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import shapes_lt
-from clip_models import (clip_preprocess, create_clip, encode_images, encode_text_trimmed, encode_texts, load_clip_file,
+from clip_models import (create_clip, encode_images, encode_text_trimmed, encode_texts, load_clip_file,
                          pretrained_weights)
 from data import DATASETS, SHAPES_WORLDS, add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
 from engine import (DataError, checkpoint_meta, cosine_schedule, distribute, fit, gather, init_distributed,
                     prepare_out, rank_world, run_stage, seed_everything)
-from images import make_transform
+from images import clip_transform
 
 
 def get_args(argv=None):
@@ -206,7 +206,7 @@ def class_prototype_accuracy(model, data, text, args):
         protos = torch.zeros(data.num_classes, E_T.shape[1], device=args.device).index_add_(
             0, text["label"].to(args.device), E_T)                                      # (C, D)
         protos = F.normalize(protos, dim=-1)
-        transform = make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained), train=False)
+        transform = clip_transform(args, train=False)
         loader = make_loader(data.val, transform, args)
         E_I, y = encode_images(model.encode_image, loader, args.device, desc="val")    # (V, D), (V,)
     model.train(was_training)
@@ -245,8 +245,7 @@ def run(args):
         teacher_text = encode_texts(teacher, text["tokens"], args.device, desc="teacher text",   # (S, D), in the
                                     training_precision=True)     # precision the step's own teacher forward would use
 
-    transform = make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained), train=True,
-                               crop_scale=DATASETS[args.data]["crop_scale"])
+    transform = clip_transform(args, train=True, crop_scale=DATASETS[args.data]["crop_scale"])
     loader = make_loader(data.train, transform, args, sampling=args.sampling, generator=rngs["sampler"])
     if len(loader) < args.accum:
         raise DataError(f"--batch {args.batch} x --accum {args.accum} is larger than the training set "

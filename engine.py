@@ -30,6 +30,11 @@ class DataError(Exception):
     """Bad input. The message is one line: what is wrong and how to fix it."""
 
 
+def out_of_memory(e):
+    """True for torch's out-of-memory errors: CUDA's OutOfMemoryError, the CPU allocator's RuntimeError."""
+    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "alloc" in str(e).lower()
+
+
 def fail(message):
     """Print a one-line error (no traceback) and exit with status 2. Used by every stage's main().
     A DataError raised in a DataLoader worker arrives wrapped with the worker's traceback: keep its last line."""

@@ -33,13 +33,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from anss import load_encoder, suffix
-from clip_models import clip_preprocess, context_length, default_tag, encode_images, encode_texts, tokenize_exact
+from anss import load_anchor_embeds, load_encoder, suffix
+from clip_models import context_length, default_tag, encode_images, encode_texts, tokenize_exact
 from cvlp import load_clip
 from data import add_common_args, fill_defaults, load_data, make_loader, prompt_sentences
 from engine import (DataError, atomic_write, check_meta, checkpoint_meta, fail, load_checkpoint, one_process_only,
-                    progress, run_stage, warn)
-from images import make_transform
+                    out_of_memory, progress, run_stage, warn)
+from images import clip_transform
 from lgr import accuracy_by_shot, build_recognizer, official_accuracy, official_alpha, predict, recognizer_from_released
 
 # --variant official: the row of the prediction behind the official code's many / medium / few columns.
@@ -157,8 +157,7 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
     one line and skipped, and the others still run; on_result(results, preds, found) is called after every head
     (run() rewrites eval.json then, so a long evaluation keeps what it has computed)."""
     counts, split = data.counts, getattr(data, args.split)
-    loader = make_loader(split, make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained),
-                                               train=False), args)
+    loader = make_loader(split, clip_transform(args, train=False), args)
     results, preds, found, failed = {}, {}, [], {}
 
     def record(name, pred, y):
@@ -189,10 +188,10 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
     def knn_head():                                              # CVLP embeddings against every anchor
         args.init = "cvlp"
         encoder, _ = load_encoder(args, args.device)
-        a = load_checkpoint(os.path.join(args.out, "anchor_embeds.pt"), "anss", "python anss.py")
+        anchors, mask = load_anchor_embeds(args)
         E_I, y = encode_images(encoder.encode_image, loader, args.device, desc="KNN")
-        record(f"KNN head (k={args.knn_k})", knn_predict(E_I, F.normalize(a["embeds"].to(args.device), dim=-1),
-                                                       a["mask"].to(args.device), args.knn_k), y)
+        record(f"KNN head (k={args.knn_k})", knn_predict(E_I, F.normalize(anchors.to(args.device), dim=-1),
+                                                       mask.to(args.device), args.knn_k), y)
 
     heads = [("Zero-Shot CLIP", zero_shot_head)] if zero_shot else []
     for head, init, name in (("fc", "clip", "Baseline (CLIP + FC)"), ("fc", "cvlp", "FC head (CVLP)"),
@@ -207,20 +206,15 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
         try:
             compute()
         except (DataError, MemoryError, RuntimeError) as e:      # RuntimeError: torch's out of memory, CPU or GPU
-            if isinstance(e, RuntimeError) and not out_of_memory(e):
+            if not isinstance(e, DataError) and not out_of_memory(e):
                 raise
-            failed[name] = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
-            if not isinstance(e, DataError):
-                failed[name] = f"out of memory ({failed[name]}); lower --batch, or evaluate on a larger machine"
+            line = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+            failed[name] = (line if isinstance(e, DataError) else
+                            f"out of memory ({line}); lower --batch, or evaluate on a larger machine")
             warn(f"{name} failed: {failed[name]}; the other heads go on")
         if on_result is not None:
             on_result(results, preds, found)
     return results, preds, found, failed
-
-
-def out_of_memory(e):
-    """True for torch's out-of-memory errors: CUDA's OutOfMemoryError, the CPU allocator's RuntimeError."""
-    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "alloc" in str(e).lower()
 
 
 def run(args):
@@ -269,8 +263,7 @@ def run_released(args):
         raise DataError(f"--released {args.released} has {len(model.anchors)} classes, {args.data} has "
                         f"{data.num_classes}; pass the --data it was trained on")
     args.variant, alpha = "official", official_alpha(args.data)
-    transform = make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained), train=False,
-                               crop_pct=0.875)
+    transform = clip_transform(args, train=False, crop_pct=0.875)
     p, y = predict(model, make_loader(getattr(data, args.split), transform, args), args, desc="released")
     # The official evaluation takes its overall top-1 and its many / medium / few columns from two predictions
     # (SPEC.md §3): the first row is what it reports, the next two give every column of each prediction.

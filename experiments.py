@@ -27,11 +27,10 @@ import cvlp
 import evaluate
 import lgr
 from anss import suffix
-from clip_models import clip_preprocess
 from data import FEW_UP_TO, MANY_FROM, fill_defaults, load_data, shot_split
 from engine import DataError, atomic_write, load_checkpoint, one_process_only, run_stage
 from evaluate import evaluate_folder
-from images import contact_sheet, make_transform
+from images import clip_transform, contact_sheet
 from lgr import build_recognizer, lgr_probabilities, official_alpha
 
 
@@ -398,7 +397,7 @@ def plot_lgr_attention(args, data, results, path):
     gain[shot_split(data.counts) != "few"] = -np.inf
     c = int(gain.argmax())
     i = int(np.flatnonzero(data.test.labels == c)[0])
-    transform = make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained), train=False)
+    transform = clip_transform(args, train=False)
     x = transform(torch.from_numpy(data.test.images[i]).permute(2, 0, 1))
     with torch.no_grad():
         logits_I, logits_T, A = model(x[None].to(args.device))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from clip_models import clip_preprocess
 from engine import DataError, atomic_write, progress, rank_world
 
 
@@ -79,6 +80,12 @@ class ImageDataset(torch.utils.data.Dataset):
             return [self[i] for i in indices]
         x = self.transform.batch(torch.from_numpy(images[indices]).permute(0, 3, 1, 2))   # (B, 3, S, S)
         return list(zip(x.unbind(), self.split.labels[indices].tolist()))
+
+
+def clip_transform(args, train, **kwargs):
+    """make_transform for a stage: args.image_size, and the mean / std, interpolation and resize mode that the
+    weights of --backbone under --pretrained were trained with (clip_models.clip_preprocess)."""
+    return make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained), train=train, **kwargs)
 
 
 def make_transform(image_size, mean, std, train, crop_scale=(0.08, 1.0), crop_pct=1.0, interpolation="bicubic",

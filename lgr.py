@@ -17,12 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from anss import load_encoder, suffix
-from clip_models import clip_preprocess, create_clip, embed_dim
+from anss import load_anchor_embeds, load_encoder, suffix
+from clip_models import create_clip, embed_dim
 from data import DATASETS, SHAPES_WORLDS, add_common_args, fill_defaults, load_data, make_loader, shot_split
-from engine import (DataError, checkpoint_meta, checkpoint_tag, cosine_schedule, distribute, eval_precision, fit,
-                    init_distributed, load_checkpoint, prepare_out, progress, rank_world, run_stage, seed_everything)
-from images import make_transform
+from engine import (DataError, checkpoint_meta, cosine_schedule, distribute, eval_precision, fit, init_distributed,
+                    prepare_out, progress, rank_world, run_stage, seed_everything)
+from images import clip_transform
 
 
 def get_args(argv=None):
@@ -224,15 +224,7 @@ def build_recognizer(args, device, ckpt=None):
     D = embed_dim(encoder)
     anchors = mask = None
     if args.head == "lgr":
-        a = load_checkpoint(os.path.join(args.out, f"anchor_embeds{suffix(args)}.pt"), "anss",
-                            f"python anss.py --data {args.data}" + (" --init clip" if args.init == "clip" else ""))
-        anchors, mask = a["embeds"], a["mask"]
-        if (a.get("data"), len(anchors)) != (args.data, args.num_classes):
-            raise DataError(f"anchor_embeds{suffix(args)}.pt holds {len(anchors)} classes of {a.get('data')}, this run "
-                            f"{args.num_classes} of {args.data}; rerun anss.py with this --data and --out")
-        if checkpoint_tag(a) != args.pretrained:
-            raise DataError(f"anchor_embeds{suffix(args)}.pt was made under --pretrained {checkpoint_tag(a)}, this run "
-                            f"uses {args.pretrained}; pass --pretrained {checkpoint_tag(a)}, or rerun anss.py")
+        anchors, mask = load_anchor_embeds(args)
         if anchors.shape[-1] != D:
             raise DataError(f"anchor_embeds.pt has D = {anchors.shape[-1]}, the encoder D = {D}; rerun anss.py")
     C = len(anchors) if anchors is not None else args.num_classes
@@ -384,14 +376,12 @@ def run(args):
     if args.compile:                       # in place (nn.Module.compile): parameter names, checkpoints unchanged
         model.visual.compile()
 
-    preprocess = clip_preprocess(args.backbone, args.pretrained)    # the images the CLIP weights were trained on
-    train_transform = make_transform(args.image_size, **preprocess, train=True,
-                                     crop_scale=DATASETS[args.data]["crop_scale"])
+    train_transform = clip_transform(args, train=True, crop_scale=DATASETS[args.data]["crop_scale"])
     loader = make_loader(data.train, train_transform, args, sampling=args.sampling, generator=rngs["sampler"])
     if len(loader) < args.accum:
         raise DataError(f"--batch {args.batch} x --accum {args.accum} is larger than the training set "
                         f"({len(data.train.labels)} images); lower --batch")
-    val_loader = make_loader(data.val, make_transform(args.image_size, **preprocess, train=False), args)
+    val_loader = make_loader(data.val, clip_transform(args, train=False), args)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
                             weight_decay=args.wd, fused=str(args.device).startswith("cuda"))
     steps = len(loader) // args.accum

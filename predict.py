@@ -18,10 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clip_models import clip_preprocess
 from data import load_data, shot_split
 from engine import DataError, checkpoint_tag, eval_precision, load_checkpoint, run_stage
-from images import load_rgb, make_transform
+from images import clip_transform, load_rgb
 from lgr import build_recognizer, lgr_probabilities, official_alpha
 
 
@@ -83,7 +82,7 @@ def load_run(run, device):
 def explain(model, args, classes, image, top=5, sentences=3):
     """One PIL image -> its top classes by P (Eq. 7), each with P, P^I, P^T and the `sentences` anchors of
     largest attention weight A (Eq. 6) among the class's real anchors (padding never shows)."""
-    transform = make_transform(args.image_size, **clip_preprocess(args.backbone, args.pretrained), train=False)
+    transform = clip_transform(args, train=False)
     x = transform(image)[None].to(args.device)                  # (1, 3, S, S)
     with eval_precision(args.device):                           # fp32, whatever the training precision
         logits_I, logits_T, A = model(x)                         # (1, C), (1, C), (1, C, M)

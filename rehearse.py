@@ -70,6 +70,7 @@ def get_args(argv=None):
     p.add_argument("--timeout", type=float, default=0, help="seconds after which a stage is stopped (0: never)")
     args = p.parse_args(argv)
     args.root = args.root or default_root(args.data, args.fraction)
+    args.mem_cap_bytes = parse_size(args.mem_cap)                # a typo stops here, before the tree is written
     return args
 
 
@@ -188,8 +189,10 @@ def place_images(root, relpaths, n_pool, rng):
 
 
 def write_text(path, text):
-    with open(path, "w", encoding="utf-8") as f:
+    """Written to a temporary file, then renamed: a cut-off run leaves the old file or none, never half of one."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def read_json(path):
@@ -404,7 +407,7 @@ def main(argv=None):
     os.environ["VL_LTR_CACHE"] = os.path.join(run, "token_cache")   # the stages' tokens (data.cache_dir), as on a first run
     print(f"training stages stop after {args.stop_after_steps} steps (--stop-after-steps); the rest runs in full")
     commands = stage_commands(args, tree, run)
-    results = [{**measure(s, commands[s], os.path.join(run, "logs"), parse_size(args.mem_cap), args.timeout),
+    results = [{**measure(s, commands[s], os.path.join(run, "logs"), args.mem_cap_bytes, args.timeout),
                 "steps": args.stop_after_steps if s in ("cvlp", "lgr", "fc_clip") else None, "mem_cap": args.mem_cap}
                for s in STAGES if s in stages]
     path = os.path.join(args.root, f"rehearsal_{args.data}.json")

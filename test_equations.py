@@ -254,6 +254,17 @@ def test_chunked_anchor_scores_equal_unchunked(chunk):
     assert anchor_scores(*args, chunk=chunk).tolist() == pytest.approx(whole.tolist(), rel=1e-6)
 
 
+def test_a_class_without_images_in_i_prime_scores_zero_and_keeps_corpus_order():
+    # Class 2 has sentences but no image in I' (L_lin has no image to average over): its sentences score 0, so
+    # select_anchors keeps them in corpus order, as --select cutoff would. Classes 0 and 1 score as above.
+    E_T, t = torch.tensor(ANSS_E_T + [[0.6, 0.8], [1.0, 0.0]]), torch.tensor(ANSS_T + [2, 2])
+    args = torch.tensor(ANSS_E_I), torch.tensor(ANSS_Y)
+    scores = anchor_scores(*args, E_T, t, 0.5, num_classes=3)
+    assert scores[3:].tolist() == [0.0, 0.0]
+    assert scores[:3].tolist() == anchor_scores(*args, E_T[:3], t[:3], 0.5, num_classes=2).tolist()
+    assert anchor_scores(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), E_T, t, 0.5, 3).tolist() == [0.0] * 5
+
+
 def test_select_anchors_keeps_the_m_lowest_scores_per_class_in_order_and_pads_short_classes():
     offsets = torch.tensor([0, 4, 6])                 # class 0: sentences 0..3, class 1: sentences 4, 5
     scores = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.7, 0.2])
