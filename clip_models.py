@@ -314,15 +314,12 @@ def encode_texts(model, tokens, device, batch=1024, desc="text", training_precis
     shortest first, so that each chunk is trimmed to about its own length (encode_text_trimmed)."""
     model.eval()
     order = tokens.argmax(dim=-1).argsort()                      # (S,) by EOT position: shortest first
-    out = None                                                   # (S, D), filled in place: one copy, not three
+    out = torch.empty(len(tokens), embed_dim(model), device=device)   # (S, D), filled in place: one copy, not three
     for i in progress(range(0, len(tokens), batch), desc=desc, unit="batch"):
-        rows = order[i:i + batch]
+        rows = order[i:i + batch]                                # written back in corpus order
         with autocast(device) if training_precision else eval_precision(device):
-            E = F.normalize(encode_text_trimmed(model, tokens[rows]).float(), dim=-1)       # (b, D)
-        if out is None:
-            out = torch.empty(len(tokens), E.shape[1], device=device)
-        out[rows.to(device)] = E                                 # back in corpus order
-    return out if out is not None else torch.zeros(0, embed_dim(model), device=device)
+            out[rows.to(device)] = F.normalize(encode_text_trimmed(model, tokens[rows]).float(), dim=-1)
+    return out
 
 
 @torch.no_grad()

@@ -212,16 +212,26 @@ def run_table(args):
 
     report = table_report(args, per_seed, timings, time.time() - t_start)
     os.makedirs(args.results, exist_ok=True)
-    json_path, md_path = (os.path.join(args.results, f"{args.data}.{ext}") for ext in ("json", "md"))
-    atomic_write(json_path, lambda f: f.write(json.dumps(report, indent=1).encode()))
-    atomic_write(md_path, lambda f: f.write(table_markdown(report).encode()))
-    print(table_markdown(report))
-    print(f"wrote {json_path} and {md_path}")
+    write_report(report, os.path.join(args.results, f"{args.data}.json"))
     if importlib.util.find_spec("matplotlib") is None:          # optional: only the plots need it
         print("note: no plots without matplotlib: pip install matplotlib and rerun (finished stages are skipped)")
         return
     for path in make_plots(args, report, root):
         print(f"wrote {path}")
+
+
+def write_report(report, json_path):
+    """results/<data>.json and its table beside it as .md, both written atomically; the table printed."""
+    md_path, table = json_path[:-len(".json")] + ".md", table_markdown(report)
+    atomic_write(json_path, lambda f: f.write(json.dumps(report, indent=1).encode()))
+    atomic_write(md_path, lambda f: f.write(table.encode()))
+    print(table)
+    print(f"wrote {json_path} and {md_path}")
+
+
+def plot_path(folder, data, name):
+    """Where a figure goes: <folder>/<name> for shapes_lt, <folder>/<data>_<name> beside it for the other worlds."""
+    return os.path.join(folder, ("" if data == "shapes_lt" else f"{data}_") + name)
 
 
 def seed_cells(per_seed, folder, method):
@@ -324,16 +334,11 @@ def run_regroup(args):
             report = json.load(f)
         report["per_seed"] = {int(s): run for s, run in report["per_seed"].items()}   # JSON keys are strings
         report = regroup(report)
-        atomic_write(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
-        md = path[:-len(".json")] + ".md"
-        atomic_write(md, lambda f: f.write(table_markdown(report).encode()))
-        print(table_markdown(report))
-        print(f"wrote {path} and {md}")
+        write_report(report, path)
         if importlib.util.find_spec("matplotlib") is not None:
             import matplotlib
             matplotlib.use("Agg")
-            prefix = "" if report["data"] == "shapes_lt" else f"{report['data']}_"   # as make_plots names them
-            plot = os.path.join(os.path.dirname(path), prefix + "per_class_accuracy.png")
+            plot = plot_path(os.path.dirname(path), report["data"], "per_class_accuracy.png")
             plot_per_class_accuracy(report, report["data"], plot)
             print(f"wrote {plot}")
 
@@ -343,9 +348,8 @@ def make_plots(args, report, root):
     the contact sheet of the first seed's world, and one example of LGR attention in that world."""
     import matplotlib
     matplotlib.use("Agg")
-    prefix = "" if args.data == "shapes_lt" else f"{args.data}_"   # the other worlds' plots beside shapes_lt's
-    paths = [os.path.join(args.results, prefix + f) for f in ("per_class_accuracy.png", "contact_sheet.png",
-                                                               "lgr_attention.png")]
+    paths = [plot_path(args.results, args.data, f) for f in ("per_class_accuracy.png", "contact_sheet.png",
+                                                            "lgr_attention.png")]
     plot_per_class_accuracy(report, args.data, paths[0])
     seed = report["seeds"][0]
     data = load_data(args.data, args.data_root, seed)
