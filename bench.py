@@ -28,6 +28,7 @@ on the weights. Timings are medians after warm-up iterations, with torch.cuda.sy
 import argparse
 import copy
 import ctypes
+import json
 import os
 import statistics
 import tempfile
@@ -48,6 +49,8 @@ import images
 import lgr
 from anss import anchor_scores
 
+SECTIONS = ("cvlp", "loader", "anss", "heads", "head-step")
+PATHS = ("plain", "fast", "fast+compile")
 # (C, D) of the LGR heads timed in section 5; M = 64 anchors. D: RN50 1024, ViT-B/16 512.
 HEAD_SHAPES = {"imagenet_lt": (1000, 1024), "inat2018": (8142, 1024), "inat2018_vit": (8142, 512)}
 
@@ -59,7 +62,15 @@ def get_args(argv=None):
     p.add_argument("--batch", type=int, default=256, help="CVLP batch (Sec. 4.3: 256) and loader batch")
     p.add_argument("--steps", type=int, default=None, help="timed CVLP steps per path (default 20 CUDA, 3 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first, compiling included (default 3 CUDA, 1 CPU)")
+    p.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS,
+                   help="which sections to run (default all): cvlp loader anss heads head-step")
+    p.add_argument("--paths", nargs="*", default=None, choices=PATHS,
+                   help="CVLP step paths to time (default plain fast; with --compile plain fast+compile)")
     p.add_argument("--compile", action="store_true", help="the fast path also torch.compiles the image encoders")
+    p.add_argument("--profile", action="store_true", help="after timing, torch.profiler over 3 steps of the last "
+                   "path: the operators that take the most device time")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file, after "
+                   "each section (a run cut short keeps what it measured)")
     p.add_argument("--loaders", nargs="*", default=["pil", "gpu"], help="loaders to time (none: skip the section)")
     p.add_argument("--loader-batches", type=int, default=None, help="batches per loader (default 20 CUDA, 4 CPU)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count()), help="loader processes")
@@ -78,6 +89,7 @@ def get_args(argv=None):
                    "keeps many-small-op paths from stalling on preempted threads)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    args.paths = args.paths or ["plain", "fast+compile" if args.compile else "fast"]
     cuda = str(args.device).startswith("cuda")
     args.image_size = args.image_size or (32 if args.backbone == "shapes-tiny" else 224)
     args.steps = args.steps or (20 if cuda else 3)
@@ -205,22 +217,21 @@ def plain_loss(student, teacher, x, y, T, lam=0.5):
     return cvlp.pretraining_loss(L_ccl, L_dis, lam)
 
 
-def cvlp_step_bench(args, student0, teacher, x, y, k, corpus):
-    """Both paths from the same initial weights (student0, teacher on the CPU: only the path being timed is on
-    the device). Returns {path: {measure: value}}."""
+def cvlp_step_bench(args, student0, teacher, x, y, k, corpus, done=lambda results: None):
+    """Each of args.paths from the same initial weights (student0, teacher on the CPU: only the path being timed
+    is on the device). Returns {path: {measure: value}}; done(results) is called after each path."""
     on_device = lambda model: copy.deepcopy(model).to(args.device)
     frozen = on_device(teacher)
     cache = clip_models.encode_texts(frozen, corpus, args.device, training_precision=True)   # the fast path's teacher
                                                                                              # text, made once (S, D)
     T_device = corpus[k].long().to(args.device)
     loss_args = argparse.Namespace(lam=0.5, variant="paper")
-    losses = {
-        "plain": lambda s, t: plain_loss(s, t, x, y, T_device),
-        "fast": lambda s, t: cvlp.cvlp_loss(s, t, x, y, corpus[k], loss_args, cache[k.to(args.device)])[0],
-    }
+    plain = lambda s, t: plain_loss(s, t, x, y, T_device)
+    fast = lambda s, t: cvlp.cvlp_loss(s, t, x, y, corpus[k], loss_args, cache[k.to(args.device)])[0]
+    losses = {"plain": plain, "fast": fast, "fast+compile": fast}
     student = on_device(student0)
-    with torch.no_grad(), engine.autocast(args.device):          # the two losses on the same weights and batch
-        values = {name: loss(student, frozen).float().item() for name, loss in losses.items()}
+    with torch.no_grad(), engine.autocast(args.device):          # the losses on the same weights and batch
+        values = {name: losses[name](student, frozen).float().item() for name in args.paths}
     del student, frozen
 
     def run_path(name):
@@ -237,18 +248,40 @@ def cvlp_step_bench(args, student0, teacher, x, y, k, corpus):
 
         with FlopCounterMode(display=False) as counter:          # forward + backward, counted once, uncompiled
             step()
-        if name == "fast" and args.compile:
+        if name == "fast+compile":
             student.visual.compile()
             frozen.visual.compile()
-        return median_seconds(step, args.device, args.steps, args.warmup), counter.get_total_flops()
+        t0 = time.perf_counter()
+        seconds = median_seconds(step, args.device, args.steps, args.warmup)
+        first = time.perf_counter() - t0 - seconds * args.steps   # the warm-up steps: compiling, for fast+compile
+        if args.profile and name == args.paths[-1]:
+            profile_steps(step, args.device)
+        return seconds, counter.get_total_flops(), first
 
     results = {}
-    for name in losses:
-        (seconds, flop), peak, how = peak_memory(lambda: run_path(name), args.device)
-        results[name] = {"seconds": seconds, "peak_gib": peak, "memory": how, "flop": flop, "loss": values[name]}
+    for name in args.paths:
+        (seconds, flop, warmup_s), peak, how = peak_memory(lambda: run_path(name), args.device)
+        results[name] = {"seconds": seconds, "samples_s": args.batch / seconds, "peak_gib": peak, "memory": how,
+                         "flop": flop, "tflop_s": flop / seconds / 1e12, "warmup_s": warmup_s, "loss": values[name]}
         if str(args.device).startswith("cuda"):
             torch.cuda.empty_cache()
+        done(results)
     return results
+
+
+def profile_steps(step, device, steps=3, rows=15):
+    """torch.profiler over `steps` steps: the operators that take the most time on the device (on a CPU, of
+    the CPU), printed as a table; where a step's time goes when a target is missed."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = str(device).startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(f"\n  profile of {steps} steps, by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,6 +423,13 @@ def main(argv=None):
             f"load average {os.getloadavg()[0]:.1f})")
     print(f"bench: {args.backbone} {args.image_size} px, batch {args.batch}, {name}, torch {torch.__version__}, "
           f"{'bf16 autocast, fused AdamW' if cuda else 'fp32'}")
+    record = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d"),
+              "args": {k: v for k, v in vars(args).items() if k != "json"}}
+
+    def save(section, value):                                    # --json: every number so far, after each section
+        record[section] = value
+        if args.json:
+            engine.atomic_write(args.json, lambda f: f.write(json.dumps(record, indent=1, default=str)), "w")
 
     student0 = clip_models.create_clip(args.backbone, args.image_size)                 # on the CPU until used
     teacher = copy.deepcopy(student0).eval().requires_grad_(False)
@@ -397,75 +437,88 @@ def main(argv=None):
         for p in teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))
     D, context = student0.text_projection.shape[1], clip_models.context_length(student0)
+    g = torch.Generator().manual_seed(args.seed)
 
     # 1. One CVLP step
-    g = torch.Generator().manual_seed(args.seed)
-    corpus = synthetic_sentences(max(4096, 4 * args.batch), context, g)          # (S, L)
-    k = torch.randint(0, len(corpus), (args.batch,), generator=g)                # (N,) one sentence per image
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(args.device)
-    y = torch.randint(0, args.classes, (args.batch,), generator=g).to(args.device)
-    res = cvlp_step_bench(args, student0, teacher, x, y, k, corpus)
-    print(f"\n1. CVLP step: student image+text fwd+bwd, teacher fwd, Eq. 2+3+8, AdamW "
-          f"(median of {args.steps} steps after {args.warmup})")
-    row("", "plain", "fast" + (" +compile" if args.compile else ""))
-    row("samples/s", *(f"{args.batch / r['seconds']:.0f}" for r in res.values()))
-    row("ms/step", *(f"{1e3 * r['seconds']:.1f}" for r in res.values()))
-    row(f"peak memory GiB ({res['plain']['memory']})", *(f"{r['peak_gib']:.2f}" for r in res.values()))
-    row("GFLOP/step (flop_counter)", *(f"{r['flop'] / 1e9:.1f}" for r in res.values()))
-    row("achieved TFLOP/s", *(f"{r['flop'] / r['seconds'] / 1e12:.3f}" for r in res.values()))
-    row("text positions per sentence", f"{context}", f"{text_positions(corpus[k], groups=4):.1f}")
-    print(f"  (sentence lengths: mean {text_positions(corpus[k], len(k)):.1f} tokens; the longest in the batch "
-          f"{text_positions(corpus[k]):.0f}; cvlp.py runs 4 length groups)")
-    row("L_pre on the same batch", *(f"{r['loss']:.6f}" for r in res.values()))
-    print(f"  |L_pre plain - fast| = {abs(res['plain']['loss'] - res['fast']['loss']):.2e}")
+    if "cvlp" in args.sections:
+        corpus = synthetic_sentences(max(4096, 4 * args.batch), context, g)          # (S, L)
+        k = torch.randint(0, len(corpus), (args.batch,), generator=g)                # (N,) one sentence per image
+        x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(args.device)
+        y = torch.randint(0, args.classes, (args.batch,), generator=g).to(args.device)
+        res = cvlp_step_bench(args, student0, teacher, x, y, k, corpus, lambda r: save("cvlp", r))
+        print(f"\n1. CVLP step: student image+text fwd+bwd, teacher fwd, Eq. 2+3+8, AdamW "
+              f"(median of {args.steps} steps after {args.warmup})")
+        row("", *res)
+        row("samples/s", *(f"{r['samples_s']:.0f}" for r in res.values()))
+        row("ms/step", *(f"{1e3 * r['seconds']:.1f}" for r in res.values()))
+        row(f"peak memory GiB ({next(iter(res.values()))['memory']})", *(f"{r['peak_gib']:.2f}" for r in res.values()))
+        row("GFLOP/step (flop_counter)", *(f"{r['flop'] / 1e9:.1f}" for r in res.values()))
+        row("achieved TFLOP/s", *(f"{r['tflop_s']:.3f}" for r in res.values()))
+        row("warm-up steps (compiling), s", *(f"{r['warmup_s']:.1f}" for r in res.values()))
+        row("text positions per sentence", *(f"{context}" if p == "plain" else f"{text_positions(corpus[k], groups=4):.1f}"
+                                             for p in res))
+        print(f"  (sentence lengths: mean {text_positions(corpus[k], len(k)):.1f} tokens; the longest in the batch "
+              f"{text_positions(corpus[k]):.0f}; cvlp.py runs 4 length groups)")
+        row("L_pre on the same batch", *(f"{r['loss']:.6f}" for r in res.values()))
+        if "plain" in res and len(res) > 1:
+            print(f"  |L_pre plain - fast| = {abs(res['plain']['loss'] - list(res.values())[-1]['loss']):.2e}")
 
     # 2. The loader
-    if args.loaders:
+    if "loader" in args.sections and args.loaders:
         n = args.loader_batches * args.batch
+        rates = {}
         with tempfile.TemporaryDirectory() as folder:
             paths = write_jpegs(folder, min(n, 512), args.seed)   # distinct files; the list cycles through them
             split = data.Split([paths[i % len(paths)] for i in range(n)], np.arange(n) % args.classes)
             print(f"\n2. Loader: {n} images ({len(paths)} distinct 500x375 JPEGs, quality 90) -> 224 px training "
                   f"crops on {args.device}, batch {args.batch}, {args.workers} workers")
             for kind in args.loaders:
-                rate = loader_bench(args, kind, split)
+                rates[kind] = rate = loader_bench(args, kind, split)
                 row(f"--loader {kind}", "not available" if rate is None else f"{rate:.0f} img/s")
+                save("loader", {"images_s": rates, "images": n, "workers": args.workers})
 
-    # 3. AnSS
     student0 = student0.to(args.device)
-    S, N = args.anss_sentences, args.anss_images
-    sentences = synthetic_sentences(S, context, g)
-    t_full = median_seconds(lambda: full_text_embeddings(student0, sentences, args.device), args.device, 1, 0)
-    t_trim = median_seconds(lambda: clip_models.encode_texts(student0, sentences, args.device), args.device, 1, 0)
-    E_T = clip_models.encode_texts(student0, sentences, args.device)                         # (S, D)
-    E_I = F.normalize(torch.randn(N, D, generator=g), dim=-1).to(args.device)           # (N', D)
-    y_I = (torch.arange(N) % args.classes).to(args.device)
-    t = torch.randint(0, args.classes, (S,), generator=g).to(args.device)
-    t_score = median_seconds(lambda: anchor_scores(E_I, y_I, E_T, t, 0.01, args.classes), args.device, 3)
-    print(f"\n3. AnSS: {S} sentences, {N} images, D {D}, {args.classes} classes")
-    row("", "full text", "trimmed text")
-    row("embed the sentences, s", f"{t_full:.2f}", f"{t_trim:.2f}")
-    row("score them (anchor_scores), s", f"{t_score:.2f}", "")
+    # 3. AnSS
+    if "anss" in args.sections:
+        S, N = args.anss_sentences, args.anss_images
+        sentences = synthetic_sentences(S, context, g)
+        t_full = median_seconds(lambda: full_text_embeddings(student0, sentences, args.device), args.device, 1, 0)
+        t_trim = median_seconds(lambda: clip_models.encode_texts(student0, sentences, args.device), args.device, 1, 0)
+        E_T = clip_models.encode_texts(student0, sentences, args.device)                         # (S, D)
+        E_I = F.normalize(torch.randn(N, D, generator=g), dim=-1).to(args.device)           # (N', D)
+        y_I = (torch.arange(N) % args.classes).to(args.device)
+        t = torch.randint(0, args.classes, (S,), generator=g).to(args.device)
+        t_score = median_seconds(lambda: anchor_scores(E_I, y_I, E_T, t, 0.01, args.classes), args.device, 3)
+        print(f"\n3. AnSS: {S} sentences, {N} images, D {D}, {args.classes} classes")
+        row("", "full text", "trimmed text")
+        row("embed the sentences, s", f"{t_full:.2f}", f"{t_trim:.2f}")
+        row("score them (anchor_scores), s", f"{t_score:.2f}", "")
+        save("anss", {"sentences": S, "images": N, "embed_full_s": t_full, "embed_trimmed_s": t_trim, "score_s": t_score})
 
     # 4. LGR head vs FC head
-    res = head_bench(args, student0.visual, D)
-    print(f"\n4. Inference: visual encoder + head, {args.classes} classes, M = 64 anchors (paper: LGR 1.3 ms, FC 1.1 ms)")
-    row("", "FC head", "LGR head")
-    row("batch 1 latency, ms", *(f"{1e3 * res[h, 1][0]:.2f}" for h in ("fc", "lgr")))
-    row("batch 256 throughput, img/s", *(f"{256 / res[h, 256][0]:.0f}" for h in ("fc", "lgr")))
-    row("head alone: batch 1 latency, ms", *(f"{1e3 * res[h, 1][1]:.3f}" for h in ("fc", "lgr")))
-    row("head alone: batch 256, ms", *(f"{1e3 * res[h, 256][1]:.2f}" for h in ("fc", "lgr")))
+    if "heads" in args.sections:
+        res = head_bench(args, student0.visual, D)
+        print(f"\n4. Inference: visual encoder + head, {args.classes} classes, M = 64 anchors (paper: LGR 1.3 ms, FC 1.1 ms)")
+        row("", "FC head", "LGR head")
+        row("batch 1 latency, ms", *(f"{1e3 * res[h, 1][0]:.2f}" for h in ("fc", "lgr")))
+        row("batch 256 throughput, img/s", *(f"{256 / res[h, 256][0]:.0f}" for h in ("fc", "lgr")))
+        row("head alone: batch 1 latency, ms", *(f"{1e3 * res[h, 1][1]:.3f}" for h in ("fc", "lgr")))
+        row("head alone: batch 256, ms", *(f"{1e3 * res[h, 256][1]:.2f}" for h in ("fc", "lgr")))
+        save("heads", {h: {"latency_ms": 1e3 * res[h, 1][0], "images_s_256": 256 / res[h, 256][0],
+                           "head_latency_ms": 1e3 * res[h, 1][1], "head_ms_256": 1e3 * res[h, 256][1]}
+                       for h in ("fc", "lgr")})
 
     # 5. The LGR head in a training step
-    if args.head_shapes:
+    if "head-step" in args.sections and args.head_shapes:
         print(f"\n5. LGR head training step (forward, Eq. 9, backward into the head and E^I), batch {args.head_batch}, "
               f"M = 64, median of {args.steps} after {args.warmup}\n   plain = Eq. 4-7 as written (lgr.lgr_head_plain), "
               f"cheap = LGRHead.forward on the anchor side made once")
         shown = lambda v, fmt: "out of memory" if v is None else fmt.format(v)
         ms = lambda seconds: None if seconds is None else 1e3 * seconds
+        steps = {}
         for name in args.head_shapes:
             C, D_head = HEAD_SHAPES.get(name, (args.classes, D))
-            res = head_step_bench(args, C, D_head, args.head_batch)
+            steps[name] = res = head_step_bench(args, C, D_head, args.head_batch)
             row(f"{name}: C {C}, D {D_head}", "plain", "cheap")
             row("ms/step", *(shown(ms(r["seconds"]), "{:.0f}") for r in res.values()))
             row(f"peak memory GiB ({'max_memory_allocated' if cuda else 'RSS growth'})",
@@ -473,6 +526,7 @@ def main(argv=None):
             row("peak memory worked out, GiB", f"{plain_head_memory_gib(args.head_batch, C, D_head):.1f}", "")
             row("GFLOP/step (matmuls, flop_counter)", *(f"{r['flop'] / 1e9:.1f}" for r in res.values()))
             row("anchor side, made once, ms", "", shown(ms(res["cheap"]["once"]), "{:.0f}"))
+            save("head_step", steps)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,21 @@ def run_stage(run, args):
         run(args)
     except DataError as e:
         fail(e)
+    except torch.cuda.OutOfMemoryError:                          # fit() says this with the batch to use; elsewhere
+        fail(f"GPU out of memory on {args.device}; lower --batch, or run with fewer other processes on that GPU")
+    finally:
+        report_gpu_memory()
     if torch.distributed.is_initialized():                       # torchrun: leave the process group cleanly
         torch.distributed.destroy_process_group()
+
+
+def report_gpu_memory():
+    """After a stage that used a GPU: one line on stderr with the most memory its tensors held at once (what a
+    smaller GPU must have free) and what torch's caching allocator reserved (what nvidia-smi shows, less CUDA's own)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized() and torch.cuda.max_memory_reserved() > 0:
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
+              f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved ({torch.cuda.get_device_name()})",
+              file=sys.stderr, flush=True)
 
 
 LOG_EVERY = 30.0   # seconds between progress lines when the output is a log file, not a terminal

@@ -65,11 +65,15 @@ def get_args(argv=None):
     p.add_argument("--stop-after-steps", type=int, default=200, help="optimiser steps of each training run "
                    "(cvlp, lgr, fc_clip); the cost of the rest of an epoch is not measured")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of every stage")
-    p.add_argument("--mem-cap", default="16G", help="address-space limit per stage process (RLIMIT_AS): 16G, "
-                   "512M, or 0 for none")
+    p.add_argument("--device", default="cpu", help="where every stage runs: cpu, or cuda (then each stage's peak "
+                   "GPU memory is measured too)")
+    p.add_argument("--mem-cap", default=None, help="address-space limit per stage process (RLIMIT_AS): 16G, "
+                   "512M, or 0 for none (default 16G on the CPU; none on a GPU, whose driver maps far more address "
+                   "space than it uses)")
     p.add_argument("--timeout", type=float, default=0, help="seconds after which a stage is stopped (0: never)")
     args = p.parse_args(argv)
     args.root = args.root or default_root(args.data, args.fraction)
+    args.mem_cap = args.mem_cap or ("0" if args.device.startswith("cuda") else "16G")
     args.mem_cap_bytes = parse_size(args.mem_cap)                # a typo stops here, before the tree is written
     return args
 
@@ -281,17 +285,17 @@ def ensure_tree(args):
 
 
 def stage_commands(args, tree, run):
-    """Each stage's command line, as a user would type it on the real data (tiny model, CPU)."""
+    """Each stage's command line, as a user would type it on the real data (tiny model, --device)."""
     data = ["--data", args.data, "--data-root", args.root]
     common = [*data, "--backbone", "shapes-tiny", "--image-size", "32", "--workers", str(args.workers),
-              "--device", "cpu", "--out", run, "--seed", str(args.seed)]
+              "--device", args.device, "--out", run, "--seed", str(args.seed)]
     clip = ["--clip-weights", os.path.join(args.root, "shapes_tiny_clip.pt")]
     stop = ["--stop-after-steps", str(args.stop_after_steps)]
     return {"data": ["data.py", *data, "--sheet", os.path.join(run, "sheet.png")],
             "cvlp": ["cvlp.py", *common, *clip, *stop], "anss": ["anss.py", *common], "lgr": ["lgr.py", *common, *stop],
             "fc_clip": ["lgr.py", *common, *clip, "--init", "clip", "--head", "fc", *stop],
             "evaluate": ["evaluate.py", *common, *clip],
-            "predict": ["predict.py", *tree["predict_images"], "--run", run, "--device", "cpu"]}
+            "predict": ["predict.py", *tree["predict_images"], "--run", run, "--device", args.device]}
 
 
 def parse_size(text):
@@ -336,30 +340,49 @@ def measure(name, argv, log_dir, mem_cap, timeout):
         t0 = time.time()
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, argv[0]), *argv[1:]], stdout=f_out, stderr=f_err,
                                 preexec_fn=cap, process_group=0, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        peak, timed_out, next_note = 0, False, t0 + 30
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            now = tree_rss(proc.pid)
-            peak = max(peak, now)
-            if time.time() > next_note:                          # the stages' tqdm bars are silent in a log
-                print(f"  ... {time.time() - t0:.0f} s, RSS {gb(now)} GiB (peak {gb(peak)})", flush=True)
-                next_note += 30
-            if timeout and time.time() - t0 > timeout and not timed_out:
-                os.killpg(proc.pid, signal.SIGKILL)              # its own process group: the stage and its workers
-                timed_out = True
-            time.sleep(0.2)
+        peak, timed_out, next_note, pid = 0, False, t0 + 30, 0
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                now = tree_rss(proc.pid)
+                peak = max(peak, now)
+                if time.time() > next_note:                      # the stages' tqdm bars are silent in a log
+                    print(f"  ... {time.time() - t0:.0f} s, RSS {gb(now)} GiB (peak {gb(peak)})", flush=True)
+                    next_note += 30
+                if timeout and time.time() - t0 > timeout and not timed_out:
+                    os.killpg(proc.pid, signal.SIGKILL)          # its own process group: the stage and its workers
+                    timed_out = True
+                time.sleep(0.2)
+        finally:
+            if not pid:                                          # rehearse.py itself was stopped: stop the stage too
+                os.killpg(proc.pid, signal.SIGKILL)
     proc.returncode = rc = os.waitstatus_to_exitcode(status)
     wall = time.time() - t0
     state = ("ok" if rc == 0 else "timeout" if timed_out else f"exit {rc}" if rc > 0
              else f"signal {signal.Signals(-rc).name}")
     r = {"stage": name, "command": "python " + " ".join(argv), "wall_s": round(wall, 1), "peak_rss_tree_bytes": peak,
          "max_rss_process_bytes": usage.ru_maxrss * 1024, "status": state, "load_avg": round(os.getloadavg()[0], 1),
-         "error": last_line(err) if rc else "", "last_output": last_line(out)}
+         "error": last_error(err) if rc else "", "last_output": last_line(out), "gpu_peak_gib": gpu_peak(err)}
+    gpu = "" if r["gpu_peak_gib"] is None else f", peak GPU memory {r['gpu_peak_gib']:.2f} GiB"
     print(f"  {state}: {wall:.1f} s, peak RSS {gb(peak)} GiB (tree), {gb(r['max_rss_process_bytes'])} GiB (largest "
-          f"process)\n  " + (f"error: {r['error']}" if rc else r["last_output"][:160]), flush=True)
+          f"process){gpu}\n  " + (f"error: {r['error']}" if rc else r["last_output"][:160]), flush=True)
     return r
+
+
+def gpu_peak(err_log):
+    """The stage's peak GPU memory (GiB allocated) from the line engine.report_gpu_memory writes; None without one."""
+    with open(err_log, errors="replace") as f:
+        found = re.findall(r"peak GPU memory: ([0-9.]+) GiB allocated", f.read())
+    return float(found[-1]) if found else None
+
+
+def last_error(err_log):
+    """The line that says why a stage failed: its last line, unless that is the GPU memory report."""
+    with open(err_log, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip() and not line.startswith("peak GPU memory:")]
+    return (lines or [""])[-1]
 
 
 def markdown(report, other):
@@ -376,23 +399,38 @@ def markdown(report, other):
     lines = [f"`python rehearse.py {report['data']} --fraction {report['fraction']:g}`, {report['date']}: "
              f"{t['classes']} classes, {t['images']['train']} / {t['images']['val']} / {t['images']['test']} images; "
              f"tree generated in {t['seconds']} s, {t['disk_bytes'] / 2 ** 20:.0f} MiB on disk ({t['files']} files); "
-             f"shapes-tiny 32 px, {report['cpus']} CPU cores, --workers {report['workers']}, "
-             f"--mem-cap {report['mem_cap']}; load: the "
+             f"shapes-tiny 32 px on {report.get('device', 'cpu')}, {report['cpus']} CPU cores, --workers "
+             f"{report['workers']}, --mem-cap {report['mem_cap']}; load: the "
              "1-minute load average as the stage ended (a shared machine inflates the times).", "",
-             "| stage | wall (s) | peak RSS, tree (GiB) | largest process (GiB) | load | status | error |"
-             + (" growth full / tenth (wall, RSS) |" if other else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if other else "")]
+             "| stage | wall (s) | peak RSS, tree (GiB) | largest process (GiB) | peak GPU memory (GiB) | load | status "
+             "| error |" + (" growth full / tenth (wall, RSS) |" if other else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if other else "")]
     for r in report["stages"]:
         steps = f" ({r['steps']} steps)" if r.get("steps") else ""
+        gpu = "-" if r.get("gpu_peak_gib") is None else f"{r['gpu_peak_gib']:.2f}"
         lines.append(f"| {r['stage']}{steps} | {r['wall_s']} | {gb(r['peak_rss_tree_bytes'])} | "
-                     f"{gb(r['max_rss_process_bytes'])} | {r.get('load_avg', '-')} | {r['status']} | "
+                     f"{gb(r['max_rss_process_bytes'])} | {gpu} | {r.get('load_avg', '-')} | {r['status']} | "
                      f"{r['error'].replace('|', '/')[:200]} |"
                      + (f" {growth(r, 'wall_s', 0.1)}, {growth(r, 'peak_rss_tree_bytes', 1)} |" if other else ""))
     return "\n".join(lines) + "\n"
 
 
+def device_name(device):
+    """"cpu", or the GPU's name for a cuda device (asked in a subprocess: this process never touches CUDA)."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"],
+                           capture_output=True, text=True)
+    return probe.stdout.strip() or f"{device} (not available: {last_line_of(probe.stderr)})"
+
+
+def last_line_of(text):
+    return ([line.strip() for line in text.splitlines() if line.strip()] or [""])[-1]
+
+
 def main(argv=None):
     args = get_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # stopped: the stage is stopped too
     stages = [s for s in args.stages.split(",") if s]
     if set(stages) - set(STAGES):
         sys.exit(f"error: unknown --stages {sorted(set(stages) - set(STAGES))}; choose from {','.join(STAGES)}")
@@ -407,19 +445,23 @@ def main(argv=None):
     os.environ["VL_LTR_CACHE"] = os.path.join(run, "token_cache")   # the stages' tokens (data.cache_dir), as on a first run
     print(f"training stages stop after {args.stop_after_steps} steps (--stop-after-steps); the rest runs in full")
     commands = stage_commands(args, tree, run)
-    results = [{**measure(s, commands[s], os.path.join(run, "logs"), args.mem_cap_bytes, args.timeout),
-                "steps": args.stop_after_steps if s in ("cvlp", "lgr", "fc_clip") else None, "mem_cap": args.mem_cap}
-               for s in STAGES if s in stages]
     path = os.path.join(args.root, f"rehearsal_{args.data}.json")
+    kept = []
     if os.path.exists(path) and tree["cached"] and "cvlp" not in stages:   # the same run folder: keep the others
-        results += [r for r in read_json(path)["stages"] if r["stage"] not in stages]
-        results.sort(key=lambda r: STAGES.index(r["stage"]))
+        kept = [r for r in read_json(path)["stages"] if r["stage"] not in stages]
     report = {"data": args.data, "fraction": args.fraction, "date": time.strftime("%Y-%m-%d"), "tree": tree,
               "cpus": len(os.sched_getaffinity(0)), "workers": args.workers, "mem_cap": args.mem_cap,
-              "stages": results}
-    write_text(path, json.dumps(report, indent=1))
+              "device": device_name(args.device), "stages": kept}
+    for s in (s for s in STAGES if s in stages):                 # the report is written after every stage: a run
+        r = measure(s, commands[s], os.path.join(run, "logs"), args.mem_cap_bytes, args.timeout)   # cut short keeps
+        r.update(steps=args.stop_after_steps if s in ("cvlp", "lgr", "fc_clip") else None, mem_cap=args.mem_cap)
+        report["stages"] = sorted(report["stages"] + [r], key=lambda r: STAGES.index(r["stage"]))   # what it measured
+        write_text(path, json.dumps(report, indent=1))
     other = os.path.join(default_root(args.data, 0.1 if args.fraction == 1 else 1), f"rehearsal_{args.data}.json")
-    table = markdown(report, read_json(other) if args.fraction in (0.1, 1) and os.path.exists(other) else None)
+    other = read_json(other) if args.fraction in (0.1, 1) and os.path.exists(other) else None
+    if other and other.get("device", "cpu") != report["device"]:  # growth only between runs on the same device
+        other = None
+    table = markdown(report, other)
     write_text(path.replace(".json", ".md"), table)
     print("\n" + table + f"\nwrote {path} and {path.replace('.json', '.md')}")
 
