@@ -95,8 +95,7 @@ class LGRHead(nn.Module):
     def anchor_side(self, E_T):
         """What the head needs of the anchors E^T (C, M, D), which stay fixed while the head learns: the mean
         and standard deviation over D that LayerNorm divides by (C, M) each (ln_k's eps), and the Gram
-        matrices V V^T (C, M, M) of V = E^T."""
-        E_T = E_T.float()                                        # fp32 also when called under bf16 autocast
+        matrices V V^T (C, M, M) of V = E^T. In E^T's precision also under the training's bf16 autocast."""
         var, mean = torch.var_mean(E_T, dim=-1, unbiased=False)    # (C, M) as LayerNorm computes them
         return mean, (var + self.ln_k.eps).sqrt(), E_T @ E_T.transpose(1, 2)
 
