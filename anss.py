@@ -14,12 +14,13 @@ import os
 import numpy as np
 import torch
 
-from clip_models import create_clip, encode_images, encode_texts
-from cvlp import load_clip
+from cvlp import load_clip, temperature
 from data import add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
-from engine import (atomic_write, check_meta, checkpoint_meta, load_checkpoint, one_process_only, prepare_out,
-                    progress, run_stage, save_checkpoint, seed_everything)
-from images import clip_transform
+from util.clip_models import create_clip, encode_images, encode_texts
+from util.engine import (atomic_write, check_meta, checkpoint_meta, load_checkpoint, one_process_only, prepare_out,
+                         run_file, run_stage, save_checkpoint, seed_everything)
+from util.images import clip_transform
+from util.progress import progress
 
 
 def get_args(argv=None):
@@ -42,15 +43,26 @@ def get_args(argv=None):
 # The selection
 
 
+def sentence_scores(E_I, y, E_T, t, tau):
+    """The AnSS score of every sentence as Sec. 3.3 defines it: its L_lin (the text side of Eq. 2) against the
+    image set I'. E_I (N', D) normalised image embeddings with labels y (N',); E_T (S, D) normalised sentence
+    embeddings with labels t (S,). For sentence k of class c, with I_c the images of class c in I':
+        score_k = -1/|I_c| sum_{i in I_c} log softmax_over_I'(S[:, k] / tau)[i]
+    Returns (S,) scores; lower = the sentence picks out its own class's images better. A class with no image in
+    I' has no L_lin: its sentences score 0 (select_anchors then keeps corpus order, as the cut-off does).
+    Holds the whole (N', S) matrix: anss.py runs the same scores in blocks (anchor_scores)."""
+    S = E_I @ E_T.T                                              # (N', S) cosine similarities S_ik
+    log_p = (S / tau).log_softmax(dim=0)                         # (N', S) each sentence's softmax over I'
+    own = (y[:, None] == t[None, :]).to(S.dtype)                 # (N', S) the images of the sentence's class
+    n = own.sum(0)                                               # (S,) |I_c|
+    return torch.where(n > 0, -(own * log_p).sum(0) / n.clamp(min=1), 0.0)
+
+
 def anchor_scores(E_I, y, E_T, t, tau, num_classes, chunk=4096):
-    """AnSS score of every sentence: its L_lin against the image set I' (Sec. 3.3, Eq. 2 text side).
+    """sentence_scores(E_I, y, E_T, t, tau) at any size: the same (S,) scores without the (N', S) matrix, which
+    at iNat's 407K images x 270K sentences would be 440 GB (test_equations.py checks the two forms agree).
 
-    E_I (N', D) normalised image embeddings with labels y (N',); E_T (S, D) normalised sentence
-    embeddings with labels t (S,). For sentence k of class c:
-        score_k = -1/|I_c| sum_{i: y_i = c} log softmax_over_I'(S[:, k] / tau)[i]
-    Returns (S,) scores; lower = the sentence picks out its own class's images better.
-
-    Computed without the (N', S) matrix: log softmax_i(x) = x_i - logsumexp(x), so
+    log softmax_i(x) = x_i - logsumexp(x), so
         score_k = logsumexp_{i in I'}(S_ik / tau) - (mean_{i: y_i = c} E^I_i) . E^T_k / tau,
     the class's mean image embedding standing in for its images (the mean of S_ik over them, exactly).
     The logsumexp runs over blocks of `chunk` images x `chunk` sentences, so memory stays chunk^2
@@ -58,7 +70,7 @@ def anchor_scores(E_I, y, E_T, t, tau, num_classes, chunk=4096):
     """
     n_per_class = torch.bincount(y, minlength=num_classes).float()                        # (C,)
     mean_image = E_I.new_zeros(num_classes, E_I.shape[1]).index_add_(0, y, E_I) / n_per_class.clamp(min=1)[:, None]
-    scores = torch.zeros(len(E_T), device=E_T.device)    # a class with no image in I' keeps 0: corpus order
+    scores = E_T.new_zeros(len(E_T))                     # a class with no image in I' keeps 0: corpus order
     for k in progress(range(0, len(E_T) if len(E_I) else 0, chunk), desc="AnSS scores", unit="block"):
         T, c = E_T[k:k + chunk], t[k:k + chunk]                                            # (k, D), (k,)
         lse = torch.stack([(E_I[i:i + chunk] @ T.T / tau).logsumexp(dim=0)                 # (k,) per image block
@@ -123,11 +135,6 @@ def description_precision(scores, offsets, corpus, M):
     return {**out, "corpus": flags[is_desc].float().mean().item(), "kept": int(sum(len(v) for v in chosen["anss"]))}
 
 
-def suffix(args):
-    """Files made from plain CLIP weights instead of cvlp.pt carry '_clip' (Table 4 #2, the baseline)."""
-    return "_clip" if args.init == "clip" else ""
-
-
 def load_encoder(args, device):
     """The encoders to use: CVLP's (from cvlp.pt, rebuilt from its args) or plain CLIP's."""
     if args.init == "clip":
@@ -143,7 +150,7 @@ def load_encoder(args, device):
 def load_anchor_embeds(args):
     """This run's anchor_embeds.pt (anchor_embeds_clip.pt under --init clip): (C, M, D) embeddings and (C, M) mask,
     refused with one line when another dataset, backbone, tag or number of classes made it."""
-    path = os.path.join(args.out, f"anchor_embeds{suffix(args)}.pt")
+    path = run_file(args, "anchor_embeds")
     made_by = f"python anss.py --data {args.data}" + (" --init clip" if args.init == "clip" else "")
     a = load_checkpoint(path, "anss", made_by)
     check_meta(a, checkpoint_meta(args, "anss", args.num_classes), path)
@@ -161,7 +168,7 @@ def run(args):
     data = load_data(args.data, args.data_root, args.seed, text=args.text, skip_bad_images=args.skip_bad_images)
     args.num_classes = data.num_classes
     model, _ = load_encoder(args, args.device)
-    tau = 1 / model.logit_scale.exp().clamp(max=100).item()
+    tau = temperature(model.logit_scale).item()
     text = corpus_tokens(data, model, args)
     if args.M > int((text["offsets"][1:] - text["offsets"][:-1]).max()):
         print(f"note: --M {args.M} is larger than every class's corpus; all sentences are kept and padded")
@@ -188,22 +195,24 @@ def run(args):
         {"name": name, "sentences": [flat[k] for k in index[c][mask[c]].tolist()],
          "scores": [round(scores[k].item(), 4) for k in index[c][mask[c]].tolist()] if scores is not None else None}
         for c, name in enumerate(data.classnames)]}
-    atomic_write(os.path.join(args.out, f"anchors{suffix(args)}.json"),
+    atomic_write(run_file(args, "anchors", ".json"),
                  lambda f: f.write(json.dumps(anchors, indent=1).encode()))
     embeds = E_T[index.to(E_T.device)].cpu() * mask[..., None]                  # (C, M, D), padding zeroed
-    save_checkpoint(os.path.join(args.out, f"anchor_embeds{suffix(args)}.pt"), {
+    save_checkpoint(run_file(args, "anchor_embeds"), {
         **checkpoint_meta(args, "anss", data.num_classes), "init": args.init, "select": args.select,
         "embeds": embeds, "mask": mask, "args": vars(args)})
     print(f"anss: {args.select}, M = {args.M}, {int(mask.sum())} anchors for {data.num_classes} classes "
-          f"({int((~mask).any(1).sum())} classes padded); wrote anchors{suffix(args)}.json, "
-          f"anchor_embeds{suffix(args)}.pt in {args.out}")
+          f"({int((~mask).any(1).sum())} classes padded); wrote {os.path.basename(run_file(args, 'anchors', '.json'))}, "
+          f"{os.path.basename(run_file(args, 'anchor_embeds'))} in {args.out}")
     for name, r in (precision or {}).items():
         if name == "descriptions_only":
             print(f"  M = {args.M} from the description sentences alone: informative {r['anss']:.1%} with AnSS, "
                   f"{r['cutoff']:.1%} with cut-off ({r['corpus']:.1%} of all description sentences)")
         else:
+            among = (f"informative among them {r['description_precision']:.1%}" if r["descriptions_kept"] else
+                     "the prompt templates fill every class's M")
             print(f"  {name:<6} informative {r['precision']:.1%} of {r['kept']} kept; description sentences kept "
-                  f"{r['descriptions_kept']}, informative among them {r['description_precision']:.1%}")
+                  f"{r['descriptions_kept']}, {among}")
 
 
 if __name__ == "__main__":

@@ -16,18 +16,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import shapes_lt
-from clip_models import (create_clip, encode_images, encode_text_trimmed, encode_texts, load_clip_file,
-                         pretrained_weights)
-from data import DATASETS, SHAPES_WORLDS, add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
-from engine import (DataError, checkpoint_meta, cosine_schedule, distribute, fit, gather, init_distributed,
-                    prepare_out, rank_world, run_stage, seed_everything)
-from images import clip_transform
+from data import DATASETS, add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
+from util import shapes_lt
+from util.clip_models import (create_clip, encode_images, encode_text_trimmed, encode_texts, load_clip_file,
+                              pretrained_weights)
+from util.distributed import distribute, gather, init_distributed, rank_world
+from util.engine import (add_training_args, checkpoint_meta, fit, optimizer_and_schedule, prepare_out, run_stage,
+                         seed_everything)
+from util.images import clip_transform
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="VL-LTR stage 1: class-wise visual-linguistic pre-training")
     add_common_args(p)
+    add_training_args(p, "cvlp.pt")
     p.add_argument("--init", default="clip", choices=["clip", "scratch"],
                    help="student initialisation: CLIP weights (paper) or random (Table 4 #3)")
     p.add_argument("--variant", default="paper", choices=["paper", "official"],
@@ -36,34 +38,10 @@ def get_args(argv=None):
     p.add_argument("--tau", type=float, default=0.07, help="initial temperature, learnable (Sec. 3.2)")
     p.add_argument("--text", default="wiki+prompt", choices=["wiki+prompt", "prompt"],
                    help="text source (Table 10: 'prompt only' keeps the 80 templates)")
-    p.add_argument("--epochs", type=int, default=None, help="default 50 (Sec. 4.3); 100 iNat; 10 shapes_lt")
-    p.add_argument("--batch", type=int, default=256, help="Sec. 4.3: 256; per process under torchrun (global batch "
-                   "N x --batch, and Eq. 2-3 span it)")
-    p.add_argument("--lr", type=float, default=None, help="default 5e-5 (Sec. 4.3); 5e-4 iNat (Sec. 4.5)")
-    p.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay (Sec. 4.3)")
-    p.add_argument("--warmup", type=float, default=1.0, help="linear warm-up epochs before the cosine decay")
-    p.add_argument("--sampling", default="sqrt", choices=["sqrt", "instance"], help="Sec. 4.3: square-root")
-    p.add_argument("--loader", default="pil", choices=["pil", "gpu"],
-                   help="gpu: workers only read the files; decoding and augmentation run batched on --device")
-    p.add_argument("--resume", action="store_true", help="continue this stage from <out>/cvlp.pt")
-    p.add_argument("--save-every", type=float, default=0, metavar="MINUTES", help="also save <out>/cvlp.pt every "
-                   "this many minutes mid-epoch (0: after each epoch only): a run killed without warning loses at most that "
-                   "much (with torchrun --max-restarts and --resume it goes on from there); the training is unchanged")
-    p.add_argument("--accum", type=int, default=1, help="optimiser step every N batches (effective batch N x --batch; "
-                   "cvlp's contrastive softmax still spans one --batch)")
-    p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--val-every-epoch", action="store_true", help="print the val top-1 of sentence-mean class "
                    "prototypes after every epoch and keep the best epoch in cvlp_best.pt (the over-fitting check of "
                    "the README's L_dis experiment; the training itself is unchanged)")
-    p.add_argument("--stop-after-steps", type=int, default=0, help="debug: stop (and save) after this many steps")
-    p.add_argument("--compile", action="store_true", help="torch.compile the image encoders (faster steps on a GPU "
-                   "after a minute or so of compiling; the same maths, checkpoints unchanged)")
-    args = p.parse_args(argv)
-    args = fill_defaults(args)
-    args.epochs = args.epochs or (10 if args.data in SHAPES_WORLDS else 100 if args.data == "inat2018" else 50)
-    args.lr = args.lr or (5e-4 if args.data in SHAPES_WORLDS or args.data == "inat2018" else 5e-5)
-    return args
-
+    return fill_defaults(p.parse_args(argv), "cvlp")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,6 +51,12 @@ def get_args(argv=None):
 def cosine_similarity_matrix(E_I, E_T):
     """S_ij = cos(E^I_i, E^T_j) (Sec. 3.2). E_I (N, D), E_T (M, D) -> S (N, M)."""
     return F.normalize(E_I, dim=-1) @ F.normalize(E_T, dim=-1).T
+
+
+def temperature(log_inv_tau, max_inv_tau=100.0):
+    """The learnable temperature tau (Sec. 3.2), kept as log(1 / tau) as CLIP keeps its logit scale, with CLIP's
+    clamp 1 / tau <= 100 (SPEC.md §2). CVLP's is CLIP's logit_scale, LGR's the head's own (Eq. 7)."""
+    return 1 / log_inv_tau.exp().clamp(max=max_inv_tau)
 
 
 def class_wise_contrastive_loss(S, y, t, tau, variant="paper"):
@@ -181,7 +165,7 @@ def cvlp_loss(student, teacher, x, y, T, args, E_T_teacher=None, ddp=None):
     E_I, E_T = ddp(x, T) if ddp else (student.encode_image(x), encode_text_trimmed(student, T, groups=4))   # Eq. (1)
     E_I, E_T, y = gather(E_I), gather(E_T), gather(y)                # torchrun: the global batch (else as is)
     S = cosine_similarity_matrix(E_I.float(), E_T.float())              # (N, N)
-    tau = 1 / student.logit_scale.exp().clamp(max=100)                 # learnable; 1/tau <= 100 as in CLIP
+    tau = temperature(student.logit_scale)                             # learnable; 1/tau <= 100 as in CLIP
     L_ccl = class_wise_contrastive_loss(S, y, y, tau, args.variant)      # Eq. (2)
     if args.lam < 1:
         with torch.no_grad():                                           # frozen CLIP teacher, same inputs
@@ -247,13 +231,7 @@ def run(args):
 
     transform = clip_transform(args, train=True, crop_scale=DATASETS[args.data]["crop_scale"])
     loader = make_loader(data.train, transform, args, sampling=args.sampling, generator=rngs["sampler"])
-    if len(loader) < args.accum:
-        raise DataError(f"--batch {args.batch} x --accum {args.accum} is larger than the training set "
-                        f"({len(data.train.labels)} images); lower --batch")
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd,
-                            fused=str(args.device).startswith("cuda"))
-    steps = len(loader) // args.accum
-    sched = cosine_schedule(opt, args.epochs * steps, int(args.warmup * steps))
+    opt, sched, steps = optimizer_and_schedule(student.parameters(), loader, args)
 
     if args.compile:                       # in place (nn.Module.compile): parameter names, checkpoints unchanged
         for model in (student, teacher) if args.lam < 1 else (student,):

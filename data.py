@@ -14,7 +14,6 @@ sampling), `corpus_tokens` and `shot_split` from here. The real datasets' files 
 the embedded shapes_lt world is generated in shapes_lt.py.
 """
 import argparse
-import hashlib
 import os
 import signal
 from dataclasses import dataclass
@@ -22,31 +21,38 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import shapes_lt
-from clip_models import context_length, default_tag, tokenize_exact
-from engine import DataError, ResumableSampler, atomic_write, fail, rank_world, warn
-from images import DeviceLoader, DeviceTransform, FileBytes, ImageDataset, collate_files, contact_sheet, drop_unreadable
-from readers import READERS, Split, read_cifar100, read_descriptions, read_image_folder, read_named_descriptions
+from util import shapes_lt
+from util.clip_models import cache_dir, context_length, default_tag, tokenize_corpus
+from util.distributed import rank_world
+from util.engine import ResumableSampler
+from util.errors import DataError, fail, warn
+from util.images import (DeviceLoader, DeviceTransform, FileBytes, ImageDataset, collate_files, contact_sheet,
+                         drop_unreadable)
+from util.own_data import cifar100_lt, image_folder
+from util.readers import READERS, Split, read_descriptions
 
-# Per-dataset defaults: where the data lives and what the stages use when not told otherwise.
-DATASETS = {
-    "shapes_lt": dict(root="data/shapes_lt", backbone="shapes-tiny", image_size=32, crop_scale=(0.5, 1.0)),
-    # the same world (root, images, descriptions, CLIP stand-in) with made-up class names: shapes_lt.coined_names
-    "shapes_lt_coined": dict(root="data/shapes_lt", backbone="shapes-tiny", image_size=32, crop_scale=(0.5, 1.0)),
-    # the same world with a tenth of each class's training images (50 -> 1), for the over-fitting regime of L_dis
-    "shapes_lt_small": dict(root="data/shapes_lt", backbone="shapes-tiny", image_size=32, crop_scale=(0.5, 1.0)),
-    "imagenet_lt": dict(root="data/imagenet", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
-    "places_lt": dict(root="data/places", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
-    "inat2018": dict(root="data/inat", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
-    # your own ImageFolder tree (readers.read_image_folder): no default place, --data-root PATH; ImageNet-LT's settings
-    "folder": dict(root=None, backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
+# Per-dataset defaults, the one table every stage reads them from (paper Sec. 4.3, 4.5; SPEC.md §5): where the data
+# lives, the CLIP backbone, the input size and RandomResizedCrop's scale range; CVLP's and LGR's epochs, learning
+# rate and batch (the CLIP + FC baseline trains twice LGR's epochs, as long as CVLP and LGR together, Sec. 4.3);
+# alpha, the official variant's weight of P^I in Eq. (7) (SPEC.md §3).
+COLUMNS = ("root", "backbone", "image_size", "crop_scale", "cvlp_epochs", "cvlp_lr", "cvlp_batch",
+           "lgr_epochs", "lgr_lr", "lgr_batch", "alpha")
+SHAPES = ("data/shapes_lt", "shapes-tiny", 32, (0.5, 1.0), 10, 5e-4, 256, 10, 1e-3, 64, 0.2)
+CIFAR = ("data/cifar100", "RN50", 224, (0.08, 1.0), 50, 5e-5, 256, 50, 1e-3, 128, 0.2)
+DATASETS = {name: dict(zip(COLUMNS, row)) for name, row in {
+    #                   root             backbone image crop scale   CVLP: epochs lr batch  LGR: epochs lr batch  alpha
+    "imagenet_lt":    ("data/imagenet", "RN50", 224, (0.08, 1.0),     50, 5e-5, 256,         50, 1e-3, 128,     0.2),
+    "places_lt":      ("data/places",   "RN50", 224, (0.08, 1.0),     50, 5e-5, 256,         50, 1e-3, 128,     0.2),
+    "inat2018":       ("data/inat",     "RN50", 224, (0.08, 1.0),    100, 5e-4, 256,        360, 2e-5, 128,     0.7),
+    "shapes_lt": SHAPES,          # the embedded world (shapes_lt.py); a tenth of ImageNet-LT's images: LGR batch 64
+    "shapes_lt_coined": SHAPES,   # the same world with made-up class names (shapes_lt.coined_names)
+    "shapes_lt_small": SHAPES,    # the same world with a tenth of each class's training images (the L_dis study)
+    # your own ImageFolder tree (own_data.read_image_folder): no default place, --data-root PATH; ImageNet-LT's settings
+    "folder":         (None,            "RN50", 224, (0.08, 1.0),     50, 5e-5, 256,         50, 1e-3, 128,     0.2),
     # CIFAR-100-LT (Cui et al. 2019): 32 px images upsampled to CLIP's 224 and cropped as ImageNet's, as LIFT and
     # BALLAD fine-tune CLIP on it. --data cifar100_lt --imbalance 10 is the run named cifar100_lt_ir10 (dataset_name)
-    "cifar100_lt": dict(root="data/cifar100", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
-    "cifar100_lt_ir100": dict(root="data/cifar100", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
-    "cifar100_lt_ir50": dict(root="data/cifar100", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
-    "cifar100_lt_ir10": dict(root="data/cifar100", backbone="RN50", image_size=224, crop_scale=(0.08, 1.0)),
-}
+    "cifar100_lt": CIFAR, "cifar100_lt_ir100": CIFAR, "cifar100_lt_ir50": CIFAR, "cifar100_lt_ir10": CIFAR,
+}.items()}
 
 # Shot splits by training images per class, as the paper (Sec. 4.2) and the official evaluation define them:
 # many >= 100, few <= 20, medium between (SPEC.md §4). The other common LTR convention (many > 100, few < 20)
@@ -55,7 +61,6 @@ MANY_FROM, FEW_UP_TO = 100, 20
 SHAPES_WORLDS = ("shapes_lt", "shapes_lt_coined", "shapes_lt_small")   # generated in memory by shapes_lt.py
 SMALL_DIVISOR = 10                                   # shapes_lt_small keeps max(1, n_c // 10) training images
 CIFAR_IMBALANCES = (100, 50, 10)                     # n_max / n_min of CIFAR-100-LT as the literature reports it
-CIFAR_SUBSET_SEED = 0                                # LDAM-DRW's rand_number; not --seed: every run, the same images
 
 
 def add_common_args(p):
@@ -90,10 +95,11 @@ def add_common_args(p):
     return p
 
 
-def fill_defaults(args):
-    """Per-dataset defaults shared by all stages (DATASETS); the dataset's name (dataset_name: cifar100_lt with
-    --imbalance 10 becomes cifar100_lt_ir10); the run folder runs/<run_name>/<backbone>, with the tag appended for
-    weights other than the default ones (so that two runs of one backbone keep their own files)."""
+def fill_defaults(args, stage=None):
+    """Per-dataset defaults shared by all stages (DATASETS), and with stage "cvlp" or "lgr" that stage's epochs, lr
+    and batch; the dataset's name (dataset_name: cifar100_lt with --imbalance 10 becomes cifar100_lt_ir10); the run
+    folder runs/<run_name>/<backbone>, with the tag appended for weights other than the default ones (so that two
+    runs of one backbone keep their own files)."""
     try:
         args.data = dataset_name(args.data, getattr(args, "imbalance", None))
     except DataError as e:
@@ -107,6 +113,8 @@ def fill_defaults(args):
     args.workers = args.workers if args.workers is not None else (0 if args.data in SHAPES_WORLDS else default_workers())
     folder = args.backbone if args.pretrained == default_tag(args.backbone) else f"{args.backbone}-{args.pretrained}"
     args.out = args.out or os.path.join("runs", run_name(args.data, args.data_root), folder)
+    if stage:
+        args.epochs, args.lr, args.batch = (getattr(args, k) or d[f"{stage}_{k}"] for k in ("epochs", "lr", "batch"))
     return args
 
 
@@ -181,6 +189,27 @@ def shot_split(counts):
     return np.where(counts >= MANY_FROM, "many", np.where(counts <= FEW_UP_TO, "few", "medium"))
 
 
+def accuracy_by_shot(pred, y, counts):
+    """Top-1 overall / many / medium / few (Sec. 4.2) and per class, in %. pred, y (N,); counts (C,) train images."""
+    correct = (pred == y).float()                                # (N,)
+    shot = shot_split(counts)[y.numpy()]                         # (N,) the split of each image's class
+    per_class = torch.zeros(len(counts)).index_add_(0, y, correct) / torch.bincount(y, minlength=len(counts)).clamp(min=1)
+    out = {"overall": 100 * correct.mean().item()}
+    for name in ("many", "medium", "few"):
+        sel = torch.from_numpy(shot == name)
+        out[name] = 100 * correct[sel].mean().item() if sel.any() else float("nan")
+    out["per_class"] = [round(100 * v, 2) for v in per_class.tolist()]
+    return out
+
+
+def official_accuracy(pred_mix, pred_logit_sum, y, counts):
+    """The numbers as the official evaluation reports them, and as the paper's tables print them (SPEC.md §3):
+    overall top-1 of the alpha mix, many / medium / few of the logit sum (logit_sum_prediction), two predictions.
+    So the columns need not average to the overall: ImageNet-LT RN50 77.8 / 67.0 / 50.8 give ~69.0, not 70.1."""
+    mix, logit_sum = accuracy_by_shot(pred_mix, y, counts), accuracy_by_shot(pred_logit_sum, y, counts)
+    return {"overall": mix["overall"], **{k: logit_sum[k] for k in ("many", "medium", "few")}}
+
+
 # ----------------------------------------------------------------------------------------------
 # Class corpora: the 80 CLIP ImageNet prompt templates (shipped by open_clip) + description sentences
 
@@ -235,14 +264,6 @@ def shapes_lt_data(world, name="shapes_lt", classnames=None):
                   build_corpus(classnames, world["descriptions"], world["informative"]))
 
 
-def first_images(split, divisor):
-    """Each class's first max(1, n_c // divisor) images in the world's order (shapes_lt_small): its first sittings
-    of five (the last one maybe cut short), so a head class keeps 10 scenes of 100 and a tail class one photo."""
-    counts = np.bincount(split.labels)
-    return split.subset(np.concatenate([np.flatnonzero(split.labels == c)[:max(1, n // divisor)]
-                                        for c, n in enumerate(counts)]))
-
-
 # ----------------------------------------------------------------------------------------------
 # Real datasets: their files are readers.py's; here they become LTData
 
@@ -271,53 +292,6 @@ def make_lt_data(name, classnames, train, val, test, descriptions, skip_bad_imag
     return LTData(name, classnames, train, val, test, build_corpus(classnames, descriptions))
 
 
-def image_folder_data(root, descriptions=True, skip_bad_images=False):
-    """--data folder: the user's ImageFolder tree (readers.read_image_folder) as LTData; class descriptions from
-    <root>/descriptions/<class folder>.txt when descriptions is True."""
-    if root is None:
-        raise DataError("--data folder needs --data-root PATH, a folder holding train/<class>/* and val/<class>/*")
-    folders, classnames, train, val, test = read_image_folder(root)
-    text = (read_named_descriptions(os.path.join(root, "descriptions"), folders) if descriptions
-            else [[] for _ in folders])
-    return make_lt_data("folder", classnames, train, val, test, text, skip_bad_images)
-
-
-# CIFAR-100-LT, as the long-tailed literature builds it (Cui et al. 2019; Cao et al. 2019's LDAM-DRW code,
-# which LIFT and BALLAD reuse): class i keeps n_i = int(n_max * (1 / imbalance) ** (i / 99)) training images,
-# n_max = 500; the balanced test set (100 a class) is the test split and, there being no other, the val split.
-
-
-def long_tailed_counts(n_max, num_classes, imbalance):
-    """[C] training images per class, falling exponentially from n_max to n_max / imbalance; int() rounds down, as
-    the literature's code does (CIFAR-100, n_max 500: 10,847 images at imbalance 100, 12,608 at 50, 19,573 at 10)."""
-    return [int(n_max * (1 / imbalance) ** (i / (num_classes - 1))) for i in range(num_classes)]
-
-
-def long_tailed_subset(split, counts, seed=CIFAR_SUBSET_SEED):
-    """Class c keeps counts[c] of its images: the first ones of its indices shuffled by one RandomState(seed),
-    class after class. That is LDAM-DRW's draw (np.random.seed(0), then np.random.shuffle per class) without
-    touching numpy's global state, so the subset is the literature's, image for image."""
-    rng = np.random.RandomState(seed)
-    keep = []
-    for c, n in enumerate(counts):
-        index = np.flatnonzero(split.labels == c)                # this class's images, in file order
-        rng.shuffle(index)
-        keep.append(index[:n])
-    return split.subset(np.concatenate(keep))
-
-
-def cifar100_lt_data(root, imbalance, descriptions=True):
-    """CIFAR-100-LT with the given imbalance factor from torchvision's CIFAR-100 files (readers.read_cifar100):
-    class names from the meta file, underscores as spaces; descriptions from <root>/descriptions/<meta name>.txt
-    (aquarium_fish.txt) when descriptions is True. Images stay in memory, uint8 (N, 32, 32, 3), as shapes_lt's."""
-    names, train, test = read_cifar100(root)
-    n_max = int(np.bincount(train.labels, minlength=len(names)).min())   # 500 in CIFAR-100's training file
-    train = long_tailed_subset(train, long_tailed_counts(n_max, len(names), imbalance))
-    classnames = [n.replace("_", " ") for n in names]
-    text = read_named_descriptions(os.path.join(root, "descriptions"), names) if descriptions else [[] for _ in names]
-    return make_lt_data(f"cifar100_lt_ir{imbalance}", classnames, train, test, test, text)
-
-
 def load_data(name, root=None, seed=0, text="wiki+prompt", skip_bad_images=False):
     """The one entry point: dataset name -> LTData. text: "wiki+prompt" (default) or "prompt" only.
     skip_bad_images: decode every listed image once now and drop the missing or unreadable ones, with one
@@ -330,11 +304,11 @@ def load_data(name, root=None, seed=0, text="wiki+prompt", skip_bad_images=False
         coined = shapes_lt.coined_names(len(world["classnames"]), seed) if name == "shapes_lt_coined" else None
         data = shapes_lt_data(world, name, coined)
         if name == "shapes_lt_small":
-            data.train = first_images(data.train, SMALL_DIVISOR)
+            data.train = shapes_lt.first_images(data.train, SMALL_DIVISOR)
     elif name == "folder":
-        data = image_folder_data(root, text != "prompt", skip_bad_images)
+        data = make_lt_data(name, *image_folder(root, text != "prompt"), skip_bad_images)
     elif cifar_imbalance(name):                                  # in memory: nothing to skip
-        data = cifar100_lt_data(root, cifar_imbalance(name), text != "prompt")
+        data = make_lt_data(name, *cifar100_lt(root, cifar_imbalance(name), text != "prompt"))
     else:
         classnames, train, val, test = READERS[name](root, check_images=not skip_bad_images)
         descriptions = read_descriptions(root, len(classnames), text != "prompt")
@@ -392,49 +366,6 @@ def ignore_sigterm(worker_id):
 
 # ----------------------------------------------------------------------------------------------
 # Text: tokenised once, cached
-
-
-def tokenize_corpus(corpus, context_length=77, cache_dir=None):
-    """All sentences, flattened class by class, tokenised once with the open_clip BPE tokenizer.
-
-    Returns {"tokens": (S, L) int32, "label": (S,) int64 class of each sentence,
-             "offsets": (C + 1,) int64, class c owns sentences offsets[c]:offsets[c+1],
-             "truncated": number of sentences longer than the context (cut, EOT kept last)}.
-    Cached under cache_dir, keyed by a hash of the sentences and the context length. One warning when
-    some sentences were truncated (also on a cache hit: the count is in the cache).
-    """
-    flat = [s for sents in corpus.sentences for s in sents]
-    key = hashlib.sha1(("\n".join(flat) + f"|{context_length}|v2").encode()).hexdigest()[:16]   # v2: exact count
-    path = os.path.join(cache_dir, f"tokens_{key}.pt") if cache_dir else None
-    out = None
-    if path and os.path.exists(path):
-        try:
-            out = torch.load(path, weights_only=True)
-        except Exception:
-            pass
-    if out is None:
-        tokens, truncated = tokenize_exact(flat, context_length)
-        sizes = [len(s) for s in corpus.sentences]
-        out = {"tokens": tokens.to(torch.int32),
-               "label": torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)),
-               "offsets": torch.tensor([0] + list(np.cumsum(sizes)), dtype=torch.long),
-               "truncated": truncated}
-        if path:
-            try:
-                atomic_write(path, lambda f: torch.save(out, f))
-            except OSError:
-                pass
-    if out["truncated"]:
-        warn(f"{out['truncated']} sentences are longer than the {context_length}-token context and were "
-             "truncated (EOT kept last)")
-    return out
-
-
-def cache_dir():
-    """Where tokenised corpora are kept between runs: $VL_LTR_CACHE, else ~/.cache/vl-ltr. One file per corpus
-    and context length (named by their hash), shared by every run folder: a corpus is tokenised once (iNat's
-    919K sentences take about a minute)."""
-    return os.environ.get("VL_LTR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vl-ltr")
 
 
 def corpus_tokens(data, model, args):

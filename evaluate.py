@@ -28,29 +28,28 @@ import functools
 import json
 import math
 import os
-import sys
+import re
 
 import torch
 import torch.nn.functional as F
 
-from anss import load_anchor_embeds, load_encoder, suffix
-from clip_models import context_length, default_tag, encode_images, encode_texts, tokenize_exact
+from anss import load_anchor_embeds, load_encoder
 from cvlp import load_clip
-from data import add_common_args, fill_defaults, load_data, make_loader, prompt_sentences
-from engine import (DataError, atomic_write, check_meta, checkpoint_meta, fail, load_checkpoint, one_process_only,
-                    out_of_memory, progress, run_stage, warn)
-from images import clip_transform
-from lgr import accuracy_by_shot, build_recognizer, official_accuracy, official_alpha, predict, recognizer_from_released
+from data import (DATASETS, accuracy_by_shot, add_common_args, fill_defaults, load_data, make_loader, official_accuracy,
+                  prompt_sentences)
+from lgr import Recognizer, build_recognizer, predict
+from util.clip_models import (context_length, create_clip, default_tag, embed_dim, encode_images, encode_texts,
+                              tokenize_exact)
+from util.engine import (atomic_write, check_meta, checkpoint_meta, load_checkpoint, one_process_only, run_file,
+                         run_stage)
+from util.errors import DataError, StageError, fail, out_of_memory, warn
+from util.images import clip_transform
+from util.progress import progress
 
 # --variant official: the row of the prediction behind the official code's many / medium / few columns.
 LOGIT_SUM = "logit sum"
 LOGIT_SUM_NOTE = ("logit sum: argmax of logits_I + logits_T, the prediction the official code takes its many / medium /"
                   " few columns from (its overall: the alpha mix; SPEC.md §3)")
-
-# The experiment runner used to live here: its old flags point to the new commands.
-MOVED = {"--table": "python experiments.py table [--data D --seeds 0 1 2 ...]",
-         "--curves": "python experiments.py curves CHECKPOINT [CHECKPOINT ...]"}
-
 
 def get_parser(add_help=True):
     """The evaluation options (experiments.py's `table` reuses them)."""
@@ -70,10 +69,6 @@ def get_parser(add_help=True):
 
 
 def get_args(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    moved = [flag for flag in MOVED if flag in argv]
-    if moved:
-        fail(f"evaluate.py {moved[0]} moved to experiments.py: run `{MOVED[moved[0]]}`")
     args = fill_defaults(get_parser().parse_args(argv))
     if args.eval_precision != "fp32" and not args.released:
         fail(f"--eval-precision {args.eval_precision} is for --released checkpoints; every other evaluation runs in fp32")
@@ -145,6 +140,73 @@ def percent(value):
     return "-" if math.isnan(value) else f"{value:.1f}"
 
 
+# ----------------------------------------------------------------------------------------------
+# The released VL-LTR checkpoints of the official code (SPEC.md §8): read with our Recognizer
+
+# Our LGRHead's parameters and the official head's (its "text_block"), one to one.
+RELEASED_HEAD = {"ln_q.weight": "text_block.attn.norm1q.weight", "ln_q.bias": "text_block.attn.norm1q.bias",
+                 "W_q.weight": "text_block.attn.wq.weight",
+                 "ln_k.weight": "text_block.attn.norm1k.weight", "ln_k.bias": "text_block.attn.norm1k.bias",
+                 "W_k.weight": "text_block.attn.wk.weight",
+                 "mlp.0.weight": "text_block.visual_fc.0.weight", "mlp.0.bias": "text_block.visual_fc.0.bias",
+                 "mlp.2.weight": "text_block.visual_fc.2.weight", "mlp.2.bias": "text_block.visual_fc.2.bias",
+                 "log_inv_tau": "logit_scale"}
+
+
+def read_released(path):
+    """The "model" state dict of a released checkpoint.pth, read with weights_only=True. The file also holds
+    the training run's argparse.Namespace under "args": that one class is allowed, nothing else."""
+    if not os.path.isfile(path):
+        raise DataError(f"--released {path} not found")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        why = f"it holds a {found.group(1)} object, refused without running it" if found else str(e).splitlines()[0][:120]
+        raise DataError(f"--released {path} is not a VL-LTR checkpoint.pth that can be read safely ({why})")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise DataError(f"--released {path} has no \"model\" state dict; pass the checkpoint.pth of a released VL-LTR run")
+    return ckpt["model"]
+
+
+def recognizer_from_released(path, backbone, image_size):
+    """A released VL-LTR checkpoint (SPEC.md §8) as our Recognizer, --variant official: its visual encoder,
+    its anchor embeddings "text_embeddings" (C, M, D) with the zero rows (padding) masked, and its head
+    mapped onto LGRHead (RELEASED_HEAD): the official W_q, W_k have no bias (ours are set to zero), its tau
+    is the fixed exp(-logit_scale) as stored, above 1/100 or not. The image embedding reaches both branches as
+    it is (Eq. 4, 7)."""
+    sd = read_released(path)
+    missing = [k for k in ["text_embeddings", *RELEASED_HEAD.values()] if k not in sd]
+    unknown = [k for k in sd if k.startswith("text_block.") and k not in RELEASED_HEAD.values()]
+    if missing or unknown or not any(k.startswith("visual.") for k in sd):
+        what = f"no {missing[0]}" if missing else f"an unknown head weight {unknown[0]}" if unknown else "no visual.*"
+        raise DataError(f"--released {path} is not in the released VL-LTR format ({what}, SPEC.md §8)")
+    E_T = sd["text_embeddings"].float()                          # (C, M, D) anchors, zero rows = padding
+    if E_T.dim() != 3:
+        raise DataError(f"--released {path}: text_embeddings has shape {tuple(E_T.shape)}, expected (C, M, D)")
+    C, M, D = E_T.shape
+    mask = E_T.ne(0).any(dim=-1)                                 # (C, M) True for real anchor sentences
+    if not mask.any(dim=1).all():
+        raise DataError(f"--released {path}: class {int((~mask.any(dim=1)).nonzero()[0])} has no anchor sentence")
+    encoder = create_clip(backbone, image_size)                  # OpenAI's weights: the official code fine-tuned those
+    if embed_dim(encoder) != D:
+        raise DataError(f"--released {path} has D = {D}, --backbone {backbone} D = {embed_dim(encoder)}; "
+                        f"pass the backbone it was trained with (RN50: 1024, ViT-B-16: 512)")
+    model = Recognizer(encoder.visual, D, C, "lgr", variant="official", anchors=E_T, mask=mask)
+    model.head.max_inv_tau = math.inf                            # the official head: exp(logit_scale), no clamp
+    state = {k: v for k, v in sd.items() if k.startswith("visual.")}
+    state.update({f"head.{ours}": sd[theirs] for ours, theirs in RELEASED_HEAD.items()})
+    state["head.W_q.bias"] = state["head.W_k.bias"] = torch.zeros(D)   # the official W_q, W_k: no bias
+    try:
+        model.load_state_dict(state)                             # strict: every key, every shape
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise DataError(f"--released {path} does not fit --backbone {backbone} at --image-size {image_size}: "
+                        f"{detail[:200]}")
+    return model
+
+
 def main(argv=None):
     one_process_only("evaluate.py")
     args = get_args(argv)
@@ -197,7 +259,7 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
     for head, init, name in (("fc", "clip", "Baseline (CLIP + FC)"), ("fc", "cvlp", "FC head (CVLP)"),
                              ("lgr", "clip", "LGR without CVLP"), ("lgr", "cvlp", "VL-LTR (LGR)")):
         args.init = init
-        path = os.path.join(args.out, f"{head}{suffix(args)}.pt")
+        path = run_file(args, head)
         if os.path.exists(path):
             heads.append((name, functools.partial(recognizer_head, head, init, name, path)))
     if all(os.path.exists(os.path.join(args.out, f)) for f in ("cvlp.pt", "anchor_embeds.pt")):
@@ -205,11 +267,11 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
     for name, compute in heads:
         try:
             compute()
-        except (DataError, MemoryError, RuntimeError) as e:      # RuntimeError: torch's out of memory, CPU or GPU
-            if not isinstance(e, DataError) and not out_of_memory(e):
+        except (StageError, MemoryError, RuntimeError) as e:     # RuntimeError: torch's out of memory, CPU or GPU
+            if not isinstance(e, StageError) and not out_of_memory(e):
                 raise
             line = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
-            failed[name] = (line if isinstance(e, DataError) else
+            failed[name] = (line if isinstance(e, StageError) else
                             f"out of memory ({line}); lower --batch, or evaluate on a larger machine")
             warn(f"{name} failed: {failed[name]}; the other heads go on")
         if on_result is not None:
@@ -262,7 +324,7 @@ def run_released(args):
     if len(model.anchors) != data.num_classes:
         raise DataError(f"--released {args.released} has {len(model.anchors)} classes, {args.data} has "
                         f"{data.num_classes}; pass the --data it was trained on")
-    args.variant, alpha = "official", official_alpha(args.data)
+    args.variant, alpha = "official", DATASETS[args.data]["alpha"]
     transform = clip_transform(args, train=False, crop_pct=0.875)
     p, y = predict(model, make_loader(getattr(data, args.split), transform, args), args, desc="released")
     # The official evaluation takes its overall top-1 and its many / medium / few columns from two predictions

@@ -11,54 +11,38 @@ added to a plain MLP classifier on E^I (Eq. 7). Both branches are trained with c
 import argparse
 import math
 import os
-import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from anss import load_anchor_embeds, load_encoder, suffix
-from clip_models import create_clip, embed_dim
-from data import DATASETS, SHAPES_WORLDS, add_common_args, fill_defaults, load_data, make_loader, shot_split
-from engine import (DataError, checkpoint_meta, cosine_schedule, distribute, eval_precision, fit, init_distributed,
-                    prepare_out, progress, rank_world, run_stage, seed_everything)
-from images import clip_transform
+from anss import load_anchor_embeds, load_encoder
+from cvlp import temperature
+from data import DATASETS, accuracy_by_shot, add_common_args, fill_defaults, load_data, make_loader
+from util.clip_models import create_clip, embed_dim
+from util.distributed import distribute, init_distributed, rank_world
+from util.engine import (add_training_args, checkpoint_meta, eval_precision, fit, optimizer_and_schedule, prepare_out,
+                         run_file, run_stage, seed_everything)
+from util.errors import DataError
+from util.images import clip_transform
+from util.progress import progress
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="VL-LTR stage 2b: language-guided recognition fine-tuning")
     add_common_args(p)
+    add_training_args(p, "<head>.pt: lgr.pt, fc.pt, fc_clip.pt")
     p.add_argument("--init", default="cvlp", choices=["cvlp", "clip"],
                    help="visual encoder: CVLP's (cvlp.pt) or plain CLIP weights (Table 4 #2; the baseline)")
     p.add_argument("--head", default="lgr", choices=["lgr", "fc"], help="LGR (Eq. 4-7) or the vision-only FC baseline")
     p.add_argument("--variant", default="paper", choices=["paper", "official"], help="SPEC.md §3")
     p.add_argument("--freeze-visual", action="store_true", help="keep the visual encoder fixed (official RN50 setting)")
-    p.add_argument("--epochs", type=int, default=None, help="default 50 (Sec. 4.3), fc baseline 100; iNat 360")
-    p.add_argument("--batch", type=int, default=None, help="Sec. 4.3: 128; shapes_lt 64 (a tenth of ImageNet-LT's "
-                   "images); per process under torchrun (global batch N x --batch)")
-    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (Sec. 4.3); 2e-5 iNat (Sec. 4.5)")
-    p.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay (Sec. 4.3)")
-    p.add_argument("--warmup", type=float, default=1.0, help="linear warm-up epochs before the cosine decay")
     p.add_argument("--tau", type=float, default=0.07, help="Eq. (7) temperature, learnable from this value")
-    p.add_argument("--sampling", default="sqrt", choices=["sqrt", "instance"], help="Sec. 4.3: square-root")
-    p.add_argument("--loader", default="pil", choices=["pil", "gpu"],
-                   help="gpu: workers only read the files; decoding and augmentation run batched on --device")
-    p.add_argument("--resume", action="store_true", help="continue this stage from <out>/<head>.pt")
-    p.add_argument("--save-every", type=float, default=0, metavar="MINUTES", help="also save <out>/<head>.pt every "
-                   "this many minutes mid-epoch (0: after each epoch only): a run killed without warning loses at most that "
-                   "much (with torchrun --max-restarts and --resume it goes on from there); the training is unchanged")
-    p.add_argument("--accum", type=int, default=1, help="optimiser step every N batches (effective batch N x --batch)")
-    p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
-    p.add_argument("--stop-after-steps", type=int, default=0, help="debug: stop (and save) after this many steps")
-    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (faster steps on a GPU "
-                   "after a minute or so of compiling; the same maths, checkpoints unchanged)")
-    args = fill_defaults(p.parse_args(argv))
-    # The paper's baseline (plain CLIP + FC, no CVLP stage) is fine-tuned for as many epochs as CVLP and
-    # LGR together: 100 vs 50 + 50 (Sec. 4.3). Heads on a CVLP encoder get the LGR epochs (Table 4 #5).
-    epochs = 10 if args.data in SHAPES_WORLDS else 360 if args.data == "inat2018" else 50
-    args.epochs = args.epochs or (2 * epochs if (args.head, args.init) == ("fc", "clip") else epochs)
-    args.lr = args.lr or {"inat2018": 2e-5}.get(args.data, 1e-3)
-    args.batch = args.batch or (64 if args.data in SHAPES_WORLDS else 128)
+    args = p.parse_args(argv)
+    baseline_epochs = args.epochs is None and (args.head, args.init) == ("fc", "clip")
+    args = fill_defaults(args, "lgr")
+    if baseline_epochs:      # plain CLIP + FC, no CVLP stage: as many epochs as CVLP and LGR together (Sec. 4.3)
+        args.epochs *= 2
     return args
 
 
@@ -67,18 +51,25 @@ def get_args(argv=None):
 
 
 class LGRHead(nn.Module):
-    """Language-guided recognition head, Eq. (4)-(7). E^I (B, D) image embeddings; E^T (C, M, D)
-    frozen anchor-sentence embeddings with mask (C, M), True for real sentences.
+    """Language-guided recognition head, Eq. (4)-(7). E^I (B, D) image embeddings; E^T (C, M, D) frozen
+    anchor-sentence embeddings with mask (C, M), True for real sentences -> logits of P^I and P^T (B, C) each
+    and the attention A (B, C, M).
 
-    forward computes what lgr_head_plain (the equations as written) computes, values and gradients, without
-    its two costs that follow the data: K = W_k LN(E^T) (C M D^2 multiply-adds in every step) and the gathered
-    G (B, C, D). It reads the anchors in one (2B, D) x (D, C M) product and keeps O(B C M) memory, with the
-    anchor side that anchor_side(E^T) makes once (Recognizer keeps it as buffers). It runs in fp32 also under
-    bf16 autocast (TF32 matmuls on a GPU): in bf16, <E^I, V> and the Gram quadratic form of the cosine moved
-    logits_T by up to 0.07 on logits of 11, against 8e-4 in fp32 (C 200, D 512, CPU bf16 emulation)."""
+    forward computes the attention and the text branch in one of two exact forms, chosen by `form` (as nanoGPT
+    keeps its manual attention beside the fused one):
+      "paper": the equations as written: K = W_k LN(E^T) (C, M, D) and G = A V (B, C, D) in every call, C M D^2
+               multiply-adds for K and O(B C D) memory for G (iNat, RN50, batch 128: 32 GiB);
+      "gram":  (the default, what training and evaluation run) the same values and gradients from the anchor side
+               made once (anchor_side: LayerNorm's mean and std, the Gram matrices V V^T) without K or G: one
+               (2B, D) x (D, C M) product and O(B C M) memory. Why it is exact: gram_form; the proof that it is:
+               test_equations.py (hand-worked values and gradients, padded anchors, float64 against "paper") and
+               tests/test_cuda.py (the same on a GPU).
+    Both run in fp32 also under the training's bf16 autocast (TF32 matmuls on a GPU): in bf16, <E^I, V> and the
+    Gram quadratic form moved logits_T by up to 0.07 on logits of 11, against 8e-4 in fp32 (C 200, D 512)."""
 
-    def __init__(self, D, C, tau=0.07, variant="paper"):
+    def __init__(self, D, C, tau=0.07, variant="paper", form="gram"):
         super().__init__()
+        self.form = form
         self.ln_q, self.W_q = nn.LayerNorm(D), nn.Linear(D, D)
         self.ln_k, self.W_k = nn.LayerNorm(D), nn.Linear(D, D)
         self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.ReLU(), nn.Linear(4 * D, C))   # 4D hidden: official code
@@ -92,46 +83,43 @@ class LGRHead(nn.Module):
         self.max_inv_tau = 100.0
 
     @torch.autocast("cuda", enabled=False)
-    def anchor_side(self, E_T):
-        """What the head needs of the anchors E^T (C, M, D), which stay fixed while the head learns: the mean
-        and standard deviation over D that LayerNorm divides by (C, M) each (ln_k's eps), and the Gram
-        matrices V V^T (C, M, M) of V = E^T. In E^T's precision also under the training's bf16 autocast."""
-        var, mean = torch.var_mean(E_T, dim=-1, unbiased=False)    # (C, M) as LayerNorm computes them
-        return mean, (var + self.ln_k.eps).sqrt(), E_T @ E_T.transpose(1, 2)
-
-    @torch.autocast("cuda", enabled=False)
     def forward(self, E_I, E_T, mask, side=None):
-        mean, std, VVt = side if side is not None else self.anchor_side(E_T)
-        C, M, D = E_T.shape
         Q = self.W_q(self.ln_q(E_I))                             # Eq. (4)  (B, D)
-        # Eq. (5)-(6) scores Q.K_cm without K. LayerNorm is LN_k(V_cm) = gamma_k * (V_cm - mean_cm) / std_cm + beta_k
-        # and W_k(x) = W_k x + b_k, so by associativity
-        #   Q.K_cm = (q.V_cm - mean_cm sum_d q_d) / std_cm + Q.W_k(beta_k),   q = (W_k^T Q) * gamma_k.
-        # The last term is one number per image, the same for every anchor: the softmax over M ignores it (b_k and
-        # beta_k get zero gradient in both forms). It is kept, at B D multiply-adds, so that the scores are Q K^T
-        # itself and every parameter stays in the graph (DistributedDataParallel needs that).
+        tau = temperature(self.log_inv_tau, self.max_inv_tau)
+        if self.form == "paper":
+            K, V = self.W_k(self.ln_k(E_T)), E_T                 # Eq. (5)  (C, M, D), (C, M, D)
+            A = language_guided_attention(Q, K, mask)            # Eq. (6)  (B, C, M)
+            G = torch.einsum("bcm,cmd->bcd", A, V)               # Eq. (6)  (B, C, D)
+            logits_T = class_text_logits(E_I, G, tau)            # Eq. (7)  (B, C), before the softmax
+        else:
+            A, logits_T = self.gram_form(Q, E_I, E_T, mask, side if side is not None else self.anchor_side(E_T), tau)
+        return self.mlp(E_I), logits_T, A                        # Eq. (7): the logits of P^I and P^T
+
+    def gram_form(self, Q, E_I, E_T, mask, side, tau):
+        """A (B, C, M) and logits_T (B, C) of Eq. (5)-(7), exactly, without K or G.
+        Q.K_cm without K: LayerNorm is LN_k(V_cm) = gamma_k * (V_cm - mean_cm) / std_cm + beta_k and W_k(x) =
+        W_k x + b_k, so by associativity
+            Q.K_cm = (q.V_cm - mean_cm sum_d q_d) / std_cm + Q.W_k(beta_k),   q = (W_k^T Q) * gamma_k.
+        The last term is one number per image, the same for every anchor: the softmax over M ignores it (b_k and
+        beta_k get zero gradient in both forms). It is kept, at B D multiply-adds, so that the scores are Q K^T
+        itself and every parameter stays in the graph (DistributedDataParallel needs that).
+        cos(E^I, G_c) without G: by bilinearity, from A, <E^I, V> and V V^T (class_text_logits_via_gram)."""
+        mean, std, VVt = side
+        C, M, D = E_T.shape
         q = (Q @ self.W_k.weight) * self.ln_k.weight             # (B, D) the query folded through W_k and gamma_k
         shift = Q @ self.W_k(self.ln_k.bias)                     # (B,)   Q.(W_k beta_k + b_k)
         qV, EV = (torch.cat([q, E_I]) @ E_T.reshape(C * M, D).T).view(2, -1, C, M)   # (B, C, M) q.V_cm, E^I.V_cm
         QK = (qV - mean * q.sum(-1)[:, None, None]) / std + shift[:, None, None]      # (B, C, M) Q.K_cm
-        A = attention_weights(QK, mask, D)                       # Eq. (6)  (B, C, M)
-        tau = 1 / self.log_inv_tau.exp().clamp(max=self.max_inv_tau)
-        # Eq. (6)-(7): cos(E^I, G) from A, <E^I, V> and V V^T; G = A V (B, C, D) is never built
-        logits_I, logits_T = self.mlp(E_I), class_text_logits_via_gram(E_I, A, EV, VVt, tau)   # Eq. (7), before softmax
-        return logits_I, logits_T, A
+        A = attention_weights(QK, mask, D)                       # (B, C, M) softmax over the M anchors
+        return A, class_text_logits_via_gram(E_I, A, EV, VVt, tau)
 
-
-def lgr_head_plain(head, E_I, E_T, mask):
-    """Eq. (4)-(7) as the paper writes them, with the weights of `head` (an LGRHead): the reference its forward
-    equals, values and gradients (test_equations.py), and the "plain" row of bench.py. It builds K (C, M, D),
-    C M D^2 multiply-adds, and G (B, C, D) in every call."""
-    Q = head.W_q(head.ln_q(E_I))                                 # Eq. (4)  (B, D)
-    K, V = head.W_k(head.ln_k(E_T)), E_T                         # Eq. (5)  (C, M, D), (C, M, D)
-    A = language_guided_attention(Q, K, mask)                    # (B, C, M)
-    G = torch.einsum("bcm,cmd->bcd", A, V)                       # Eq. (6)  (B, C, D)
-    tau = 1 / head.log_inv_tau.exp().clamp(max=head.max_inv_tau)   # as in LGRHead.forward
-    logits_I, logits_T = head.mlp(E_I), class_text_logits(E_I, G, tau)   # Eq. (7), before softmax
-    return logits_I, logits_T, A
+    @torch.autocast("cuda", enabled=False)
+    def anchor_side(self, E_T):
+        """What the gram form needs of the anchors E^T (C, M, D), which stay fixed while the head learns: the mean
+        and standard deviation over D that LayerNorm divides by (C, M) each (ln_k's eps), and the Gram
+        matrices V V^T (C, M, M) of V = E^T. In E^T's precision also under the training's bf16 autocast."""
+        var, mean = torch.var_mean(E_T, dim=-1, unbiased=False)    # (C, M) as LayerNorm computes them
+        return mean, (var + self.ln_k.eps).sqrt(), E_T @ E_T.transpose(1, 2)
 
 
 def language_guided_attention(Q, K, mask):
@@ -178,10 +166,6 @@ def logit_sum_prediction(logits_I, logits_T):
 def recognition_loss(logits_I, logits_T, y):
     """Eq. (9): L_rec = CE(P^I, y) + CE(P^T, y), on the logits before each softmax of Eq. (7)."""
     return F.cross_entropy(logits_I, y) + F.cross_entropy(logits_T, y)
-
-
-def official_alpha(data_name):
-    return 0.7 if data_name == "inat2018" else 0.2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,73 +219,6 @@ def build_recognizer(args, device, ckpt=None):
     return model
 
 
-# ----------------------------------------------------------------------------------------------
-# The released VL-LTR checkpoints of the official code (SPEC.md §8): read with our Recognizer
-
-# Our LGRHead's parameters and the official head's (its "text_block"), one to one.
-RELEASED_HEAD = {"ln_q.weight": "text_block.attn.norm1q.weight", "ln_q.bias": "text_block.attn.norm1q.bias",
-                 "W_q.weight": "text_block.attn.wq.weight",
-                 "ln_k.weight": "text_block.attn.norm1k.weight", "ln_k.bias": "text_block.attn.norm1k.bias",
-                 "W_k.weight": "text_block.attn.wk.weight",
-                 "mlp.0.weight": "text_block.visual_fc.0.weight", "mlp.0.bias": "text_block.visual_fc.0.bias",
-                 "mlp.2.weight": "text_block.visual_fc.2.weight", "mlp.2.bias": "text_block.visual_fc.2.bias",
-                 "log_inv_tau": "logit_scale"}
-
-
-def read_released(path):
-    """The "model" state dict of a released checkpoint.pth, read with weights_only=True. The file also holds
-    the training run's argparse.Namespace under "args": that one class is allowed, nothing else."""
-    if not os.path.isfile(path):
-        raise DataError(f"--released {path} not found")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        why = f"it holds a {found.group(1)} object, refused without running it" if found else str(e).splitlines()[0][:120]
-        raise DataError(f"--released {path} is not a VL-LTR checkpoint.pth that can be read safely ({why})")
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise DataError(f"--released {path} has no \"model\" state dict; pass the checkpoint.pth of a released VL-LTR run")
-    return ckpt["model"]
-
-
-def recognizer_from_released(path, backbone, image_size):
-    """A released VL-LTR checkpoint (SPEC.md §8) as our Recognizer, --variant official: its visual encoder,
-    its anchor embeddings "text_embeddings" (C, M, D) with the zero rows (padding) masked, and its head
-    mapped onto LGRHead (RELEASED_HEAD): the official W_q, W_k have no bias (ours are set to zero), its tau
-    is the fixed exp(-logit_scale) as stored, above 1/100 or not. The image embedding reaches both branches as
-    it is (Eq. 4, 7)."""
-    sd = read_released(path)
-    missing = [k for k in ["text_embeddings", *RELEASED_HEAD.values()] if k not in sd]
-    unknown = [k for k in sd if k.startswith("text_block.") and k not in RELEASED_HEAD.values()]
-    if missing or unknown or not any(k.startswith("visual.") for k in sd):
-        what = f"no {missing[0]}" if missing else f"an unknown head weight {unknown[0]}" if unknown else "no visual.*"
-        raise DataError(f"--released {path} is not in the released VL-LTR format ({what}, SPEC.md §8)")
-    E_T = sd["text_embeddings"].float()                          # (C, M, D) anchors, zero rows = padding
-    if E_T.dim() != 3:
-        raise DataError(f"--released {path}: text_embeddings has shape {tuple(E_T.shape)}, expected (C, M, D)")
-    C, M, D = E_T.shape
-    mask = E_T.ne(0).any(dim=-1)                                 # (C, M) True for real anchor sentences
-    if not mask.any(dim=1).all():
-        raise DataError(f"--released {path}: class {int((~mask.any(dim=1)).nonzero()[0])} has no anchor sentence")
-    encoder = create_clip(backbone, image_size)                  # OpenAI's weights: the official code fine-tuned those
-    if embed_dim(encoder) != D:
-        raise DataError(f"--released {path} has D = {D}, --backbone {backbone} D = {embed_dim(encoder)}; "
-                        f"pass the backbone it was trained with (RN50: 1024, ViT-B-16: 512)")
-    model = Recognizer(encoder.visual, D, C, "lgr", variant="official", anchors=E_T, mask=mask)
-    model.head.max_inv_tau = math.inf                            # the official head: exp(logit_scale), no clamp
-    state = {k: v for k, v in sd.items() if k.startswith("visual.")}
-    state.update({f"head.{ours}": sd[theirs] for ours, theirs in RELEASED_HEAD.items()})
-    state["head.W_q.bias"] = state["head.W_k.bias"] = torch.zeros(D)   # the official W_q, W_k: no bias
-    try:
-        model.load_state_dict(state)                             # strict: every key, every shape
-    except RuntimeError as e:
-        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
-        raise DataError(f"--released {path} does not fit --backbone {backbone} at --image-size {image_size}: "
-                        f"{detail[:200]}")
-    return model
-
-
 @torch.no_grad()
 def predict(model, loader, args, desc="eval"):
     """All predictions of a loader: {"P": Eq. 7, "P_I": visual branch, "P_T": text branch} argmaxes, with
@@ -316,7 +233,7 @@ def predict(model, loader, args, desc="eval"):
         if logits_T is None:
             preds["P"].append(logits_I.argmax(1).cpu())
         else:
-            P = lgr_probabilities(logits_I, logits_T.float(), args.variant, official_alpha(args.data))
+            P = lgr_probabilities(logits_I, logits_T.float(), args.variant, DATASETS[args.data]["alpha"])
             preds["P"].append(P.argmax(1).cpu())
             preds["P_I"].append(logits_I.argmax(1).cpu())
             preds["P_T"].append(logits_T.argmax(1).cpu())
@@ -324,27 +241,6 @@ def predict(model, loader, args, desc="eval"):
                 preds["logit_sum"].append(logit_sum_prediction(logits_I, logits_T.float()).cpu())
         labels.append(y)
     return {k: torch.cat(v) for k, v in preds.items() if v}, torch.cat(labels)
-
-
-def accuracy_by_shot(pred, y, counts):
-    """Top-1 overall / many / medium / few (Sec. 4.2) and per class, in %. pred, y (N,); counts (C,) train images."""
-    correct = (pred == y).float()                                # (N,)
-    shot = shot_split(counts)[y.numpy()]                         # (N,) the split of each image's class
-    per_class = torch.zeros(len(counts)).index_add_(0, y, correct) / torch.bincount(y, minlength=len(counts)).clamp(min=1)
-    out = {"overall": 100 * correct.mean().item()}
-    for name in ("many", "medium", "few"):
-        sel = torch.from_numpy(shot == name)
-        out[name] = 100 * correct[sel].mean().item() if sel.any() else float("nan")
-    out["per_class"] = [round(100 * v, 2) for v in per_class.tolist()]
-    return out
-
-
-def official_accuracy(pred_mix, pred_logit_sum, y, counts):
-    """The numbers as the official evaluation reports them, and as the paper's tables print them (SPEC.md §3):
-    overall top-1 of the alpha mix, many / medium / few of the logit sum (logit_sum_prediction), two predictions.
-    So the columns need not average to the overall: ImageNet-LT RN50 77.8 / 67.0 / 50.8 give ~69.0, not 70.1."""
-    mix, logit_sum = accuracy_by_shot(pred_mix, y, counts), accuracy_by_shot(pred_logit_sum, y, counts)
-    return {"overall": mix["overall"], **{k: logit_sum[k] for k in ("many", "medium", "few")}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,7 +266,7 @@ def run(args):
     prepare_out(args)
     data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
     args.num_classes = data.num_classes
-    path = os.path.join(args.out, f"{args.head}{suffix(args)}.pt")   # lgr.pt, fc.pt; fc_clip.pt = the baseline
+    path = run_file(args, args.head)                             # lgr.pt, fc.pt; fc_clip.pt = the baseline
     model = build_recognizer(args, args.device)
     if args.freeze_visual:
         model.visual.requires_grad_(False)
@@ -379,14 +275,8 @@ def run(args):
 
     train_transform = clip_transform(args, train=True, crop_scale=DATASETS[args.data]["crop_scale"])
     loader = make_loader(data.train, train_transform, args, sampling=args.sampling, generator=rngs["sampler"])
-    if len(loader) < args.accum:
-        raise DataError(f"--batch {args.batch} x --accum {args.accum} is larger than the training set "
-                        f"({len(data.train.labels)} images); lower --batch")
     val_loader = make_loader(data.val, clip_transform(args, train=False), args)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
-                            weight_decay=args.wd, fused=str(args.device).startswith("cuda"))
-    steps = len(loader) // args.accum
-    sched = cosine_schedule(opt, args.epochs * steps, int(args.warmup * steps))
+    opt, sched, steps = optimizer_and_schedule([p for p in model.parameters() if p.requires_grad], loader, args)
 
     def train_mode():
         model.train()

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import load_data, shot_split
-from engine import DataError, checkpoint_tag, eval_precision, load_checkpoint, run_stage
-from images import clip_transform, load_rgb
-from lgr import build_recognizer, lgr_probabilities, official_alpha
+from data import DATASETS, load_data, shot_split
+from lgr import build_recognizer, lgr_probabilities
+from util.engine import eval_precision, load_checkpoint, run_stage
+from util.errors import DataError
+from util.images import clip_transform, load_rgb
 
 
 def get_args(argv=None):
@@ -66,7 +67,7 @@ def load_run(run, device):
                         f"{ckpt.get('init')}); point --run at a folder where `python lgr.py` wrote lgr.pt")
     saved = ckpt["args"]
     args = Namespace(**{**saved, "out": run, "head": "lgr", "init": "cvlp", "num_classes": ckpt["num_classes"],
-                        "pretrained": checkpoint_tag(ckpt), "device": device})   # the tag: its model and images
+                        "pretrained": ckpt["pretrained"], "device": device})   # the tag: its model and images
     model = build_recognizer(args, device, ckpt).eval()         # anchors from anchor_embeds.pt
     anchors_path = os.path.join(run, "anchors.json")
     if not os.path.exists(anchors_path):
@@ -87,7 +88,7 @@ def explain(model, args, classes, image, top=5, sentences=3):
     with eval_precision(args.device):                           # fp32, whatever the training precision
         logits_I, logits_T, A = model(x)                         # (1, C), (1, C), (1, C, M)
     logits_I, logits_T, A = logits_I.float(), logits_T.float(), A.float()
-    P = lgr_probabilities(logits_I, logits_T, args.variant, official_alpha(args.data))[0]   # (C,)
+    P = lgr_probabilities(logits_I, logits_T, args.variant, DATASETS[args.data]["alpha"])[0]   # (C,)
     P_I, P_T = logits_I.softmax(-1)[0], logits_T.softmax(-1)[0]                              # (C,) each
     out = []
     for c in P.argsort(descending=True)[:top].tolist():

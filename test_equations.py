@@ -15,18 +15,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anss import anchor_scores, description_precision, select_anchors
+from anss import anchor_scores, description_precision, select_anchors, sentence_scores
 from cvlp import (class_wise_contrastive_loss, cosine_similarity_matrix, distillation_loss, pretraining_loss,
-                  sample_sentences)
-from clip_models import create_clip, interpolate_pos_embed, tokenize_exact
-from data import Corpus, prompt_sentences
-from engine import DataError
+                  sample_sentences, temperature)
+from data import Corpus, accuracy_by_shot, official_accuracy, prompt_sentences
 from evaluate import knn_predict, zero_shot_classifier
-from experiments import TABLE4, TABLE8, mean_std, regroup, table_markdown
-from lgr import (LGRHead, Recognizer, accuracy_by_shot, class_text_logits, class_text_logits_via_gram,
-                 language_guided_attention, lgr_head_plain, lgr_probabilities, logit_sum_prediction, official_accuracy,
-                 recognition_loss)
-from shapes_lt import clip_loss
+from lgr import (LGRHead, Recognizer, class_text_logits, class_text_logits_via_gram, language_guided_attention,
+                 lgr_probabilities, logit_sum_prediction, recognition_loss)
+from util.clip_models import create_clip, interpolate_pos_embed, tokenize_exact
+from util.errors import DataError
+from util.shapes_lt import clip_loss
+from tools.experiments import TABLE4, TABLE8, mean_std, regroup, table_markdown
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -242,9 +241,22 @@ def test_anchor_score_is_l_lin_of_the_sentence_over_its_own_class_images():
     expected = [-((s0[0] - lse(*s0)) + (s0[1] - lse(*s0))) / 2,     # images 0, 1 are class 0
                 -((s1[2] - lse(*s1)) + (s1[3] - lse(*s1))) / 2,     # images 2, 3 are class 1
                 -((s2[0] - lse(*s2)) + (s2[1] - lse(*s2))) / 2]
-    scores = anchor_scores(torch.tensor(ANSS_E_I), torch.tensor(ANSS_Y), torch.tensor(ANSS_E_T),
-                           torch.tensor(ANSS_T), tau, num_classes=2)       # float32, as anss.run passes them
-    assert scores.tolist() == pytest.approx(expected, rel=1e-6)
+    args = torch.tensor(ANSS_E_I), torch.tensor(ANSS_Y), torch.tensor(ANSS_E_T), torch.tensor(ANSS_T), tau
+    assert sentence_scores(*args).tolist() == pytest.approx(expected, rel=1e-6)     # L_lin as Sec. 3.3 writes it
+    scores = anchor_scores(*args, num_classes=2)                     # the blocked form anss.py runs; float32, as
+    assert scores.tolist() == pytest.approx(expected, rel=1e-6)      # anss.run passes them
+
+
+def test_blocked_anchor_scores_equal_l_lin_as_written_on_random_embeddings():
+    g = torch.Generator().manual_seed(0)
+    E_I = F.normalize(torch.randn(37, 8, generator=g, dtype=torch.float64), dim=-1)   # N' = 37 images, D = 8
+    E_T = F.normalize(torch.randn(23, 8, generator=g, dtype=torch.float64), dim=-1)   # S = 23 sentences
+    y, t = torch.randint(0, 5, (37,), generator=g), torch.randint(0, 6, (23,), generator=g)   # class 5: no image
+    y[:5] = torch.arange(5)                                                            # classes 0-4 have images
+    for chunk in (4, 10, 4096):                                                        # ragged blocks, one block
+        blocked = anchor_scores(E_I, y, E_T, t, 0.07, num_classes=6, chunk=chunk)
+        assert torch.allclose(blocked, sentence_scores(E_I, y, E_T, t, 0.07), rtol=1e-10, atol=1e-12)
+    assert sentence_scores(E_I, y, E_T, t, 0.07)[t == 5].eq(0).all()                 # no image: score 0
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3])                       # 4 images, 3 sentences: ragged last blocks too
@@ -401,6 +413,17 @@ def random_lgr_case(variant):
     return head, E_I, E_T, mask
 
 
+def paper_form(head):
+    """head's forward in the paper's form, Eq. (4)-(7) as written (K and G built), with its own weights."""
+    def forward(E_I, E_T, mask):
+        head.form = "paper"
+        try:
+            return head(E_I, E_T, mask)
+        finally:
+            head.form = "gram"
+    return forward
+
+
 def head_outputs_and_gradients(forward, head, E_I, E_T, mask):
     """(logits_I, logits_T, A) of forward(E_I, E_T, mask) and the gradients of a loss that reaches all three
     (Eq. 9 plus a fixed weighting of A) w.r.t. every parameter of the head, E^I and E^T."""
@@ -417,7 +440,7 @@ def head_outputs_and_gradients(forward, head, E_I, E_T, mask):
 def test_lgr_head_equals_the_plain_eq_4_to_7_in_values_and_gradients(variant):
     head, E_I, E_T, mask = random_lgr_case(variant)
     cheap, cheap_grads = head_outputs_and_gradients(head, head, E_I, E_T, mask)
-    plain, plain_grads = head_outputs_and_gradients(lambda *a: lgr_head_plain(head, *a), head, E_I, E_T, mask)
+    plain, plain_grads = head_outputs_and_gradients(paper_form(head), head, E_I, E_T, mask)
     for name, ours, want in zip(("logits_I", "logits_T", "A"), cheap, plain):
         assert torch.allclose(ours, want, rtol=1e-9, atol=1e-12), name
     A = cheap[2]
@@ -511,7 +534,7 @@ def test_cvlp_step_trains_student_and_its_tau_but_never_the_frozen_teacher(varia
     x, tokens = tiny_batch()
     y = torch.tensor([0, 0, 1])
     S = cosine_similarity_matrix(student.encode_image(x), student.encode_text(tokens))     # Eq. (1), (N, N)
-    tau = 1 / student.logit_scale.exp().clamp(max=100)
+    tau = temperature(student.logit_scale)
     with torch.no_grad():
         S_t = cosine_similarity_matrix(teacher.encode_image(x), teacher.encode_text(tokens))
     L_ccl = class_wise_contrastive_loss(S, y, y, tau, variant)
@@ -532,7 +555,7 @@ def test_distillation_alone_reaches_the_student_encoders():
             p.add_(0.05 * torch.randn_like(p))
     x, tokens = tiny_batch()
     S = cosine_similarity_matrix(student.encode_image(x), student.encode_text(tokens))
-    tau = 1 / student.logit_scale.exp().clamp(max=100)
+    tau = temperature(student.logit_scale)
     with torch.no_grad():
         S_t = cosine_similarity_matrix(teacher.encode_image(x), teacher.encode_text(tokens))
     pretraining_loss(torch.zeros(()), distillation_loss(S, S_t, tau), 0.0).backward()   # lam = 0: L_dis only
@@ -594,7 +617,7 @@ def test_lgr_recognizer_makes_the_anchor_side_once_as_buffers_outside_the_checkp
     with torch.no_grad():
         E_I = model.visual(x).float()                                  # (3, 64)
         ours = model.head(E_I, model.anchors, model.mask, model.anchor_side())
-        plain = lgr_head_plain(model.head, E_I, model.anchors, model.mask)
+        plain = paper_form(model.head)(E_I, model.anchors, model.mask)
     for name, a, b in zip(("logits_I", "logits_T", "A"), ours, plain):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
 

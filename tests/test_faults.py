@@ -25,17 +25,14 @@ import torch
 from PIL import Image
 
 import anss
-import clip_models
 import cvlp
 import data
-import engine
-import evaluate
-import experiments
-import images
 import lgr
+from util import clip_models, engine, images, progress
+from tools import experiments
 from test_data import append_line, make_imagenet_tree, write
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOT = 49407                                                       # open_clip's end-of-text token id
 
 
@@ -80,7 +77,7 @@ def test_broken_tree_stops_data_py_with_one_line_naming_the_problem(tmp_path, fa
     write(sheet, b"the contact sheet of an earlier run")
     before = snapshot(tmp_path)
     r = subprocess.run([sys.executable, "data.py", "--data", "imagenet_lt", "--data-root", str(root), "--sheet", str(sheet)],
-                       cwd=HERE, capture_output=True, text=True)
+                       cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
@@ -349,14 +346,6 @@ def test_val_every_epoch_reports_each_epoch_and_leaves_the_training_unchanged(tm
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
 
 
-@pytest.mark.parametrize("flag", ["--table", "--curves"])
-def test_the_old_experiment_flags_of_evaluate_say_where_they_went(flag, capsys):
-    with pytest.raises(SystemExit) as e:
-        evaluate.main([flag, "all"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "moved to experiments.py: run `python experiments.py" in err
-
-
 def test_resume_of_the_fc_baseline_across_stops_is_exact(shapes_env, tmp_path):
     args = ["--data", "shapes_lt", "--data-root", str(shapes_env["root"]), "--device", "cpu", "--clip-weights",
             str(shapes_env["clip"]), "--init", "clip", "--head", "fc", "--batch", "16", "--epochs", "1"]
@@ -478,10 +467,10 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(shapes_env, tmp_pa
     cvlp.main(cvlp_args(shapes_env, tmp_path, "--stop-after-steps", "1"))
     before = (tmp_path / "cvlp.pt").read_bytes()
 
-    def full(path, ckpt):
+    def full(obj, f):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(engine, "save_checkpoint", full)
+    monkeypatch.setattr(engine.torch, "save", full)               # the disk fills while the checkpoint is written
     with pytest.raises(SystemExit) as e:
         cvlp.main(cvlp_args(shapes_env, tmp_path, "--resume", "--stop-after-steps", "2"))
     err = capsys.readouterr().err
@@ -519,9 +508,9 @@ def test_progress_in_a_log_file_writes_a_line_every_so_often(monkeypatch, capsys
     """Not a terminal (nohup, slurm, CI): no bar, but a line per LOG_EVERY seconds with the count, the share done
     and the time left, and a closing line; every item still passes through."""
     clock = iter([0.0, 10.0, 40.0, 50.0, 80.0, 90.0])              # start, then one reading after each item
-    monkeypatch.setattr(engine.time, "monotonic", lambda: next(clock))
-    bar = engine.progress(range(4), total=4, desc="cvlp 1/50", unit="batch")
-    assert isinstance(bar, engine.LogLines)                        # pytest's stderr is not a terminal
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    bar = progress.progress(range(4), total=4, desc="cvlp 1/50", unit="batch")
+    assert isinstance(bar, progress.LogLines)                      # pytest's stderr is not a terminal
     items = []
     for x in bar:
         items.append(x)

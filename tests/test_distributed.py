@@ -17,8 +17,8 @@ import torch
 import torch.multiprocessing as mp
 
 import cvlp
-import engine
 import lgr
+from util import engine
 
 STEPS = 3
 
@@ -44,7 +44,8 @@ def write_anchors(out):
     embeds = torch.nn.functional.normalize(torch.randn(100, 4, 64, generator=g), dim=-1) * mask[..., None]
     os.makedirs(out, exist_ok=True)
     engine.save_checkpoint(os.path.join(out, "anchor_embeds_clip.pt"), {
-        "stage": "anss", "data": "shapes_lt", "backbone": "shapes-tiny", "num_classes": 100, "init": "clip",
+        "stage": "anss", "data": "shapes_lt", "backbone": "shapes-tiny", "pretrained": "standin", "num_classes": 100,
+        "init": "clip",
         "embeds": embeds, "mask": mask})
 
 
@@ -179,7 +180,7 @@ def test_anss_and_evaluate_refuse_torchrun_with_a_one_line_error(monkeypatch, ca
 # A rank killed mid-epoch (SIGKILL: the out-of-memory killer, a lost node) under torchrun --max-restarts
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def kill_rank_1_on_first_attempt(stage, batch):
@@ -201,11 +202,12 @@ def kill_rank_1_on_first_attempt(stage, batch):
 
 
 def torchrun(*argv, timeout=240):
-    """`python -m torch.distributed.run --standalone --nproc-per-node 2 ARGV` from this folder: the finished
+    """`python -m torch.distributed.run --standalone --nproc-per-node 2 ARGV` from the repository: the finished
     process (stdout, stderr, returncode). Past `timeout` s it is stopped as a scheduler would (SIGTERM to the
     agent, which passes it to its workers and SIGKILLs them 30 s later) and the test fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, argv)]
-    p = subprocess.Popen(cmd, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)        # the stages, for this file
+    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = p.communicate(timeout=timeout)
@@ -229,7 +231,7 @@ def test_rank_killed_mid_epoch_is_restarted_by_torchrun_and_ends_as_the_uninterr
     # checkpoint in the first attempt, so it started fresh) now continues after step 1.
     out = runs["tmp"] / f"{stage}_restarted"
     write_anchors(out)
-    r = torchrun("--max-restarts", "1", "test_distributed.py", stage,
+    r = torchrun("--max-restarts", "1", __file__, stage,
                  *make_args(shapes_env, out, 8, "--resume", "--save-every", "1e-7"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {out / checkpoint} at epoch 1, batch 1 (torchrun restart 1)" in r.stdout, r.stdout

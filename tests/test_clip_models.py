@@ -13,13 +13,15 @@ import pytest
 import torch
 
 import anss
-import clip_models
 import cvlp
 import evaluate
 import lgr
 import predict
-from engine import DataError, checkpoint_tag
-from images import make_transform
+from util import clip_models
+from util.engine import load_checkpoint
+from util.errors import CheckpointError
+from util.errors import DataError
+from util.images import make_transform
 from test_data import make_imagenet_tree
 
 ARCH = "tiny-clip"                                   # registered as an open_clip model config below
@@ -243,10 +245,12 @@ def test_released_models_are_read_as_openais_weights_only(tmp_path, capsys):
                                          "weights; drop --pretrained laion2b_s34b_b88k\n")
 
 
-def test_checkpoints_written_before_tags_were_recorded_count_as_openais():
-    assert checkpoint_tag({"backbone": "RN50"}) == "openai"
-    assert checkpoint_tag({"backbone": "shapes-tiny"}) == "standin"   # the world's stand-in, as it was then
-    assert checkpoint_tag({"backbone": "ViT-B-16", "pretrained": "laion2b_s34b_b88k"}) == "laion2b_s34b_b88k"
+def test_a_checkpoint_without_its_weights_tag_is_refused_with_the_command_that_remakes_it(tmp_path):
+    path = tmp_path / "cvlp.pt"
+    torch.save({"stage": "cvlp", "data": "shapes_lt", "backbone": "RN50", "num_classes": 100}, path)
+    with pytest.raises(CheckpointError, match=r"cvlp\.pt was written by an older version of this code; delete it and "
+                                              r"rerun `python cvlp.py`"):
+        load_checkpoint(str(path), "cvlp", "python cvlp.py")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     python -m pytest -q test_cuda.py            # on a GPU machine, about a minute (torch.compile included)
 
 Each test runs the project's own code on the GPU and compares with a reference the CPU tests already trust:
-bf16 autocast against fp32 (within bf16's rounding), the LGR head's cheap form against Eq. (4)-(7) as written,
+bf16 autocast against fp32 (within bf16's rounding), the LGR head's gram form against Eq. (4)-(7) as written,
 fused AdamW against the plain loop, nvjpeg decoding against PIL, torch.compile against eager, evaluation on the
 GPU against evaluation on the CPU, and a GPU out of memory ending in the one-line error of every stage.
 """
@@ -15,11 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import clip_models
 import cvlp
 import data
-import images
 import lgr
+from util import clip_models, images
 from test_data import make_imagenet_tree
 from test_gpu_loader import save_images
 
@@ -86,10 +85,10 @@ def test_bf16_autocast_cvlp_step_matches_fp32_within_bf16_rounding():
 
 
 # ----------------------------------------------------------------------------------------------
-# The LGR head: the cheap form the training runs against Eq. (4)-(7) as the paper writes them
+# The LGR head: the gram form the training runs against Eq. (4)-(7) as the paper writes them
 
 
-def test_lgr_head_cheap_form_equals_the_plain_equations_on_cuda():
+def test_lgr_head_gram_form_equals_the_paper_form_on_cuda():
     torch.manual_seed(0)
     C, M, D, B = 50, 16, 64, 8
     head = lgr.LGRHead(D, C).to(DEVICE)
@@ -99,19 +98,19 @@ def test_lgr_head_cheap_form_equals_the_plain_equations_on_cuda():
     E_I = torch.randn(B, D, device=DEVICE, requires_grad=True)
     y = torch.randint(0, C, (B,), device=DEVICE)
     out = {}
-    for form in ("plain", "cheap"):
+    for form in ("paper", "gram"):
         head.zero_grad(set_to_none=True)
         E_I.grad = None
-        logits_I, logits_T, A = (lgr.lgr_head_plain(head, E_I, E_T, mask) if form == "plain"
-                                 else head(E_I, E_T, mask, head.anchor_side(E_T)))
+        head.form = form
+        logits_I, logits_T, A = head(E_I, E_T, mask, head.anchor_side(E_T))
         lgr.recognition_loss(logits_I, logits_T, y).backward()
         out[form] = logits_T.detach(), A.detach(), torch.cat([E_I.grad.flatten(), grads(head)])
-    for a, b in zip(out["cheap"], out["plain"]):
+    for a, b in zip(out["gram"], out["paper"]):
         assert relative_error(a, b) < 1e-4
-    # Under the training's bf16 autocast the cheap form still computes in fp32 (LGRHead.forward turns it off).
+    # Under the training's bf16 autocast the gram form still computes in fp32 (LGRHead.forward turns it off).
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits_I, logits_T, _ = head(E_I, E_T, mask, head.anchor_side(E_T))
-    assert logits_T.dtype == torch.float32 and relative_error(logits_T.detach(), out["plain"][0]) < 1e-4
+    assert logits_T.dtype == torch.float32 and relative_error(logits_T.detach(), out["paper"][0]) < 1e-4
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 import anss
-import clip_models
 import cvlp
 import evaluate
-import experiments
 import lgr
-import shapes_lt
+from util import clip_models, shapes_lt
+from tools import experiments
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +136,7 @@ def test_clip_standin_trains_and_saves_loadable_weights(tmp_path):
 
 
 def test_unknown_dataset_is_one_line_without_traceback():
-    p = subprocess.run([sys.executable, "cvlp.py", "--data", "imagenet_1k"], cwd=HERE, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "cvlp.py", "--data", "imagenet_1k"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.startswith("error: unknown --data 'imagenet_1k'") and "Traceback" not in p.stderr
 

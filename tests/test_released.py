@@ -19,13 +19,13 @@ import open_clip
 import pytest
 import torch
 
-import clip_models
 import cvlp
 import data
 import evaluate
 import lgr
-from engine import DataError
-from images import make_transform
+from util import clip_models
+from util.errors import DataError
+from util.images import make_transform
 from test_data import make_imagenet_tree
 
 
@@ -152,7 +152,7 @@ def official_equations(sd, E_I, alpha):
 def test_released_checkpoint_gives_the_official_logits_and_prediction(tmp_path):
     sd = released_model_dict()
     path = write_released(tmp_path / "checkpoint.pth", sd)
-    model = lgr.recognizer_from_released(path, "shapes-tiny", 32).eval()
+    model = evaluate.recognizer_from_released(path, "shapes-tiny", 32).eval()
     assert model.mask.tolist() == [[True] * 4, [True, True, False, False], [True, False, False, False]]
 
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -164,7 +164,7 @@ def test_released_checkpoint_gives_the_official_logits_and_prediction(tmp_path):
     want_I, want_T, want_P = official_equations(sd, E_I, alpha=0.2)
     np.testing.assert_allclose(logits_I.numpy(), want_I, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(logits_T.numpy(), want_T, rtol=1e-4, atol=1e-4)
-    P = lgr.lgr_probabilities(logits_I, logits_T, "official", lgr.official_alpha("imagenet_lt"))
+    P = lgr.lgr_probabilities(logits_I, logits_T, "official", data.DATASETS["imagenet_lt"]["alpha"])
     np.testing.assert_allclose(P.numpy(), want_P, atol=1e-5)
     assert P.argmax(1).tolist() == want_P.argmax(1).tolist()
 
@@ -174,7 +174,7 @@ def test_released_logit_scale_above_ln_100_is_read_as_stored(tmp_path):
     # At logit_scale 5.0 (> ln 100 = 4.605) the text logits are exp(5) = 148.4 times the cosines, not 100 times.
     sd = released_model_dict()
     sd["logit_scale"] = torch.tensor(5.0)
-    model = lgr.recognizer_from_released(write_released(tmp_path / "checkpoint.pth", sd), "shapes-tiny", 32).eval()
+    model = evaluate.recognizer_from_released(write_released(tmp_path / "checkpoint.pth", sd), "shapes-tiny", 32).eval()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     reference_clip = clip_models.create_clip("shapes-tiny", 32).eval()
     reference_clip.visual.load_state_dict({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
@@ -236,15 +236,15 @@ def test_released_file_missing_a_head_weight_is_one_line(tmp_path):
     del sd["text_block.attn.wk.weight"]
     path = write_released(tmp_path / "checkpoint.pth", sd)
     with pytest.raises(DataError, match=r"is not in the released VL-LTR format \(no text_block.attn.wk.weight"):
-        lgr.recognizer_from_released(path, "shapes-tiny", 32)
+        evaluate.recognizer_from_released(path, "shapes-tiny", 32)
 
 
 def test_released_file_of_another_backbone_or_size_is_one_line(tmp_path):
     path = write_released(tmp_path / "checkpoint.pth", released_model_dict())
     with pytest.raises(DataError, match=r"has D = 64, --backbone RN50 D = 1024; pass the backbone"):
-        lgr.recognizer_from_released(path, "RN50", 224)
+        evaluate.recognizer_from_released(path, "RN50", 224)
     with pytest.raises(DataError, match=r"does not fit --backbone shapes-tiny at --image-size 64: .*positional_embedding"):
-        lgr.recognizer_from_released(path, "shapes-tiny", 64)
+        evaluate.recognizer_from_released(path, "shapes-tiny", 64)
 
 
 class RunsCode:

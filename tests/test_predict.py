@@ -10,7 +10,7 @@ import anss
 import cvlp
 import lgr
 import predict
-import shapes_lt
+from util import shapes_lt
 
 
 @pytest.fixture(scope="module")

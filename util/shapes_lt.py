@@ -17,8 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clip_models import STANDIN_TAG, clip_preprocess, context_length, tokenize_exact
-from engine import atomic_write, progress, warn
+from util.clip_models import STANDIN_TAG, clip_preprocess, context_length, tokenize_exact
+from util.engine import atomic_write
+from util.errors import warn
+from util.progress import progress
 
 SHAPES_VERSION = 3   # bump when the generator changes: cached worlds are keyed by version + seed
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "crescent", "bar", "heart"]
@@ -320,3 +322,10 @@ def train_clip_standin(model, path, seed, device, n_pairs=20000, steps=450, batc
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda f: torch.save(sd, f))
 
+
+def first_images(split, divisor):
+    """Each class's first max(1, n_c // divisor) images in the world's order (shapes_lt_small): its first sittings
+    of five (the last one maybe cut short), so a head class keeps 10 scenes of 100 and a tail class one photo."""
+    counts = np.bincount(split.labels)
+    return split.subset(np.concatenate([np.flatnonzero(split.labels == c)[:max(1, n // divisor)]
+                                        for c, n in enumerate(counts)]))

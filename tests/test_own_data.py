@@ -25,7 +25,8 @@ import data
 import evaluate
 import lgr
 import predict
-from engine import DataError
+from util import own_data
+from util.errors import DataError
 from test_data import write
 from test_faults import errors_and_warnings, snapshot
 
@@ -185,11 +186,11 @@ def test_folder_without_data_root_says_so():
 def test_cifar100_lt_counts_are_the_literatures():
     # n_i = int(500 * (1 / 100) ** (i / 99)): class 0 keeps 500, class 99 keeps 500 / 100 = 5; class 50:
     # 500 * 10 ** (-2 * 50 / 99) = 500 * 0.09767 = 48.8 -> 48. The totals are the published sizes of CIFAR-100-LT.
-    counts = data.long_tailed_counts(500, 100, 100)
+    counts = own_data.long_tailed_counts(500, 100, 100)
     assert counts[:3] == [500, 477, 455] and counts[50] == 48 and counts[-1] == 5
     assert sum(counts) == 10847
-    assert sum(data.long_tailed_counts(500, 100, 50)) == 12608 and data.long_tailed_counts(500, 100, 50)[-1] == 10
-    assert sum(data.long_tailed_counts(500, 100, 10)) == 19573 and data.long_tailed_counts(500, 100, 10)[-1] == 50
+    assert sum(own_data.long_tailed_counts(500, 100, 50)) == 12608 and own_data.long_tailed_counts(500, 100, 50)[-1] == 10
+    assert sum(own_data.long_tailed_counts(500, 100, 10)) == 19573 and own_data.long_tailed_counts(500, 100, 10)[-1] == 50
 
 
 def test_long_tailed_subset_is_ldam_drws_draw_image_for_image():
@@ -206,7 +207,7 @@ def test_long_tailed_subset_is_ldam_drws_draw_image_for_image():
         expected += idx[:n].tolist()
     np.random.set_state(state)
     split = data.Split(np.arange(16)[:, None], labels)                     # image k is the number k
-    subset = data.long_tailed_subset(split, counts)
+    subset = own_data.long_tailed_subset(split, counts)
     assert subset.images[:, 0].tolist() == expected and list(np.bincount(subset.labels)) == [5, 3, 1]
     assert subset.images[:5, 0].tolist() != [0, 3, 6, 9, 12]                # not simply the first five in file order
 
@@ -246,7 +247,7 @@ def test_cifar100_lt_reads_torchvisions_files_as_in_memory_arrays(tmp_path, caps
     assert d.name == "cifar100_lt_ir10" and d.num_classes == 100
     assert d.classnames[:3] == ["apple", "aquarium fish", "baby"] and d.classnames[3] == "thing 00"
     # n_max is the file's 20 a class: int(20 * 0.1 ** (i / 99)), 20 for class 0 down to 2 for class 99
-    assert list(d.counts) == data.long_tailed_counts(20, 100, 10) and d.counts[0] == 20 and d.counts[-1] == 2
+    assert list(d.counts) == own_data.long_tailed_counts(20, 100, 10) and d.counts[0] == 20 and d.counts[-1] == 2
     assert isinstance(d.train.images, np.ndarray) and d.train.images.shape == (len(d.train.labels), 32, 32, 3)
     assert d.train.images.dtype == np.uint8 and d.train.lines is None
     # pixel (y, x) of image k is (R, G, B) = row k at y * 32 + x, 1024 + that, 2048 + that

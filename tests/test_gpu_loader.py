@@ -21,11 +21,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-import clip_models
 import cvlp
 import data
-import engine
-import images
+from util import clip_models, engine, images
 from test_data import make_imagenet_tree, write
 
 MEAN, STD = (clip_models.clip_preprocess("shapes-tiny")[k] for k in ("mean", "std"))

@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from clip_models import clip_preprocess
-from engine import DataError, atomic_write, progress, rank_world
+from util.clip_models import clip_preprocess
+from util.distributed import rank_world
+from util.engine import atomic_write
+from util.errors import DataError
+from util.progress import progress
 
 
 def load_rgb(path, where=None):
@@ -215,6 +218,14 @@ def device_decodable(data):
     return False
 
 
+def decode_jpegs(files, device):
+    """[B] JPEG files' bytes, (n,) uint8 tensors -> [B] (3, H_k, W_k) uint8 RGB images on `device`, in one call of
+    TorchCodec's decoder: libjpeg-turbo on a CPU (the pixels PIL gives, BENCHMARKS.md), nvjpeg on CUDA (the batch
+    at once). RuntimeError when a file is not a JPEG it decodes."""
+    from torchcodec.decoders import decode_jpeg                  # imported here: only --loader gpu needs it
+    return decode_jpeg(list(files), mode="RGB", device=device)
+
+
 class FileBytes(torch.utils.data.Dataset):
     """(file bytes, label, path, "file:line") of one Split's image files, undecoded: what --loader gpu's
     workers read. DeviceTransform decodes the batch."""
@@ -242,9 +253,9 @@ class DeviceTransform:
     """transform(files, paths, wheres): a batch of image files' bytes -> (B, 3, S, S) float on `device`: the
     PIL path's Transform with decoding and augmentation moved from the CPU workers to the device.
 
-    Decoding: the JPEGs in one call of torchvision.io.decode_jpeg (nvjpeg on CUDA, libjpeg-turbo on CPU, as
-    PIL), converted to RGB; whatever that decoder does not handle (CMYK, a PNG named .JPEG, a file it refuses)
-    goes through load_rgb on the CPU, image by image, with its error messages.
+    Decoding: the JPEGs in one call of TorchCodec's decoder (decode_jpegs: nvjpeg on CUDA, libjpeg-turbo on a
+    CPU, as PIL), converted to RGB; whatever that decoder does not handle (CMYK, a PNG named .JPEG, a file it
+    refuses) goes through load_rgb on the CPU, image by image, with its error messages.
     Train: a RandomResizedCrop box drawn from each image's own H x W (random_crop_boxes), resized as
     Transform.batch resizes (resized_crops: bicubic or bilinear, antialias, rounded to uint8 levels), mirrored with
     probability 1/2; eval: Transform's own resize of the short side and centre crop, image by image. Then
@@ -258,16 +269,15 @@ class DeviceTransform:
 
     def decode(self, files, paths, wheres):
         """[B] file bytes -> [B] (3, H_k, W_k) uint8 RGB images on the device."""
-        from torchvision.io import ImageReadMode, decode_jpeg
         images = [None] * len(files)
         jpeg = [k for k, data in enumerate(files) if device_decodable(data)]
         try:
-            decoded = decode_jpeg([files[k] for k in jpeg], mode=ImageReadMode.RGB, device=self.device) if jpeg else []
+            decoded = decode_jpegs([files[k] for k in jpeg], self.device) if jpeg else []
         except RuntimeError:                                     # one file spoils the call: decode one by one
             decoded = []
             for k in jpeg:
                 try:
-                    decoded.append(decode_jpeg(files[k], mode=ImageReadMode.RGB, device=self.device))
+                    decoded += decode_jpegs([files[k]], self.device)
                 except RuntimeError:
                     decoded.append(None)
         for k, img in zip(jpeg, decoded):

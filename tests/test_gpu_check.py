@@ -2,7 +2,7 @@
 and the commands it runs cannot drift apart while no GPU is at hand."""
 import json
 
-import gpu_check
+from tools import gpu_check
 
 
 def test_dry_run_runs_every_part_and_keeps_their_numbers(tmp_path):

@@ -16,11 +16,10 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import clip_models
-import engine
 import evaluate
 import lgr
 import predict
+from util import clip_models, engine
 
 
 class RecordedAutocast:

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 
 import data
-import rehearse
+from tools import rehearsal_tree, rehearse
 
 
 @pytest.mark.parametrize("name", ["imagenet_lt", "places_lt", "inat2018"])
 def test_full_size_train_counts_match_the_real_dataset(name):
     s = rehearse.SIZES[name]
-    n = rehearse.train_counts(s["classes"], s["train"], s["n_max"], s["n_min"], s["shots"])
+    n = rehearsal_tree.train_counts(s["classes"], s["train"], s["n_max"], s["n_min"], s["shots"])
     assert len(n) == s["classes"] and n.sum() == s["train"]               # e.g. 1000 classes, 115,846 images
     assert (n[0], n[-1]) == (s["n_max"], s["n_min"])                      # 1280 .. 5
     assert (np.diff(n) <= 0).all()                                        # head to tail
@@ -42,7 +42,7 @@ def test_tiny_tree_is_read_by_load_data(name, tmp_path):
 
 
 def test_sentence_counts_follow_table_7_at_full_size():
-    m = rehearse.sentence_counts(1000, 1, 721, 127, 89, np.random.default_rng(0))   # ImageNet-LT
+    m = rehearsal_tree.sentence_counts(1000, 1, 721, 127, 89, np.random.default_rng(0))   # ImageNet-LT
     assert (m.min(), m.max(), np.median(m)) == (1, 721, 89)
     assert abs(m.mean() - 127) < 5                                        # 125.3: the clip at 721 trims the top
 

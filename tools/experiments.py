@@ -1,10 +1,10 @@
 """The experiments behind the results tables: every Table 8 and Table 4 row trained and evaluated over
 several seeds, and the learning curves kept in the checkpoints. Evaluation itself is evaluate.py's.
 
-    python experiments.py table                                # every row, seeds 0, 1, 2 -> results/shapes_lt.{json,md}
-    python experiments.py table --data shapes_lt_coined --seeds 0
-    python experiments.py curves runs/a/cvlp.pt runs/b/cvlp.pt # learning curves side by side, and a plot
-    python experiments.py regroup results/shapes_lt.json       # many / medium / few again from the per-class accuracies
+    python -m tools.experiments table                                # every row, seeds 0, 1, 2 -> results/shapes_lt.{json,md}
+    python -m tools.experiments table --data shapes_lt_coined --seeds 0
+    python -m tools.experiments curves runs/a/cvlp.pt runs/b/cvlp.pt # learning curves side by side, and a plot
+    python -m tools.experiments regroup results/shapes_lt.json       # many / medium / few again from the per-class accuracies
 
 `table` runs each row's stages (run_table: a finished stage is skipped, a stopped one resumed), evaluates
 every run folder on the test split (evaluate.evaluate_folder), then writes results/<data>.json and .md (mean
@@ -24,14 +24,14 @@ import torch
 
 import anss
 import cvlp
-import evaluate
-import lgr
-from anss import suffix
-from data import FEW_UP_TO, MANY_FROM, fill_defaults, load_data, shot_split
-from engine import DataError, atomic_write, load_checkpoint, one_process_only, run_stage
+from data import DATASETS, FEW_UP_TO, MANY_FROM, fill_defaults, load_data, shot_split
 from evaluate import evaluate_folder
-from images import clip_transform, contact_sheet
-from lgr import build_recognizer, lgr_probabilities, official_alpha
+import evaluate
+from lgr import build_recognizer, lgr_probabilities
+import lgr
+from util.engine import atomic_write, load_checkpoint, one_process_only, run_file, run_stage
+from util.errors import DataError
+from util.images import clip_transform, contact_sheet
 
 
 def get_args(argv=None):
@@ -104,7 +104,7 @@ def run_curves(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# The table: python experiments.py table  (Table 8 and Table 4 rows, several seeds)
+# The table: python -m tools.experiments table  (Table 8 and Table 4 rows, several seeds)
 
 SPLITS = ("overall", "many", "medium", "few")
 SHOT_SPLIT = f"many >= {MANY_FROM}, few <= {FEW_UP_TO} training images (Sec. 4.2)"   # recorded in results/<data>.json
@@ -140,10 +140,9 @@ def table_jobs(data):
 def stage_output(stage, stage_args):
     """The file a stage writes last, and whether a finished run is there (trained stages: all epochs)."""
     if stage is anss:
-        path = os.path.join(stage_args.out, f"anchor_embeds{suffix(stage_args)}.pt")
+        path = run_file(stage_args, "anchor_embeds")
         return path, os.path.exists(path)
-    name = "cvlp" if stage is cvlp else f"{stage_args.head}{suffix(stage_args)}"
-    path = os.path.join(stage_args.out, f"{name}.pt")
+    path = os.path.join(stage_args.out, "cvlp.pt") if stage is cvlp else run_file(stage_args, stage_args.head)
     if not os.path.exists(path):
         return path, False
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # reads the epoch, not the weights
@@ -284,12 +283,12 @@ def table_markdown(report):
              f"{len(report['seeds'])} seeds", "",
              f"Seeds {report['seeds']} (each a new world, CLIP stand-in and training run); {report['device']}, "
              f"torch {report['torch']}, {report['date']}; epochs: CVLP {e['cvlp']}, LGR {e['lgr']}, baseline "
-             f"{e['baseline']}. Regenerate: `python experiments.py table"
+             f"{e['baseline']}. Regenerate: `python -m tools.experiments table"
              + ("" if report["data"] == "shapes_lt" else f" --data {report['data']}") + "`.", ""]
     if "shot_split" in report:
         regrouped = report.get("regrouped")
         lines += [f"Shot splits: {report['shot_split']}" + (f"; many / medium / few regrouped from the per-class "
-                  f"accuracies on {regrouped} (`python experiments.py regroup`)" if regrouped else "") + ".", ""]
+                  f"accuracies on {regrouped} (`python -m tools.experiments regroup`)" if regrouped else "") + ".", ""]
     lines += ["| method (Table 8) | overall | many | medium | few |", "|---|---|---|---|---|"]
     lines += [row(name, c) for name, c in report["table8"].items()]
     lines += ["", "| Table 4 row | overall | many | medium | few | paper, ImageNet-LT RN50 |", "|---|---|---|---|---|---|"]
@@ -329,7 +328,7 @@ def run_regroup(args):
     """regroup: rewrite each results/<data>.json, its .md and (with matplotlib) its per-class plot."""
     for path in args.reports:
         if not os.path.isfile(path):
-            raise DataError(f"{path} not found; pass a results/<data>.json written by `python experiments.py table`")
+            raise DataError(f"{path} not found; pass a results/<data>.json written by `python -m tools.experiments table`")
         with open(path) as f:
             report = json.load(f)
         report["per_seed"] = {int(s): run for s, run in report["per_seed"].items()}   # JSON keys are strings
@@ -405,7 +404,7 @@ def plot_lgr_attention(args, data, results, path):
     x = transform(torch.from_numpy(data.test.images[i]).permute(2, 0, 1))
     with torch.no_grad():
         logits_I, logits_T, A = model(x[None].to(args.device))
-    predicted = int(lgr_probabilities(logits_I, logits_T, args.variant, official_alpha(args.data)).argmax())
+    predicted = int(lgr_probabilities(logits_I, logits_T, args.variant, DATASETS[args.data]["alpha"]).argmax())
     weights = A[0, c, :len(anchors[c]["sentences"])].cpu()       # (M,) over class c's real anchors
     kind = {s: ("template" if src == "template" else "informative" if inf else "noise") for s, src, inf in
             zip(data.corpus.sentences[c], data.corpus.source[c], data.corpus.informative[c])}

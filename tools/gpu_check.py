@@ -1,19 +1,19 @@
 """The GPU check: every measurement of this project that needs a CUDA GPU, in one run, most valuable first.
 
-    python gpu_check.py OUT                              # on a CUDA machine: about 8 minutes on an H200
-    python gpu_check.py OUT --wheels .whl                # open_clip not installed: its wheels from a folder first
-    python gpu_check.py OUT --parts demo,rehearse        # some parts only (names below)
-    python gpu_check.py OUT --dry-run                    # tiny sizes on the CPU, under a minute: the script checked
+    python -m tools.gpu_check OUT                         # on a CUDA machine: about 8 minutes on an H200
+    python -m tools.gpu_check OUT --wheels .whl           # open_clip not installed: its wheels from a folder first
+    python -m tools.gpu_check OUT --parts demo,rehearse   # some parts only (names below), in the order given
+    python -m tools.gpu_check OUT --dry-run               # tiny sizes on the CPU, about a minute: the script checked
 
 Parts, in order, each a subprocess with its own time limit, all under one --budget:
   env       torch / CUDA / GPU versions, a bf16 matmul and a device-to-device copy: the machine's two ceilings
-  tests     test_cuda.py: the CUDA path against the CPU and fp32 paths (bf16, LGR head, fused AdamW, nvjpeg,
+  tests     tests/test_cuda.py: the CUDA path against the CPU and fp32 paths (bf16, LGR head, fused AdamW, nvjpeg,
             compile, evaluation, out of memory)
   bench_rn50, bench_vit   bench.py's CVLP step at batch 256, 224 px: plain, fast, fast + compile, peak memory
             (and a torch.profiler table of the fast + compile RN50 step)
-  loaders   bench.py's loader section: --loader pil and gpu feeding 224 px training crops
-  heads     bench.py's inference of the LGR head against the FC head (batch 1 latency, batch 256), and the
-            LGR head's training step, Eq. 4-7 as written against the cheap form, at ImageNet-LT and iNat shapes
+  loaders   bench.py's loader section: --loader pil and gpu feeding 224 px training crops; and its decoders
+  heads     bench_heads.py: inference of the LGR head against the FC head (batch 1 latency, batch 256), and the
+            LGR head's training step, Eq. 4-7 as written against the gram form, at ImageNet-LT and iNat shapes
   demo      the README's first command (less its pip install), timed, in a fresh folder: a new user's first run
   rehearse  rehearse.py imagenet_lt on the GPU: every stage at ImageNet-LT's full size, time and peak GPU memory
 
@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: the stage scripts
 PARTS = ("env", "tests", "bench_rn50", "bench_vit", "loaders", "heads", "demo", "rehearse")
 LIMITS = {"env": 40, "tests": 120, "bench_rn50": 130, "bench_vit": 120, "loaders": 50, "heads": 45, "demo": 100,
           "rehearse": 240}   # seconds each part may take at most on the GPU; the --budget may leave it less
@@ -110,11 +110,11 @@ class Run:
             json.dump(self.summary, f, indent=1)
         os.replace(path + ".tmp", path)
 
-    def command(self, argv, limit, cwd=HERE):
+    def command(self, argv, limit, cwd=ROOT):
         """Run argv (python scripts of this project run with this Python), its output into the log; returns
         {"command", "rc", "wall_s", "output"}; rc "timeout" when it ran past `limit` seconds (its process group killed)."""
         argv = [sys.executable if a == "python" else a for a in argv]
-        shown = " ".join(os.path.relpath(a, HERE) if a.startswith(HERE) else a for a in argv).replace(sys.executable, "python")
+        shown = " ".join(os.path.relpath(a, ROOT) if a.startswith(ROOT) else a for a in argv).replace(sys.executable, "python")
         self.note(f"$ {shown}   (limit {limit:.0f} s)")
         t0, lines = time.time(), []
         proc = subprocess.Popen(argv, cwd=cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -177,7 +177,7 @@ def part_env(run, limit):
 
 
 def part_tests(run, limit):
-    c = run.command(["python", "-m", "pytest", "-q", "-rA", "-s", "-p", "no:cacheprovider", "test_cuda.py"], limit)
+    c = run.command(["python", "-m", "pytest", "-q", "-rA", "-s", "-p", "no:cacheprovider", "tests/test_cuda.py"], limit)
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", c["output"].splitlines()[-1]
                                                if c["output"].strip() else "")}
     printed = [line.strip() for line in c["output"].splitlines()
@@ -186,12 +186,14 @@ def part_tests(run, limit):
                  "failed": re.findall(r"^FAILED (\S+)", c["output"], flags=re.M)}
 
 
-def bench(run, limit, name, flags):
+def bench(run, limit, name, flags, tool="tools.bench"):
     path = os.path.join(run.work, f"{name}.json")
-    sizes = (["--backbone", "shapes-tiny", "--device", "cpu", "--batch", "16", "--steps", "1", "--warmup", "0",
-              "--loader-batches", "2", "--workers", "0", "--head-shapes", "run", "--classes", "50"]
-             if run.args.dry_run else [])
-    c = run.command(["python", os.path.join(HERE, "bench.py"), *flags, *sizes, "--json", path], limit)
+    sizes = []
+    if run.args.dry_run:
+        sizes = ["--backbone", "shapes-tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--classes", "50"]
+        sizes += (["--head-shapes", "run"] if tool == "tools.bench_heads" else
+                  ["--batch", "16", "--loader-batches", "2", "--workers", "0", "--decode-images", "8"])
+    c = run.command(["python", "-m", tool, *flags, *sizes, "--json", path], limit)
     return [c], read_json(path) or {}
 
 
@@ -206,12 +208,12 @@ def part_bench_vit(run, limit):
 
 
 def part_loaders(run, limit):
-    return bench(run, limit, "loaders", ["--backbone", "RN50", "--sections", "loader"])
+    return bench(run, limit, "loaders", ["--backbone", "RN50", "--sections", "loader", "decode"])
 
 
 def part_heads(run, limit):
-    return bench(run, limit, "heads", ["--backbone", "RN50", "--sections", "heads", "head-step",
-                                       "--head-shapes", "imagenet_lt", "inat2018", "inat2018_vit"])
+    return bench(run, limit, "heads", ["--backbone", "RN50", "--head-shapes", "imagenet_lt", "inat2018", "inat2018_vit"],
+                 tool="tools.bench_heads")
 
 
 def part_demo(run, limit):
@@ -223,14 +225,14 @@ def part_demo(run, limit):
     extra = {}
     if run.args.dry_run:
         clip = os.path.join(folder, "tiny_clip.pt")
-        run.command(["python", "-c", "import sys, torch, clip_models; torch.manual_seed(0); "
+        run.command(["python", "-c", "import sys, torch; from util import clip_models; torch.manual_seed(0); "
                      "torch.save(clip_models.create_clip('shapes-tiny', 32).state_dict(), sys.argv[1])", clip], 60)
         extra = {"cvlp.py": ["--epochs", "1", "--stop-after-steps", "2"], "lgr.py": ["--epochs", "1", "--stop-after-steps", "2"]}
         extra = {k: [*v, "--device", "cpu", "--clip-weights", clip] for k, v in extra.items()}
         extra.update({k: ["--device", "cpu", "--clip-weights", clip] for k in ("anss.py", "evaluate.py")})
     commands, t0 = [], time.time()
     for stage in stages:
-        c = run.command(["python", os.path.join(HERE, stage[0]), *stage[1:], *extra.get(stage[0], [])],
+        c = run.command(["python", os.path.join(ROOT, stage[0]), *stage[1:], *extra.get(stage[0], [])],
                         limit - (time.time() - t0), cwd=folder)
         commands.append(c)
         if c["rc"] != 0:
@@ -247,7 +249,7 @@ def part_rehearse(run, limit):
     root = os.path.join(run.work, "rehearsal_imagenet_lt")
     flags = (["--fraction", "0.01", "--stages", "data,cvlp", "--stop-after-steps", "2", "--device", "cpu", "--workers",
               "0"] if run.args.dry_run else ["--device", "cuda", "--workers", "8"])
-    c = run.command(["python", os.path.join(HERE, "rehearse.py"), "imagenet_lt", "--root", root, *flags], limit)
+    c = run.command(["python", "-m", "tools.rehearse", "imagenet_lt", "--root", root, *flags], limit)
     for path in glob.glob(os.path.join(root, "rehearsal_imagenet_lt.*")):
         shutil.copy(path, run.args.out)
     return [c], read_json(os.path.join(root, "rehearsal_imagenet_lt.json")) or {}

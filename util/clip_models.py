@@ -6,12 +6,14 @@
     load_clip_file(model, path)                local weights: a state dict, or one of OpenAI's TorchScript archives
     pretrained_weights(backbone, tag)          open_clip's cached weights of TAG, or one download
     tokenize_exact(sentences, L)               open_clip's BPE tokens, and which sentences did not fit
+    tokenize_corpus(corpus, L, cache_dir)      a dataset's class corpora tokenised once, cached between runs
     encode_texts / encode_images               normalised embeddings of a corpus / a loader, in chunks
 
 The stages build and load their CLIPs through this file; engine.py holds the training machinery.
 """
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -21,12 +23,15 @@ import urllib.request
 import warnings
 import zipfile
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
-from engine import DataError, autocast, eval_precision, progress
+from util.engine import atomic_write, autocast, eval_precision
+from util.errors import DataError, warn
+from util.progress import progress
 
 
 
@@ -304,6 +309,50 @@ def encode_text_trimmed(model, tokens, groups=1):
     x = x[torch.arange(len(T), device=device), T.argmax(dim=-1)]                 # (N, W) at each EOT
     proj = tower.text_projection
     return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj           # (N, D)
+
+
+def tokenize_corpus(corpus, context_length=77, cache_dir=None):
+    """A corpus's sentences (corpus.sentences: [C][k] strings), flattened class by class, tokenised once with the
+    open_clip BPE tokenizer (tokenize_exact).
+
+    Returns {"tokens": (S, L) int32, "label": (S,) int64 class of each sentence,
+             "offsets": (C + 1,) int64, class c owns sentences offsets[c]:offsets[c+1],
+             "truncated": number of sentences longer than the context (cut, EOT kept last)}.
+    Cached under cache_dir, keyed by a hash of the sentences and the context length. One warning when
+    some sentences were truncated (also on a cache hit: the count is in the cache).
+    """
+    flat = [s for sents in corpus.sentences for s in sents]
+    key = hashlib.sha1(("\n".join(flat) + f"|{context_length}|v2").encode()).hexdigest()[:16]   # v2: exact count
+    path = os.path.join(cache_dir, f"tokens_{key}.pt") if cache_dir else None
+    out = None
+    if path and os.path.exists(path):
+        try:
+            out = torch.load(path, weights_only=True)
+        except Exception:
+            pass
+    if out is None:
+        tokens, truncated = tokenize_exact(flat, context_length)
+        sizes = [len(s) for s in corpus.sentences]
+        out = {"tokens": tokens.to(torch.int32),
+               "label": torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)),
+               "offsets": torch.tensor([0] + list(np.cumsum(sizes)), dtype=torch.long),
+               "truncated": truncated}
+        if path:
+            try:
+                atomic_write(path, lambda f: torch.save(out, f))
+            except OSError:
+                pass
+    if out["truncated"]:
+        warn(f"{out['truncated']} sentences are longer than the {context_length}-token context and were "
+             "truncated (EOT kept last)")
+    return out
+
+
+def cache_dir():
+    """Where tokenised corpora are kept between runs: $VL_LTR_CACHE, else ~/.cache/vl-ltr. One file per corpus
+    and context length (named by their hash), shared by every run folder: a corpus is tokenised once (iNat's
+    919K sentences take about a minute)."""
+    return os.environ.get("VL_LTR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vl-ltr")
 
 
 @torch.no_grad()

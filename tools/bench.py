@@ -1,26 +1,24 @@
-"""Speed of the VL-LTR code paths in one run, side by side; BENCHMARKS.md holds the results.
+"""Speed of the VL-LTR training and data paths in one run, side by side; BENCHMARKS.md holds the results.
+The LGR head against the FC head, and its two forms, are tools/bench_heads.py's.
 
-    python bench.py --backbone shapes-tiny --device cpu      # about a minute on a 2-core CPU
-    python bench.py --backbone RN50 --batch 256              # one GPU; likewise --backbone ViT-B-16 (add --compile)
+    python -m tools.bench --backbone shapes-tiny --device cpu     # about a minute on a 2-core CPU
+    python -m tools.bench --backbone RN50 --batch 256             # one GPU; likewise --backbone ViT-B-16
+    python -m tools.bench --sections cvlp --paths plain fast fast+compile --profile --json out.json
 
-1. One CVLP step (student image + text forward and backward, frozen teacher forward, Eq. 2, 3, 8, AdamW):
+1. cvlp: one CVLP step (student image + text forward and backward, frozen teacher forward, Eq. 2, 3, 8, AdamW):
    plain = open_clip's full-context text forward and the teacher's text forward every step;
    fast = cvlp.py's path: the batch's sentences in 4 length groups, each cut to its own longest sentence
-   (clip_models.encode_text_trimmed), the teacher's text looked up in a cache made once (clip_models.encode_texts),
-   + torch.compile of both image encoders with --compile.
-   Both in bf16 autocast with fused AdamW on CUDA, fp32 on a CPU. Samples/s, ms/step, peak memory, achieved
+   (clip_models.encode_text_trimmed), the teacher's text looked up in a cache made once (clip_models.encode_texts);
+   fast+compile = fast with both image encoders torch.compiled (cvlp.py --compile).
+   All in bf16 autocast with fused AdamW on CUDA, fp32 on a CPU. Samples/s, ms/step, peak memory, achieved
    TFLOP/s (torch.utils.flop_counter, counted once per path) and the loss difference on the same batch.
-2. The loader: data.make_loader with args.loader "pil" (decode and augment in worker processes) or "gpu"
+2. loader: data.make_loader with args.loader "pil" (decode and augment in worker processes) or "gpu"
    (workers read JPEG bytes; decode and augment on args.device), over generated ImageNet-sized JPEGs.
-3. AnSS: embedding S sentences (full vs trimmed, length-sorted) and scoring them (anss.anchor_scores)
+3. decode: one JPEG decoder against another on the same files, one thread: PIL (the "pil" loader's), TorchCodec
+   (the "gpu" loader's, images.decode_jpegs) and torchvision.io (what that loader used before TorchCodec):
+   images/s and the largest pixel difference from PIL.
+4. anss: embedding S sentences (full vs trimmed, length-sorted) and scoring them (anss.anchor_scores)
    against N' images, in fp32 as anss.py embeds them (engine.eval_precision).
-4. Inference of the LGR head (C classes, M = 64 anchors) against the FC head: latency at batch 1,
-   throughput at batch 256 (paper Sec. 4.4: 1.3 ms vs 1.1 ms per image), in fp32 as evaluate.py runs them.
-5. One training step of the LGR head alone (forward, Eq. 9, backward), batch 128: plain = Eq. (4)-(7) as
-   written (lgr.lgr_head_plain: K = W_k LN(E^T) and G (B, C, D) in every step), cheap = LGRHead.forward (the
-   same values and gradients from the anchor side made once). ms/step, peak memory, GFLOP. The dataset shapes:
-       prlimit --as=$((16 << 30)) python bench.py --backbone shapes-tiny --device cpu --loaders \
-           --head-shapes imagenet_lt inat2018 inat2018_vit      # the plain form at iNat needs ~33 GiB: --head-batch 16
 
 Synthetic data and random weights (clip_models.create_clip): nothing is downloaded, and speed does not depend
 on the weights. Timings are medians after warm-up iterations, with torch.cuda.synchronize() on CUDA.
@@ -34,6 +32,7 @@ import statistics
 import tempfile
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -41,59 +40,60 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import clip_models
+from anss import anchor_scores
 import cvlp
 import data
-import engine
-import images
-import lgr
-from anss import anchor_scores
+from util import clip_models, engine, images
 
-SECTIONS = ("cvlp", "loader", "anss", "heads", "head-step")
+SECTIONS = ("cvlp", "loader", "decode", "anss")
 PATHS = ("plain", "fast", "fast+compile")
-# (C, D) of the LGR heads timed in section 5; M = 64 anchors. D: RN50 1024, ViT-B/16 512.
-HEAD_SHAPES = {"imagenet_lt": (1000, 1024), "inat2018": (8142, 1024), "inat2018_vit": (8142, 512)}
+
+
+def common_args(p):
+    """The options bench.py and bench_heads.py share: the model, the device, the sizes of a timing, the output."""
+    p.add_argument("--backbone", default="RN50", help="RN50 | ViT-B-16 | shapes-tiny (random weights)")
+    p.add_argument("--image-size", type=int, default=None, help="default 224; 32 for shapes-tiny")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 CUDA, 3 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first, compiling included (default 3 CUDA, 1 CPU)")
+    p.add_argument("--classes", type=int, default=1000, help="C (ImageNet-LT: 1000)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file, after "
+                   "each section (a run cut short keeps what it measured)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's; 1 on a shared machine "
+                   "keeps many-small-op paths from stalling on preempted threads)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def fill_common(args):
+    cuda = str(args.device).startswith("cuda")
+    args.image_size = args.image_size or (32 if args.backbone == "shapes-tiny" else 224)
+    args.steps = args.steps or (20 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    return args
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="VL-LTR benchmarks: CVLP step plain vs fast, loader, AnSS, LGR head")
-    p.add_argument("--backbone", default="RN50", help="RN50 | ViT-B-16 | shapes-tiny (random weights)")
-    p.add_argument("--image-size", type=int, default=None, help="default 224; 32 for shapes-tiny")
+    p = argparse.ArgumentParser(description="VL-LTR benchmarks: CVLP step plain vs fast, loader, decoders, AnSS")
+    common_args(p)
     p.add_argument("--batch", type=int, default=256, help="CVLP batch (Sec. 4.3: 256) and loader batch")
-    p.add_argument("--steps", type=int, default=None, help="timed CVLP steps per path (default 20 CUDA, 3 CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first, compiling included (default 3 CUDA, 1 CPU)")
     p.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS,
-                   help="which sections to run (default all): cvlp loader anss heads head-step")
+                   help=f"which sections to run (default all): {' '.join(SECTIONS)}")
     p.add_argument("--paths", nargs="*", default=None, choices=PATHS,
                    help="CVLP step paths to time (default plain fast; with --compile plain fast+compile)")
     p.add_argument("--compile", action="store_true", help="the fast path also torch.compiles the image encoders")
     p.add_argument("--profile", action="store_true", help="after timing, torch.profiler over 3 steps of the last "
                    "path: the operators that take the most device time")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file, after "
-                   "each section (a run cut short keeps what it measured)")
     p.add_argument("--loaders", nargs="*", default=["pil", "gpu"], help="loaders to time (none: skip the section)")
     p.add_argument("--loader-batches", type=int, default=None, help="batches per loader (default 20 CUDA, 4 CPU)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count()), help="loader processes")
+    p.add_argument("--decode-images", type=int, default=200, help="JPEGs each decoder decodes (section decode)")
     p.add_argument("--anss-sentences", type=int, default=None,
                    help="sentences to embed and score (default 127000 = ImageNet-LT's wiki corpus on CUDA; 4096 CPU)")
     p.add_argument("--anss-images", type=int, default=None,
                    help="images in I' (default 50000 = 50 per class x 1000 on CUDA; 2048 CPU)")
-    p.add_argument("--classes", type=int, default=1000, help="C for AnSS and the heads (ImageNet-LT: 1000)")
-    p.add_argument("--head-shapes", nargs="*", default=["run"], choices=["run", *HEAD_SHAPES],
-                   help="LGR head training step, plain Eq. 4-7 vs LGRHead.forward, at these (C, D): run = --classes and "
-                   "the backbone's D; imagenet_lt 1000, 1024; inat2018 8142, 1024 (RN50); inat2018_vit 8142, 512 "
-                   "(ViT-B/16); none: skip the section")
-    p.add_argument("--head-batch", type=int, default=128, help="batch of the LGR head step (Sec. 4.3: 128)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's; 1 on a shared machine "
-                   "keeps many-small-op paths from stalling on preempted threads)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = fill_common(p.parse_args(argv))
     args.paths = args.paths or ["plain", "fast+compile" if args.compile else "fast"]
     cuda = str(args.device).startswith("cuda")
-    args.image_size = args.image_size or (32 if args.backbone == "shapes-tiny" else 224)
-    args.steps = args.steps or (20 if cuda else 3)
-    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     args.loader_batches = args.loader_batches or (20 if cuda else 4)
     args.anss_sentences = args.anss_sentences or (127000 if cuda else 4096)
     args.anss_images = args.anss_images or (50000 if cuda else 2048)
@@ -210,7 +210,7 @@ def plain_loss(student, teacher, x, y, T, lam=0.5):
     """Eq. (1)-(3), (8) as a plain open_clip port computes them: every text forward over the full context,
     the frozen teacher's text forward in every step. T (N, L) tokens on the device."""
     S = cvlp.cosine_similarity_matrix(student.encode_image(x).float(), student.encode_text(T).float())   # (N, N)
-    tau = 1 / student.logit_scale.exp().clamp(max=100)
+    tau = cvlp.temperature(student.logit_scale)
     with torch.no_grad():
         S_t = cvlp.cosine_similarity_matrix(teacher.encode_image(x).float(), teacher.encode_text(T).float())
     L_ccl, L_dis = cvlp.class_wise_contrastive_loss(S, y, y, tau), cvlp.distillation_loss(S, S_t, tau)
@@ -310,7 +310,45 @@ def loader_bench(args, kind, split):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. AnSS
+# 3. The JPEG decoders
+
+
+def decode_bench(n, seed, repeat=3):
+    """{decoder: {"images_s", "max_diff", "mean_diff"}}: n ImageNet-sized JPEGs (write_jpegs) decoded to RGB on one
+    CPU thread, the files' bytes read beforehand; differences in uint8 levels from PIL's pixels."""
+    import io
+
+    from PIL import Image
+    with tempfile.TemporaryDirectory() as folder:
+        paths = write_jpegs(folder, n, seed)
+        files = [images.read_bytes(p) for p in paths]            # (n,) uint8 tensors
+    blobs = [f.numpy().tobytes() for f in files]
+
+    def torchvision_io():                                        # deprecated since torchvision 0.29: warns each call
+        from torchvision.io import ImageReadMode, decode_jpeg
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(files, mode=ImageReadMode.RGB)
+
+    decoders = {"PIL": lambda: [torch.from_numpy(np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)
+                                for b in blobs],
+                "TorchCodec": lambda: images.decode_jpegs(files, "cpu"),
+                "torchvision.io": torchvision_io}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference, out = decoders["PIL"](), {}
+        for name, decode in decoders.items():
+            seconds = median_seconds(decode, "cpu", repeat)
+            diff = torch.stack([(a.int() - b.int()).abs().max() for a, b in zip(decode(), reference)])
+            out[name] = {"images_s": n / seconds, "max_diff": int(diff.max()), "mean_diff": float(diff.float().mean())}
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. AnSS
 
 
 def full_text_embeddings(model, tokens, device, batch=1024):
@@ -322,98 +360,9 @@ def full_text_embeddings(model, tokens, device, batch=1024):
     return torch.cat(out)
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. LGR head vs FC head
-
-
-def head_bench(args, visual, D):
-    """{head: {"latency_ms": batch 1, "img_s": batch 256}} for the whole Recognizer and the head alone."""
-    g = torch.Generator().manual_seed(args.seed)
-    anchors = F.normalize(torch.randn(args.classes, 64, D, generator=g), dim=-1)   # (C, M, D)
-    mask = torch.ones(args.classes, 64, dtype=torch.bool)
-    out = {}
-    for head in ("fc", "lgr"):
-        model = lgr.Recognizer(visual, D, args.classes, head, anchors=anchors, mask=mask).to(args.device).eval()
-        head_only = lambda E: (model.head(E) if head == "fc" else   # as Recognizer.forward calls it
-                               model.head(E, model.anchors, model.mask, model.anchor_side()))
-        for batch in (1, 256):
-            x = torch.randn(batch, 3, args.image_size, args.image_size, device=args.device)
-            E = torch.randn(batch, D, device=args.device)
-            with torch.no_grad(), engine.eval_precision(args.device):   # as evaluate.py runs the heads
-                t_model = median_seconds(lambda: model(x), args.device, repeat=20 if batch == 1 else 3, warmup=2)
-                t_head = median_seconds(lambda: head_only(E), args.device, repeat=20 if batch == 1 else 3, warmup=2)
-            out[head, batch] = (t_model, t_head)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. The LGR head in a training step: the plain Eq. (4)-(7) against LGRHead.forward
-
-def head_step_inputs(C, D, B, device, M=64):
-    """A fresh LGRHead, random unit anchors E^T (C, M, D) with half the anchors of every fourth class padded,
-    E^I (B, D) that wants a gradient (the visual encoder is fine-tuned) and labels (B,), all on `device`
-    (the meta device too: shapes only)."""
-    head = lgr.LGRHead(D, C).to(device)
-    anchors = F.normalize(torch.randn(C, M, D, device=device), dim=-1)
-    mask = torch.ones(C, M, dtype=torch.bool, device=device)
-    mask[::4, M // 2:] = False
-    E_I = torch.randn(B, D, device=device).requires_grad_()
-    return head, anchors, mask, E_I, torch.randint(0, C, (B,), device=device)
-
-
-def head_step(form, head, anchors, mask, E_I, y, anchor_side):
-    """One training step of the head alone: forward, Eq. (9), backward into the head and E^I. Both forms in fp32:
-    LGRHead.forward runs in fp32 also under lgr.py's bf16 autocast, and plain_head_memory_gib counts fp32."""
-    if form == "plain":
-        logits_I, logits_T, _ = lgr.lgr_head_plain(head, E_I, anchors, mask)
-    else:
-        logits_I, logits_T, _ = head(E_I, anchors, mask, anchor_side)
-    lgr.recognition_loss(logits_I, logits_T, y).backward()
-    head.zero_grad(set_to_none=True)
-    E_I.grad = None
-
-
-def plain_head_memory_gib(B, C, D, M=64):
-    """lgr_head_plain's peak in a training step worked out from the shapes, fp32: LN(E^T) and K, (C, M, D) each,
-    and about 7 (B, C, D): G, F.cosine_similarity's normalised copies and their gradients. (The 7: CPU RSS
-    growth at C 1000, D 1024, B 32 and 128, and C 8142, D 512, B 16, agrees within 5%.)"""
-    return (2 * C * M * D + 7 * B * C * D) * 4 / 2**30
-
-
-def head_step_bench(args, C, D, B):
-    """{form: {measure: value}} for head_step, plain and cheap, at C classes, width D, batch B. The cheap
-    form's anchor side is made once first (Recognizer's buffers), timed apart. GFLOP: the matmuls of one step,
-    counted on the meta device (no memory). A form that runs out of memory gets None for time and memory."""
-    out = {}
-    for form in ("plain", "cheap"):
-        head, anchors, mask, E_I, y = head_step_inputs(C, D, B, "meta")
-        anchor_side = head.anchor_side(anchors) if form == "cheap" else None
-        with FlopCounterMode(display=False) as counter:
-            head_step(form, head, anchors, mask, E_I, y, anchor_side)
-        out[form] = {"flop": counter.get_total_flops(), "seconds": None, "peak_gib": None, "once": None}
-        try:
-            head, anchors, mask, E_I, y = head_step_inputs(C, D, B, args.device)
-            if form == "cheap":                                  # made once: timed apart from the step
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    anchor_side = head.anchor_side(anchors)
-                sync(args.device)
-                out[form]["once"] = time.perf_counter() - t0
-            step = lambda: head_step(form, head, anchors, mask, E_I, y, anchor_side)
-            seconds = median_seconds(step, args.device, args.steps, args.warmup)
-            _, peak, _ = peak_memory(step, args.device)
-            out[form].update(seconds=seconds, peak_gib=peak)
-        except (MemoryError, RuntimeError) as e:                 # CUDA's OutOfMemoryError is a RuntimeError
-            if not engine.out_of_memory(e):
-                raise
-        head = anchors = mask = E_I = y = step = None       # free the inputs before the next form
-        if str(args.device).startswith("cuda"):
-            torch.cuda.empty_cache()
-    return out
-
-
-def main(argv=None):
-    args = get_args(argv)
+def start(args, title):
+    """Seeds, TF32, threads; prints what runs where; returns save(section, value), which keeps every number of the
+    run in `record` and, with --json PATH, writes them there after each section (a run cut short keeps them)."""
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.threads:
@@ -421,16 +370,21 @@ def main(argv=None):
     cuda = str(args.device).startswith("cuda")
     name = (torch.cuda.get_device_name() if cuda else f"{os.cpu_count()}-core CPU ({torch.get_num_threads()} torch threads, "
             f"load average {os.getloadavg()[0]:.1f})")
-    print(f"bench: {args.backbone} {args.image_size} px, batch {args.batch}, {name}, torch {torch.__version__}, "
+    print(f"{title}: {args.backbone} {args.image_size} px, {name}, torch {torch.__version__}, "
           f"{'bf16 autocast, fused AdamW' if cuda else 'fp32'}")
     record = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d"),
               "args": {k: v for k, v in vars(args).items() if k != "json"}}
 
-    def save(section, value):                                    # --json: every number so far, after each section
+    def save(section, value):
         record[section] = value
         if args.json:
             engine.atomic_write(args.json, lambda f: f.write(json.dumps(record, indent=1, default=str)), "w")
+    return save
 
+
+def main(argv=None):
+    args = get_args(argv)
+    save = start(args, f"bench, batch {args.batch}")
     student0 = clip_models.create_clip(args.backbone, args.image_size)                 # on the CPU until used
     teacher = copy.deepcopy(student0).eval().requires_grad_(False)
     with torch.no_grad():                                        # a teacher unlike the student, as after training
@@ -477,8 +431,17 @@ def main(argv=None):
                 row(f"--loader {kind}", "not available" if rate is None else f"{rate:.0f} img/s")
                 save("loader", {"images_s": rates, "images": n, "workers": args.workers})
 
+    # 3. The JPEG decoders
+    if "decode" in args.sections:
+        res = decode_bench(args.decode_images, args.seed)
+        print(f"\n3. JPEG decoding: {args.decode_images} distinct 500x375 JPEGs (quality 90) to RGB, one CPU thread")
+        row("", "images/s", "max diff to PIL", "mean")
+        for name, r in res.items():
+            row(name, f"{r['images_s']:.0f}", f"{r['max_diff']}", f"{r['mean_diff']:.2f}")
+        save("decode", res)
+
     student0 = student0.to(args.device)
-    # 3. AnSS
+    # 4. AnSS
     if "anss" in args.sections:
         S, N = args.anss_sentences, args.anss_images
         sentences = synthetic_sentences(S, context, g)
@@ -489,44 +452,11 @@ def main(argv=None):
         y_I = (torch.arange(N) % args.classes).to(args.device)
         t = torch.randint(0, args.classes, (S,), generator=g).to(args.device)
         t_score = median_seconds(lambda: anchor_scores(E_I, y_I, E_T, t, 0.01, args.classes), args.device, 3)
-        print(f"\n3. AnSS: {S} sentences, {N} images, D {D}, {args.classes} classes")
+        print(f"\n4. AnSS: {S} sentences, {N} images, D {D}, {args.classes} classes")
         row("", "full text", "trimmed text")
         row("embed the sentences, s", f"{t_full:.2f}", f"{t_trim:.2f}")
         row("score them (anchor_scores), s", f"{t_score:.2f}", "")
         save("anss", {"sentences": S, "images": N, "embed_full_s": t_full, "embed_trimmed_s": t_trim, "score_s": t_score})
-
-    # 4. LGR head vs FC head
-    if "heads" in args.sections:
-        res = head_bench(args, student0.visual, D)
-        print(f"\n4. Inference: visual encoder + head, {args.classes} classes, M = 64 anchors (paper: LGR 1.3 ms, FC 1.1 ms)")
-        row("", "FC head", "LGR head")
-        row("batch 1 latency, ms", *(f"{1e3 * res[h, 1][0]:.2f}" for h in ("fc", "lgr")))
-        row("batch 256 throughput, img/s", *(f"{256 / res[h, 256][0]:.0f}" for h in ("fc", "lgr")))
-        row("head alone: batch 1 latency, ms", *(f"{1e3 * res[h, 1][1]:.3f}" for h in ("fc", "lgr")))
-        row("head alone: batch 256, ms", *(f"{1e3 * res[h, 256][1]:.2f}" for h in ("fc", "lgr")))
-        save("heads", {h: {"latency_ms": 1e3 * res[h, 1][0], "images_s_256": 256 / res[h, 256][0],
-                           "head_latency_ms": 1e3 * res[h, 1][1], "head_ms_256": 1e3 * res[h, 256][1]}
-                       for h in ("fc", "lgr")})
-
-    # 5. The LGR head in a training step
-    if "head-step" in args.sections and args.head_shapes:
-        print(f"\n5. LGR head training step (forward, Eq. 9, backward into the head and E^I), batch {args.head_batch}, "
-              f"M = 64, median of {args.steps} after {args.warmup}\n   plain = Eq. 4-7 as written (lgr.lgr_head_plain), "
-              f"cheap = LGRHead.forward on the anchor side made once")
-        shown = lambda v, fmt: "out of memory" if v is None else fmt.format(v)
-        ms = lambda seconds: None if seconds is None else 1e3 * seconds
-        steps = {}
-        for name in args.head_shapes:
-            C, D_head = HEAD_SHAPES.get(name, (args.classes, D))
-            steps[name] = res = head_step_bench(args, C, D_head, args.head_batch)
-            row(f"{name}: C {C}, D {D_head}", "plain", "cheap")
-            row("ms/step", *(shown(ms(r["seconds"]), "{:.0f}") for r in res.values()))
-            row(f"peak memory GiB ({'max_memory_allocated' if cuda else 'RSS growth'})",
-                *(shown(r["peak_gib"], "{:.2f}") for r in res.values()))
-            row("peak memory worked out, GiB", f"{plain_head_memory_gib(args.head_batch, C, D_head):.1f}", "")
-            row("GFLOP/step (matmuls, flop_counter)", *(f"{r['flop'] / 1e9:.1f}" for r in res.values()))
-            row("anchor side, made once, ms", "", shown(ms(res["cheap"]["once"]), "{:.0f}"))
-            save("head_step", steps)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,437 @@
+"""The training machinery every VL-LTR stage shares: how a stage runs (run_stage), precision, atomic files and
+checkpoints, the training flags and optimiser both training stages use, and the training loop with exact resume
+(cvlp.py and lgr.py both train through `fit`).
+
+Nothing here is in the paper's equations; the stage scripts (cvlp.py, anss.py, lgr.py, evaluate.py) are.
+Like MAE's engine_*.py: the stages import from this file, it imports from none of them. torchrun is
+distributed.py's, the kinds of error errors.py's, CLIP models, their weights, tokens and embeddings
+clip_models.py's.
+"""
+import contextlib
+import itertools
+import math
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+
+from util.distributed import agree, rank_world, stop_signal
+from util.errors import (CheckpointError, DataError, DiskError, DivergedError, GPUMemoryError, StageError, fail,
+                         warn)
+from util.progress import progress
+
+CODE_VERSION = "0.2.0"   # recorded in every checkpoint
+
+
+def run_stage(run, args):
+    """Run a stage's run(args): a StageError ends in the one-line error of fail(), never a traceback. On a GPU,
+    fp32 matmuls run as TF32 (evaluation is fp32, SPEC.md §3; training's bf16 autocast is unaffected), and the
+    stage ends with a line giving its peak GPU memory."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        run(args)
+    except StageError as e:
+        fail(e)
+    except torch.cuda.OutOfMemoryError:                          # fit() says this with the batch to use; elsewhere
+        fail(f"GPU out of memory on {args.device}; lower --batch, or run with fewer other processes on that GPU")
+    finally:
+        report_gpu_memory()
+    if torch.distributed.is_initialized():                       # torchrun: leave the process group cleanly
+        torch.distributed.destroy_process_group()
+
+
+def one_process_only(script):
+    """anss.py and evaluate.py run in one process (minutes even on ImageNet-LT): refuse torchrun."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        fail(f"{script} runs in one process: start it with plain `python {script} ...`, not torchrun")
+
+
+def report_gpu_memory():
+    """After a stage that used a GPU: one line on stderr with the most memory its tensors held at once (what a
+    smaller GPU must have free) and what torch's caching allocator reserved (what nvidia-smi shows, less CUDA's own)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized() and torch.cuda.max_memory_reserved() > 0:
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
+              f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved ({torch.cuda.get_device_name()})",
+              file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision
+
+
+def autocast(device):
+    """The training precision: bf16 autocast on CUDA, plain fp32 on CPU. Evaluation uses eval_precision."""
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@contextlib.contextmanager
+def eval_precision(device, precision="fp32"):
+    """The evaluation precision (SPEC.md §3): fp32 on every device, whatever the training ran in, so that an
+    accuracy does not move with the training precision (bf16 changes predictions; evaluation is a small share
+    of the time). Autocast is off for CPU and CUDA alike, also inside an enclosing training autocast; matmuls
+    follow torch's float32 setting (TF32 on a GPU, set by run_stage). precision "fp16": fp16 autocast on
+    CUDA, as the official evaluation runs (evaluate.py --released --eval-precision fp16); fp32 on a CPU."""
+    fp16 = precision == "fp16" and str(device).startswith("cuda")
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and checkpoints: plain dicts, written atomically, checked before use
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Write `path` via a temporary file in the same directory and os.replace: a crash leaves the old file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def run_file(args, stem, ext=".pt"):
+    """A file of the run folder: <out>/<stem><ext>, with '_clip' before the extension for a run from plain CLIP
+    weights instead of cvlp.pt (--init clip: Table 4 #2, the baseline): lgr.pt, fc_clip.pt, anchor_embeds_clip.pt."""
+    return os.path.join(args.out, f"{stem}{'_clip' if getattr(args, 'init', None) == 'clip' else ''}{ext}")
+
+
+def save_checkpoint(path, ckpt):
+    """Atomically torch.save a plain dict (tensors, numbers, strings, dicts): loadable with weights_only."""
+    try:
+        atomic_write(path, lambda f: torch.save(ckpt, f))
+    except OSError as e:
+        raise DiskError(f"cannot write {path} ({e.strerror}); free disk space or pass another --out "
+                        f"(the previous checkpoint there is intact)")
+
+
+def load_checkpoint(path, stage, made_by):
+    """Load <stage>.pt with weights_only=True, or say which command makes it."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} not found; run `{made_by}` first (or pass --out to the right run folder)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]}); "
+                              f"delete it and rerun `{made_by}`")
+    if not isinstance(ckpt, dict) or ckpt.get("stage") != stage:
+        found = ckpt.get("stage") if isinstance(ckpt, dict) else "?"
+        raise CheckpointError(f"{path} is not a {stage} checkpoint (stage {found}); check --out")
+    if "pretrained" not in ckpt:                                 # every checkpoint records its CLIP weights' tag
+        raise CheckpointError(f"{path} was written by an older version of this code; delete it and rerun `{made_by}`")
+    return ckpt
+
+
+def prepare_out(args):
+    """Create the run folder and make sure we can write there before any work is done."""
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        test = os.path.join(args.out, f".write_test{os.getpid()}")        # per process: torchrun ranks share --out
+        atomic_write(test, lambda f: f.write(b"ok"))
+        os.remove(test)
+    except OSError as e:
+        raise DiskError(f"cannot write to --out {args.out} ({e.strerror}); choose a writable folder with free space")
+
+
+def checkpoint_meta(args, stage, num_classes):
+    """What made a checkpoint: refused on --resume or by the next stage when it does not match. "pretrained": the
+    CLIP weights' tag, from which a later stage rebuilds the same model and image transforms."""
+    return {"stage": stage, "data": args.data, "backbone": args.backbone, "pretrained": args.pretrained,
+            "num_classes": num_classes, "variant": getattr(args, "variant", None), "version": CODE_VERSION}
+
+
+def check_meta(ckpt, meta, path):
+    for key in ("stage", "data", "backbone", "pretrained", "num_classes", "head"):
+        if ckpt.get(key) != meta.get(key):
+            fix = (f"pass --pretrained {ckpt[key]}, the tag it was made under" if key == "pretrained" and ckpt.get(key)
+                   else "point --out at the matching run")
+            raise CheckpointError(f"{path} is a {ckpt.get('stage')} checkpoint of {ckpt.get('data')}/"
+                                  f"{ckpt.get('backbone')} with {ckpt.get('num_classes')} classes ({key} "
+                                  f"{ckpt.get(key)!r}), but this run expects {key} {meta.get(key)!r}; {fix}, or rerun "
+                                  f"the stage that writes it")
+
+
+# ----------------------------------------------------------------------------------------------
+# What both training stages share: flags, seeding, AdamW with the cosine schedule, resumable sampling
+
+
+def add_training_args(p, stage):
+    """The training flags of cvlp.py and lgr.py. --epochs, --lr and --batch default to the dataset's row of
+    data.DATASETS (data.fill_defaults(args, stage))."""
+    p.add_argument("--epochs", type=int, default=None, help="default: the dataset's (data.DATASETS; paper Sec. 4.3, 4.5)")
+    p.add_argument("--batch", type=int, default=None, help="default: the dataset's (Sec. 4.3: CVLP 256, LGR 128); per "
+                   "process under torchrun (global batch N x --batch)")
+    p.add_argument("--lr", type=float, default=None, help="default: the dataset's (Sec. 4.3, 4.5)")
+    p.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay (Sec. 4.3)")
+    p.add_argument("--warmup", type=float, default=1.0, help="linear warm-up epochs before the cosine decay")
+    p.add_argument("--sampling", default="sqrt", choices=["sqrt", "instance"], help="Sec. 4.3: square-root")
+    p.add_argument("--loader", default="pil", choices=["pil", "gpu"],
+                   help="gpu: workers only read the files; decoding and augmentation run batched on --device")
+    p.add_argument("--resume", action="store_true", help=f"continue this stage from its checkpoint in --out ({stage})")
+    p.add_argument("--save-every", type=float, default=0, metavar="MINUTES", help="also save the checkpoint every this "
+                   "many minutes mid-epoch (0: after each epoch only): a run killed without warning loses at most that "
+                   "much (with torchrun --max-restarts and --resume it goes on from there); the training is unchanged")
+    p.add_argument("--accum", type=int, default=1, help="optimiser step every N batches (effective batch N x --batch)")
+    p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--stop-after-steps", type=int, default=0, help="debug: stop (and save) after this many steps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder(s) (faster steps on a GPU "
+                   "after a minute or so of compiling; the same maths, checkpoints unchanged)")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_schedule(optimizer, total_steps, warmup_steps):
+    """Linear warm-up, then cosine decay to 0 (SGDR without restarts, paper Sec. 4.3)."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def optimizer_and_schedule(params, loader, args):
+    """AdamW (Sec. 4.3: betas 0.9, 0.999, weight decay --wd; fused on CUDA) and its cosine schedule with --warmup
+    epochs, one optimiser step every --accum batches of `loader` -> (optimiser, schedule, steps per epoch)."""
+    if len(loader) < args.accum:
+        raise DataError(f"--batch {args.batch} x --accum {args.accum} is larger than the training set "
+                        f"({len(loader.sampler.sampler)} images); lower --batch")
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd,
+                            fused=str(args.device).startswith("cuda"))
+    steps = len(loader) // args.accum
+    return opt, cosine_schedule(opt, args.epochs * steps, int(args.warmup * steps)), steps
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Wraps a sampler so that an epoch can start part-way through, for exact resume: the first `skip`
+    indices of the epoch's draw are consumed without loading their images. The caller restores the
+    draw's random state and sets `skip`; the training loop resets it to 0 after that epoch.
+    torchrun (world_size N > 1): every rank draws the same global stream (same seed) and takes its share of
+    each global batch of N * batch indices, rank r the r-th run of `batch`, so the N ranks' batches, in rank
+    order, are one process's batch of N * batch; an incomplete last global batch is dropped."""
+
+    def __init__(self, sampler, batch=1, rank=0, world_size=1):
+        self.sampler, self.skip = sampler, 0
+        self.batch, self.rank, self.world_size = batch, rank, world_size
+
+    def __len__(self):
+        if self.world_size > 1:                                  # torchrun
+            return (len(self.sampler) - self.skip) // (self.batch * self.world_size) * self.batch
+        return len(self.sampler) - self.skip
+
+    def __iter__(self):
+        it = iter(self.sampler)
+        for _ in range(self.skip):
+            next(it)
+        if self.world_size == 1:
+            yield from it
+            return
+        for _ in range(len(self) // self.batch):                 # torchrun: this rank's share of each global batch
+            global_batch = list(itertools.islice(it, self.batch * self.world_size))
+            yield from global_batch[self.rank * self.batch:(self.rank + 1) * self.batch]
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+
+
+def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=None):
+    """The training loop of both stages; True when every epoch ran, False when it stopped early (saved).
+    batch_loss(x, y) -> (loss, {name: value}); rngs: {"sampler": the sampler's generator, ...other generators
+    batch_loss draws from}; validate() -> (score, text) after each epoch, or None. The parts are Training's:
+    restore (--resume), one epoch of steps, the end of an epoch (log line, history, best, checkpoint)."""
+    run = Training(model, opt, sched, args, path, meta, rngs)
+    run.restore()
+    with run.signals_caught(), gpu_memory_errors(args):
+        for epoch in range(run.pos["epoch"], args.epochs):
+            means = run.one_epoch(epoch, loader, batch_loss)
+            if means is None:                                    # --stop-after-steps: saved mid-epoch
+                return False
+            run.end_epoch(epoch, means, validate)
+    return True
+
+
+@contextlib.contextmanager
+def gpu_memory_errors(args):
+    """A GPU out of memory in training: one line with the batch to use instead."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise GPUMemoryError(f"GPU out of memory with --batch {args.batch}; pass a smaller --batch, or --batch "
+                             f"{args.batch // 2} --accum {2 * args.accum} to keep the effective batch")
+
+
+class Training:
+    """The state of one training run and the parts of fit. What long runs need:
+    - after every epoch an atomic checkpoint (plus <name>_best.pt when validate() improves); its
+      position["history"] lists every finished epoch's mean losses and validate() score (the learning curve);
+    - Ctrl-C (SIGINT), SIGTERM (a scheduler's warning before preemption; torchrun's agent stopping its workers)
+      or --stop-after-steps saves the state of the last optimiser step, also mid-epoch; a signal then exits
+      with 128 + its number (130, 143), as a process killed by it would;
+    - --save-every M also saves mid-epoch every M minutes, so a kill without warning (SIGKILL: the out-of-memory
+      killer, a lost node) costs at most M minutes; torchrun --max-restarts with --resume continues from there;
+    - --resume restores weights, optimiser, schedule, the epoch's sample order and position and every random
+      state, so it ends with the same weights as an uninterrupted run (bitwise on CPU, --workers 0);
+    - a non-finite loss stops the run before it reaches the weights or the checkpoint.
+    torchrun: every rank runs this loop on its share of each global batch, in step; rank 0 alone validates and
+    writes checkpoints (the random states it saves are every rank's: all draw the global batch's randomness);
+    a signal on any rank stops every rank at the same step (distributed.agree)."""
+
+    def __init__(self, model, opt, sched, args, path, meta, rngs):
+        self.model, self.opt, self.sched, self.args, self.path, self.meta, self.rngs = (
+            model, opt, sched, args, path, meta, rngs)
+        self.rank, self.world_size = rank_world()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.pos = {"epoch": 0, "batch": 0, "best": None, "history": [], "sampler_epoch": rngs["sampler"].get_state()}
+        self.torch_rng = None                                    # torch's random state to restore (--resume)
+        self.received = []                                       # signals so far: finish the step, save, stop
+        self.saved_at = time.time()                              # --save-every counts from here
+
+    def restore(self):
+        """--resume: weights, optimiser, schedule, position, and every random state from the checkpoint."""
+        args, path, meta = self.args, self.path, self.meta
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))   # torchrun --max-restarts: attempt number
+        if restart and not args.resume:
+            warn(f"torchrun restarted this run (restart {restart}) without --resume: it starts again from the first "
+                 f"step; pass --resume to continue from {path}")
+        if not (args.resume and os.path.exists(path)):
+            return
+        ckpt = load_checkpoint(path, meta["stage"], f"python {meta['stage']}.py")
+        check_meta(ckpt, meta, path)
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        for k, g in self.rngs.items():
+            g.set_state(ckpt["rng"][k])
+        self.pos, self.torch_rng = ckpt["position"], ckpt["rng"]["torch"]
+        print(f"resumed from {path} at epoch {self.pos['epoch'] + 1}, batch {self.pos['batch']}"
+              + (f" (torchrun restart {restart})" if restart else ""))
+
+    def save(self, target, position):
+        ckpt = {**self.meta, "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "args": vars(self.args), "epoch": position["epoch"], "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "position": position,
+                "rng": {**{k: g.get_state() for k, g in self.rngs.items()}, "torch": torch.get_rng_state()}}
+        save_checkpoint(target, ckpt)
+
+    @contextlib.contextmanager
+    def signals_caught(self):
+        """Ctrl-C and SIGTERM are noted and acted on after the current step (a second Ctrl-C aborts)."""
+        def on_signal(signum, _frame):
+            self.received.append(signum)
+            if signum == signal.SIGINT and self.world_size == 1:   # torchrun forwards the first Ctrl-C again: its
+                signal.signal(signal.SIGINT, previous[signal.SIGINT])   # agent SIGKILLs after 30 s
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def start_epoch(self, loader):
+        """This epoch's sample order and position: its first batch, or where a resumed run stopped."""
+        pos = self.pos
+        if pos["batch"] == 0:
+            pos["sampler_epoch"] = self.rngs["sampler"].get_state()   # this epoch's sample order comes from here
+        self.rngs["sampler"].set_state(pos["sampler_epoch"])
+        loader.sampler.skip = pos["batch"] * self.args.batch * self.world_size   # samples of the global stream
+        if self.torch_rng is not None and pos["batch"] == 0:         # resumed between epochs: iter() below draws
+            torch.set_rng_state(self.torch_rng)                       # from torch's generator too
+            self.torch_rng = None
+        batches = iter(loader)
+        if self.torch_rng is not None:                               # resumed mid-epoch: the saved augmentation
+            torch.set_rng_state(self.torch_rng)                       # randomness is past this epoch's iter() draw
+            self.torch_rng = None
+        return batches
+
+    def one_epoch(self, epoch, loader, batch_loss):
+        """The epoch's steps -> {name: mean over its batches}, "img_s"; None when --stop-after-steps stopped it."""
+        args, sums, n, t0 = self.args, {}, 0, time.time()
+        bar = progress(self.start_epoch(loader), total=len(loader), desc=f"{self.meta['stage']} {epoch + 1}/{args.epochs}",
+                       unit="batch")
+        stop = None
+        for i, (x, y) in enumerate(bar, start=self.pos["batch"]):
+            x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
+            with autocast(args.device):
+                loss, stats = batch_loss(x, y)
+            if self.world_size == 1:
+                value = loss.item()                                    # one host sync per batch, for the log
+            else:                                                      # torchrun: global loss; a signal on any rank
+                value, stop = agree(loss, self.received)
+            if not math.isfinite(value):
+                raise DivergedError(f"loss is {value} at epoch {epoch + 1}, batch {i + 1}; stopped before it reached "
+                                    f"the weights ({self.path} holds the last good state); lower --lr or set --clip-grad")
+            (loss / args.accum).backward()
+            for k, v in {"loss": value, **stats}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+            n += 1
+            bar.set_postfix(loss=f"{value:.3f}", img_s=f"{n * len(y) / (time.time() - t0):.0f}")
+            if (i + 1) % args.accum == 0:
+                self.optimizer_step()
+                if self.world_size == 1:
+                    stop = stop_signal(self.received)
+                if self.stopped(stop, epoch, i):
+                    return None
+        self.opt.zero_grad(set_to_none=True)                           # drop a partial accumulation
+        return {**{k: v / max(n, 1) for k, v in sums.items()}, "img_s": n * args.batch * self.world_size / (time.time() - t0)}
+
+    def optimizer_step(self):
+        if self.args.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.params, self.args.clip_grad)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def stopped(self, stop, epoch, i):
+        """After an optimiser step: on a signal or at --stop-after-steps, save this step's state and stop (a signal
+        exits); every --save-every minutes, save it and go on. True when the run stops here."""
+        args, here = self.args, {**self.pos, "epoch": epoch, "batch": i + 1}      # a mid-epoch position
+        if stop or (args.stop_after_steps and self.sched.last_epoch >= args.stop_after_steps):
+            if self.rank == 0:
+                self.save(self.path, here)
+            why = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}.get(
+                stop, f"stopped after {self.sched.last_epoch} steps (--stop-after-steps)")
+            print(f"{why}: saved {self.path} at epoch {epoch + 1}, batch {i + 1}; continue with --resume")
+            if stop:
+                sys.exit(128 + stop)                                   # 130 Ctrl-C, 143 SIGTERM, as the shell reports
+            return True
+        # Rank 0 alone decides and writes, so the ranks need not agree on the clock; nothing here draws from a
+        # generator, so the training is the same with or without --save-every.
+        if args.save_every and self.rank == 0 and time.time() - self.saved_at >= 60 * args.save_every:
+            self.save(self.path, here)
+            self.saved_at = time.time()
+        return False
+
+    def end_epoch(self, epoch, means, validate):
+        """The epoch's line, its entry in the history, <name>_best.pt when validate() improved, the checkpoint."""
+        pos = self.pos = {**self.pos, "epoch": epoch + 1, "batch": 0}
+        losses = {k: v for k, v in means.items() if k != "img_s"}
+        line = "  ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        line += f"  lr {self.sched.get_last_lr()[0]:.2e}  {means['img_s']:.0f} img/s"
+        score = None
+        if validate is not None and self.rank == 0:
+            score, text = validate()
+            line += "  " + text
+        print(f"epoch {epoch + 1:3d}/{self.args.epochs}  {line}")
+        pos["history"] = pos.get("history", []) + [{"epoch": epoch + 1, **losses,
+                                                    **({"val": score} if score is not None else {})}]
+        if score is not None and (pos["best"] is None or score > pos["best"]):
+            pos["best"] = score
+            self.save(self.path.replace(".pt", "_best.pt"), pos)
+        if self.rank == 0:
+            self.save(self.path, pos)
+            self.saved_at = time.time()
