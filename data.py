@@ -410,6 +410,9 @@ def summary(data):
     for s, bounds in (("many", f">= {MANY_FROM}"), ("medium", f"{FEW_UP_TO + 1}-{MANY_FROM - 1}"), ("few", f"<= {FEW_UP_TO}")):
         sel = shots == s
         lines.append(f"  {s:<6}     {sel.sum():4d} classes, {counts[sel].sum():7d} train images ({bounds} a class)")
+    order = np.argsort(-counts, kind="stable")                   # head to tail: the names as read, to check them
+    named = lambda classes: ", ".join(f"{data.classnames[c][:40]} ({counts[c]})" for c in classes)
+    lines += [f"classes      head: {named(order[:3])}", f"             tail: {named(order[::-1][:3])}"]
     st = corpus_stats(data.corpus)
     src = [x for srcs in data.corpus.source for x in srcs]
     lines.append(f"corpus       {sum(map(len, data.corpus.sentences))} sentences "

@@ -130,6 +130,9 @@ def test_summary_counts_the_tree_and_says_val_is_the_test_split(tmp_path, capsys
     assert "  many          1 classes,     120 train images (>= 100 a class)\n" in out
     assert "  medium        1 classes,      30 train images (21-99 a class)\n" in out
     assert "  few           2 classes,       6 train images (<= 20 a class)\n" in out
+    # the names as read from the folders (underscores as spaces), head to tail, with their training images
+    assert "classes      head: house sparrow (120), robin (30), snowy owl (5)\n" in out
+    assert "             tail: Kiwi (1), snowy owl (5), robin (30)\n" in out
     assert "corpus       327 sentences (320 template, 7 description)" in out   # 4 x 80 prompts + 2 + 1 + 2 + 2
     assert Image.open(tmp_path / "sheet.png").size == (20 * 48, 60)            # one row of 4 classes
 

@@ -216,3 +216,14 @@ def test_table_runner_skips_finished_stages_and_resumes_stopped_ones(tmp_path):
     assert experiments.stage_output(lgr, args)[1] is False                                       # stopped: resume
     torch.save({"epoch": 3}, tmp_path / "lgr.pt")
     assert experiments.stage_output(lgr, args)[1] is True                                        # finished: skip
+
+
+def test_cutoff_that_keeps_only_prompts_says_so_instead_of_a_precision_of_nothing(run, tmp_path, capsys):
+    # shapes_lt's corpus starts with the 80 prompt templates: the first M = 8 of every class are all prompts, so no
+    # description sentence is kept and there is no precision among them to print (it used to read "nan%").
+    anss.main(["--data", "shapes_lt", "--data-root", str(run["root"]), "--out", str(tmp_path), "--device", "cpu",
+               "--init", "clip", "--clip-weights", str(run["clip"]), "--M", "8", "--select", "cutoff"])
+    out = capsys.readouterr().out
+    assert ("  cutoff informative 100.0% of 800 kept; description sentences kept 0, the prompt templates fill every "
+            "class's M\n") in out
+    assert "nan" not in out
