@@ -1,7 +1,7 @@
 """The GPU check: every measurement of this project that needs a CUDA GPU, in one run, most valuable first.
 
     python -m tools.gpu_check OUT                         # on a CUDA machine: about 8 minutes on an H200
-    python -m tools.gpu_check OUT --wheels .whl           # open_clip not installed: its wheels from a folder first
+    python -m tools.gpu_check OUT --wheels .whl           # open_clip, torchcodec not installed: wheels from a folder
     python -m tools.gpu_check OUT --parts demo,rehearse   # some parts only (names below), in the order given
     python -m tools.gpu_check OUT --dry-run               # tiny sizes on the CPU, about a minute: the script checked
 
@@ -75,7 +75,7 @@ def get_args(argv=None):
                    f"{','.join(PARTS)})")
     p.add_argument("--budget", type=float, default=450, help="seconds for the whole run: a part gets at most what is "
                    "left, and parts that would start with under 10 s left are skipped")
-    p.add_argument("--wheels", default=None, metavar="DIR", help="install DIR/*.whl (open_clip_torch, ftfy, wcwidth) "
+    p.add_argument("--wheels", default=None, metavar="DIR", help="install DIR/*.whl (open_clip_torch, ftfy, wcwidth, torchcodec) "
                    "into a private folder first, for a machine whose Python lacks them and cannot download")
     p.add_argument("--dry-run", action="store_true", help="every part at tiny sizes on the CPU (a minute): checks "
                    "that the script and the commands it runs still fit together")
