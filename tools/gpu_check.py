@@ -75,8 +75,8 @@ def get_args(argv=None):
                    f"{','.join(PARTS)})")
     p.add_argument("--budget", type=float, default=450, help="seconds for the whole run: a part gets at most what is "
                    "left, and parts that would start with under 10 s left are skipped")
-    p.add_argument("--wheels", default=None, metavar="DIR", help="install DIR/*.whl (open_clip_torch, ftfy, wcwidth, torchcodec) "
-                   "into a private folder first, for a machine whose Python lacks them and cannot download")
+    p.add_argument("--wheels", default=None, metavar="DIR", help="install DIR/*.whl (open_clip_torch, ftfy, wcwidth, "
+                   "torchcodec) into a private folder first, for a machine whose Python lacks them and cannot download")
     p.add_argument("--dry-run", action="store_true", help="every part at tiny sizes on the CPU (a minute): checks "
                    "that the script and the commands it runs still fit together")
     args = p.parse_args(argv)
