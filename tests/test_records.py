@@ -229,14 +229,16 @@ def test_status_shows_each_stage_the_eval_table_and_the_commands_that_go_on(worl
         (out / f).write_bytes((uninterrupted / f).read_bytes())
     train(world, out, "--head", "fc", "--stop-after-steps", "4")   # the baseline, stopped in its second epoch
     evaluate.main(world["common"] + ["--out", str(out)])
+    assert str(out) in status.run_folders(str(world["tmp"]))     # found without naming it; tb/ folders are not runs
+    assert not [f for f in status.run_folders(str(world["tmp"])) if "tb" in f.split(os.sep)]
     capsys.readouterr()
     status.main([str(out)])
     printed = capsys.readouterr().out.splitlines()
     lines = {line.split()[0]: line for line in printed if line.startswith("  ") and line.split()}
     val = records.read_records(out / "lgr_clip.jsonl")[-1]["val"]["overall"]
-    assert re.fullmatch(rf"  lgr_clip\.pt +done: 2/2 epochs, written \d+ s ago; val {val:.1f} \(many - / medium - / "
+    assert re.fullmatch(rf"  lgr_clip\.pt +done: 2/2 epochs in \d+ s, written \d+ s ago; val {val:.1f} \(many - / medium - / "
                         rf"few {val:.1f}\), best \S+ at epoch \d \(lgr_clip_best\.pt\)", lines["lgr_clip.pt"])
-    assert re.fullmatch(r"  fc_clip\.pt +unfinished: 1/2 epochs and 1 batch, written \d+ s ago; val .*", lines["fc_clip.pt"])
+    assert re.fullmatch(r"  fc_clip\.pt +unfinished: 1/2 epochs and 1 batch in \d+ s, written \d+ s ago; val .*", lines["fc_clip.pt"])
     assert lines["cvlp.pt"].split(": ", 1)[1] == (
         f"python cvlp.py --data imagenet_lt --backbone shapes-tiny --data-root {world['root']} --clip-weights "
         f"{world['clip']} --image-size 16 --workers 0 --out {out}")    # the run's flags, from fc_clip.pt's arguments

@@ -93,7 +93,8 @@ def training_status(path, script):
     done = pos["epoch"] == total
     state = (f"done: {total}/{total} epochs" if done else f"unfinished: {pos['epoch']}/{total} epochs" +
              (f" and {pos['batch']} batch{'es' * (pos['batch'] > 1)}" if pos["batch"] else ""))
-    lines = [f"  {name:<23}{state}, {age(path, records_path(path))}{val_summary(path, pos)}"]
+    trained = f" in {duration(pos['wall_s'])}" if pos.get("wall_s") else ""     # training time, over resumes
+    lines = [f"  {name:<23}{state}{trained}, {age(path, records_path(path))}{val_summary(path, pos)}"]
     if not done:                                                 # stopped, or still running (see its age)
         world_size = (run_headers(path) or [{}])[-1].get("world_size", 1)
         lines.append(f"  {'':<23}continue: {command(script, saved, resume=True, world_size=world_size)}")
@@ -209,11 +210,15 @@ def cell(value):
 
 def age(*paths):
     """How long ago the newest of `paths` was written: "written 5 min ago"."""
-    seconds = time.time() - max(os.path.getmtime(p) for p in paths if os.path.exists(p))
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+    return f"written {duration(time.time() - max(os.path.getmtime(p) for p in paths if os.path.exists(p)))} ago"
+
+
+def duration(seconds):
+    """"42 s", "5 min", "3.2 h", "2.0 d"."""
+    for unit, size in (("d", 86400), ("h", 3600)):
         if seconds >= size:
-            return f"written {seconds / size:.0f} {unit} ago"
-    return f"written {seconds:.0f} s ago"
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 if __name__ == "__main__":
