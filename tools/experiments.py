@@ -104,16 +104,13 @@ def run_curves(args):
 def learning_curves(path):
     """{file: [{"epoch", loss terms..., "val": overall top-1 in %}]} of a run folder (each <stage>.jsonl in it), a
     .jsonl file (util/records.py) or a checkpoint (the history its position keeps)."""
-    if os.path.isdir(path):
+    if os.path.isdir(path) or (path.endswith(".jsonl") and not os.path.exists(path)):
         files = sorted(glob.glob(os.path.join(path, "*.jsonl")))
         if not files:
-            raise DataError(f"{path} holds no .jsonl records of a training run; pass a run folder, a .jsonl or a .pt")
+            raise DataError(f"{path}: no .jsonl records of a training run there; pass a run folder, a .jsonl or a .pt")
         return {f: learning_curves(f)[f] for f in files}
     if path.endswith(".jsonl"):
-        if not os.path.exists(path):
-            raise DataError(f"{path} not found")
-        history = [{**r, "val": r["val"]["overall"]} if r.get("val") else r
-                   for r in epoch_records(read_records(path))]
+        history = [{**r, "val": r["val"]["overall"]} if r.get("val") else r for r in epoch_records(read_records(path))]
     else:
         stage = "lgr" if os.path.basename(path).startswith(("lgr", "fc")) else "cvlp"
         history = load_checkpoint(path, stage, f"python {stage}.py")["position"].get("history")
