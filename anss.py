@@ -21,6 +21,7 @@ from util.engine import (atomic_write, check_meta, checkpoint_meta, load_checkpo
                          run_file, run_stage, save_checkpoint, seed_everything)
 from util.images import clip_transform
 from util.progress import progress
+from util.records import run_header
 
 
 def get_args(argv=None):
@@ -191,7 +192,8 @@ def run(args):
                      {"cutoff": select_anchors(None, text["offsets"], args.M), args.select: (index, mask)}.items()}
         if scores is not None:
             precision["descriptions_only"] = description_precision(scores, text["offsets"], data.corpus, args.M)
-    anchors = {"M": args.M, "select": args.select, "tau": tau, "precision": precision, "classes": [
+    anchors = {"header": run_header(args, "anss"), "M": args.M, "select": args.select, "tau": tau,
+               "precision": precision, "classes": [
         {"name": name, "sentences": [flat[k] for k in index[c][mask[c]].tolist()],
          "scores": [round(scores[k].item(), 4) for k in index[c][mask[c]].tolist()] if scores is not None else None}
         for c, name in enumerate(data.classnames)]}

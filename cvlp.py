@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import DATASETS, add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
+from data import DATASETS, accuracy_by_shot, add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
 from util import shapes_lt
 from util.clip_models import (create_clip, encode_images, encode_text_trimmed, encode_texts, load_clip_file,
                               pretrained_weights)
@@ -180,7 +180,8 @@ def cvlp_loss(student, teacher, x, y, T, args, E_T_teacher=None, ddp=None):
 
 @torch.no_grad()
 def class_prototype_accuracy(model, data, text, args):
-    """Val top-1 with each class represented by the mean embedding of its sentences (progress check).
+    """Val top-1 (%, data.accuracy_by_shot: overall, many, medium, few) with each class represented by the mean
+    embedding of its sentences (progress check).
     Runs in eval mode (RN50's batch norm) and leaves torch's random state as it found it: the val loader's
     seed draw must not move the training's augmentation, so a run with --val-every-epoch trains the same."""
     was_training = model.training
@@ -194,7 +195,7 @@ def class_prototype_accuracy(model, data, text, args):
         loader = make_loader(data.val, transform, args)
         E_I, y = encode_images(model.encode_image, loader, args.device, desc="val")    # (V, D), (V,)
     model.train(was_training)
-    return (E_I @ protos.T).argmax(1).eq(y).float().mean().item()
+    return accuracy_by_shot((E_I @ protos.T).argmax(1).cpu(), y.cpu(), data.counts)
 
 
 def main(argv=None):
@@ -250,16 +251,21 @@ def run(args):
 
     def validate():                                              # --val-every-epoch: the over-fitting check
         scores.append(class_prototype_accuracy(student, data, text, args))
-        return scores[-1], f"val proto top-1 {scores[-1]:.1%}"
+        return scores[-1], f"val proto top-1 {shot_line(scores[-1])}"
 
     if args.val_every_epoch and not args.resume:                 # where the curve starts: the CLIP weights
-        print(f"before training: val proto top-1 {class_prototype_accuracy(student, data, text, args):.1%}")
+        print(f"before training: val proto top-1 {shot_line(class_prototype_accuracy(student, data, text, args))}")
     student.train()
     if not fit(student, batch_loss, loader, opt, sched, args, path, checkpoint_meta(args, "cvlp", data.num_classes), rngs,
                validate if args.val_every_epoch else None):
         return                                                   # stopped early: the checkpoint is written
     acc = scores[-1] if scores else class_prototype_accuracy(student, data, text, args)   # the last epoch's, if measured
-    print(f"cvlp done: val top-1 with sentence-mean class prototypes {acc:.1%}; wrote {path}")
+    print(f"cvlp done: val top-1 with sentence-mean class prototypes {shot_line(acc)}; wrote {path}")
+
+
+def shot_line(acc):
+    """"63.0 (many 70.1 / medium 61.2 / few 55.0)": a val top-1 by shot split (data.accuracy_by_shot), in %."""
+    return f"{acc['overall']:.1f} (many {acc['many']:.1f} / medium {acc['medium']:.1f} / few {acc['few']:.1f})"
 
 
 if __name__ == "__main__":

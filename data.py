@@ -24,12 +24,12 @@ import torch
 from util import shapes_lt
 from util.clip_models import cache_dir, context_length, default_tag, tokenize_corpus
 from util.distributed import rank_world
-from util.engine import ResumableSampler
 from util.errors import DataError, fail, warn
 from util.images import (DeviceLoader, DeviceTransform, FileBytes, ImageDataset, collate_files, contact_sheet,
                          drop_unreadable)
 from util.own_data import cifar100_lt, image_folder
 from util.readers import READERS, Split, read_descriptions
+from util.resumable_sampler import ResumableSampler
 
 # Per-dataset defaults, the one table every stage reads them from (paper Sec. 4.3, 4.5; SPEC.md §5): where the data
 # lives, the CLIP backbone, the input size and RandomResizedCrop's scale range; CVLP's and LGR's epochs, learning

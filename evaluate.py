@@ -40,11 +40,12 @@ from data import (DATASETS, accuracy_by_shot, add_common_args, fill_defaults, lo
 from lgr import Recognizer, build_recognizer, predict
 from util.clip_models import (context_length, create_clip, default_tag, embed_dim, encode_images, encode_texts,
                               tokenize_exact)
-from util.engine import (atomic_write, check_meta, checkpoint_meta, load_checkpoint, one_process_only, run_file,
-                         run_stage)
-from util.errors import DataError, StageError, fail, out_of_memory, warn
+from util.engine import (atomic_write, best_path, check_meta, checkpoint_meta, load_checkpoint, one_process_only,
+                         run_file, run_stage)
+from util.errors import CheckpointError, DataError, StageError, fail, out_of_memory, warn
 from util.images import clip_transform
 from util.progress import progress
+from util.records import run_header
 
 # --variant official: the row of the prediction behind the official code's many / medium / few columns.
 LOGIT_SUM = "logit sum"
@@ -58,6 +59,10 @@ def get_parser(add_help=True):
     p.add_argument("--split", default="test", choices=["val", "test"], help="Sec. 4.1: report test, tune on val")
     p.add_argument("--knn-k", type=int, default=10, help="KNN head: nearest anchor sentences that vote")
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--checkpoint", default="last", choices=["last", "best"],
+                   help="which checkpoint of each lgr.py run: last (<head>.pt, the default: the model the cosine "
+                        "schedule ends with; neither the paper nor SPEC.md says the paper reported another epoch) or "
+                        "best (<head>_best.pt, its best val top-1 epoch); named in eval.json and the table's title")
     p.add_argument("--released", default=None, metavar="CHECKPOINT",
                    help="evaluate a released VL-LTR checkpoint.pth of the official code (SPEC.md §8) with its "
                         "inference rules (overall: alpha mix, alpha 0.2, iNat 0.7; many / medium / few: logit sum) and "
@@ -133,6 +138,18 @@ def format_table(results, title):
         lines.append(f"{name:<26}{percent(r['overall']):>9}{percent(r['many']):>8}{percent(r['medium']):>8}"
                      f"{percent(r['few']):>8}")
     return "\n".join(lines)
+
+
+def table_title(report):
+    """The title line of eval.json's table: the run, the split, which checkpoint of each lgr.py run was read and
+    its epoch ("shapes_lt shapes-tiny, test split, top-1 (%), checkpoint last: fc_clip.pt epoch 20/20, ...")."""
+    read = [f"{os.path.basename(c['path'])} epoch {c['epoch']}/{c['epochs']}" +
+            (f" and {c['batch']} batch{'es' * (c['batch'] > 1)}" if c["batch"] else "")
+            for c in report.get("checkpoints", []) if isinstance(c, dict)]     # (older eval.json: a list of paths)
+    title = f"{report['data']} {report['backbone']}, {report['split']} split, top-1 (%)"
+    if "checkpoint" in report:
+        title += f", checkpoint {report['checkpoint']}" + (": " + ", ".join(read) if read else "")
+    return title
 
 
 def percent(value):
@@ -215,7 +232,8 @@ def main(argv=None):
 
 def evaluate_folder(args, data, zero_shot=True, on_result=None):
     """Every head whose file is in args.out, on args.split -> ({method: accuracy_by_shot}, {method: (pred, y)},
-    [checkpoint paths], {head: why it failed}). A head that fails (out of memory, a bad file) is reported in
+    [{"path", "epoch", "batch", "epochs"} of each lgr.py checkpoint read (--checkpoint last or best)], {head: why it
+    failed}). A head that fails (out of memory, a bad file) is reported in
     one line and skipped, and the others still run; on_result(results, preds, found) is called after every head
     (run() rewrites eval.json then, so a long evaluation keeps what it has computed)."""
     counts, split = data.counts, getattr(data, args.split)
@@ -234,6 +252,11 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
 
     def recognizer_head(head, init, name, path):                 # lgr.py's heads: FC or LGR, on CLIP or CVLP
         args.head, args.init = head, init
+        if args.checkpoint == "best":
+            if not os.path.exists(best_path(path)):
+                raise CheckpointError(f"{best_path(path)} not found: no epoch of {os.path.basename(path)}'s run has "
+                                      f"finished with a val score yet; finish it (--resume), or pass --checkpoint last")
+            path = best_path(path)
         ckpt = load_checkpoint(path, "lgr", f"python lgr.py --head {head} --init {init}")
         check_meta(ckpt, {**checkpoint_meta(args, "lgr", data.num_classes), "head": head}, path)
         args.variant, args.tau = ckpt["args"]["variant"], ckpt["args"]["tau"]
@@ -245,7 +268,8 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
         if head == "lgr":
             record(f"{name}: P^I only", p["P_I"], y)
             record(f"{name}: P^T only", p["P_T"], y)
-        found.append(path)
+        found.append({"path": path, "epoch": ckpt["position"]["epoch"], "batch": ckpt["position"]["batch"],
+                      "epochs": ckpt["args"]["epochs"]})
 
     def knn_head():                                              # CVLP embeddings against every anchor
         args.init = "cvlp"
@@ -284,16 +308,21 @@ def run(args):
     args.num_classes = data.num_classes
     path = os.path.join(args.out, "eval.json")
 
+    header = run_header(args, "evaluate")
+    report = {}
+
     def save(results, preds, found):                             # after every head: a later failure loses nothing
-        report = {"data": args.data, "backbone": args.backbone, "split": args.split, "checkpoints": found,
-                  "results": {k: {**v, "confusions": confusions(*preds[k], data.classnames)} for k, v in results.items()},
-                  "classes": data.classnames, "train_counts": data.counts.tolist()}
+        report.update({"header": header, "data": args.data, "backbone": args.backbone, "split": args.split,
+                       "checkpoint": args.checkpoint, "checkpoints": found,
+                       "results": {k: {**v, "confusions": confusions(*preds[k], data.classnames)}
+                                   for k, v in results.items()},
+                       "classes": data.classnames, "train_counts": data.counts.tolist()})
         atomic_write(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
 
     results, preds, found, failed = evaluate_folder(args, data, on_result=save)
     if "VL-LTR (LGR)" not in results and "VL-LTR (LGR)" not in failed:
         print(f"note: no {args.out}/lgr.pt yet: run `python cvlp.py && python anss.py && python lgr.py` for VL-LTR")
-    print(format_table(results, f"{args.data} {args.backbone}, {args.split} split, top-1 (%)"))
+    print(format_table(results, table_title(report)))
     if any(name.endswith(LOGIT_SUM) for name in results):
         print(LOGIT_SUM_NOTE)
     print(f"wrote {path}")
@@ -346,7 +375,8 @@ def run_released(args):
           "the paper's tables were computed this way")
     print(LOGIT_SUM_NOTE)
     path = os.path.join(args.out, "eval_released.json")
-    report = {"data": args.data, "backbone": args.backbone, "split": args.split, "checkpoint": args.released,
+    report = {"header": run_header(args, "evaluate"), "data": args.data, "backbone": args.backbone,
+              "split": args.split, "checkpoint": args.released,
               "alpha": alpha, "eval_precision": args.eval_precision, "results": results, "paper": paper}
     atomic_write(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
     print(f"wrote {path}")

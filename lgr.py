@@ -21,8 +21,8 @@ from cvlp import temperature
 from data import DATASETS, accuracy_by_shot, add_common_args, fill_defaults, load_data, make_loader
 from util.clip_models import create_clip, embed_dim
 from util.distributed import distribute, init_distributed, rank_world
-from util.engine import (add_training_args, checkpoint_meta, eval_precision, fit, optimizer_and_schedule, prepare_out,
-                         run_file, run_stage, seed_everything)
+from util.engine import (add_training_args, best_path, checkpoint_meta, eval_precision, fit, optimizer_and_schedule,
+                         prepare_out, run_file, run_stage, seed_everything)
 from util.errors import DataError
 from util.images import clip_transform
 from util.progress import progress
@@ -248,11 +248,17 @@ def predict(model, loader, args, desc="eval"):
 
 
 def lgr_loss(model, x, y):
-    """The loss of one fine-tuning batch: Eq. (9) for the LGR head, plain cross-entropy for the FC baseline."""
+    """The loss of one fine-tuning batch: Eq. (9) for the LGR head, plain cross-entropy for the FC baseline. For the
+    log, Eq. (9)'s two terms CE_I (P^I) and CE_T (P^T) (under torchrun this rank's share of the batch) and the
+    head's tau (Eq. 7)."""
     logits_I, logits_T, _ = model(x)
     if logits_T is None:
         return F.cross_entropy(logits_I.float(), y), {}
-    return recognition_loss(logits_I.float(), logits_T.float(), y), {}
+    with torch.no_grad():                                        # the terms again, for the log only
+        terms = {"CE_I": F.cross_entropy(logits_I.float(), y), "CE_T": F.cross_entropy(logits_T.float(), y)}
+        head = getattr(model, "module", model).head             # torchrun: the head inside DistributedDataParallel
+        terms["tau"] = temperature(head.log_inv_tau, head.max_inv_tau)
+    return recognition_loss(logits_I.float(), logits_T.float(), y), terms
 
 
 def main(argv=None):
@@ -287,8 +293,8 @@ def run(args):
         preds, y = predict(model, val_loader, args, desc="val")
         acc = accuracy_by_shot(preds["P"], y, data.counts)
         train_mode()
-        return acc["overall"], (f"val top-1 {acc['overall']:.1f} (many {acc['many']:.1f} / medium {acc['medium']:.1f}"
-                                f" / few {acc['few']:.1f})")
+        return acc, (f"val top-1 {acc['overall']:.1f} (many {acc['many']:.1f} / medium {acc['medium']:.1f}"
+                     f" / few {acc['few']:.1f})")
 
     # torchrun: DDP averages the ranks' gradients of their mean losses over b images: the mean over N b images
     train_model = distribute(model, args) if rank_world()[1] > 1 else model
@@ -297,7 +303,7 @@ def run(args):
     train_mode()
     meta = {**checkpoint_meta(args, "lgr", data.num_classes), "head": args.head, "init": args.init}
     if fit(model, lambda x, y: lgr_loss(train_model, x, y), loader, opt, sched, args, path, meta, rngs, validate):
-        print(f"wrote {path} (last) and {os.path.basename(path).replace('.pt', '_best.pt')} (best val)")
+        print(f"wrote {path} (last) and {os.path.basename(best_path(path))} (best val)")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 import cvlp
 import lgr
 from util import engine
+from util.resumable_sampler import ResumableSampler
 
 STEPS = 3
 
@@ -158,7 +159,7 @@ def test_two_rank_run_stopped_and_resumed_equals_the_uninterrupted_one(runs):
 def test_each_rank_takes_its_run_of_every_global_batch_and_skip_counts_global_samples():
     # One stream 0..10, 2 ranks x batch 2: global batches [0 1 2 3], [4 5 6 7]; 8, 9 (incomplete) dropped.
     stream = list(range(10))
-    rank0, rank1 = (engine.ResumableSampler(stream, batch=2, rank=r, world_size=2) for r in (0, 1))
+    rank0, rank1 = (ResumableSampler(stream, batch=2, rank=r, world_size=2) for r in (0, 1))
     assert (list(rank0), list(rank1)) == ([0, 1, 4, 5], [2, 3, 6, 7])
     assert len(rank0) == len(rank1) == 4
     rank0.skip = rank1.skip = 4                                  # resumed after one global batch of 2 x 2

@@ -331,7 +331,7 @@ def test_val_every_epoch_reports_each_epoch_and_leaves_the_training_unchanged(tm
     assert (tmp_path / "b" / "cvlp_best.pt").exists() and not (tmp_path / "a" / "cvlp_best.pt").exists()
     assert_same_weights(weights(tmp_path / "a" / "cvlp.pt"), weights(tmp_path / "b" / "cvlp.pt"))
     history = [torch.load(tmp_path / run / "cvlp.pt", weights_only=True)["position"]["history"] for run in "ab"]
-    assert [h["epoch"] for h in history[1]] == [1, 2] and all(0 <= h["val"] <= 1 for h in history[1])
+    assert [h["epoch"] for h in history[1]] == [1, 2] and all(0 <= h["val"] <= 100 for h in history[1])   # top-1 %
     assert [h["loss"] for h in history[0]] == [h["loss"] for h in history[1]] and "val" not in history[0][0]
     # experiments.py curves prints them side by side: a loss row per run, a val row (in %) for the run that validated
     experiments.main(["curves", str(tmp_path / "a" / "cvlp.pt"), str(tmp_path / "b" / "cvlp.pt"),
@@ -339,7 +339,7 @@ def test_val_every_epoch_reports_each_epoch_and_leaves_the_training_unchanged(tm
     rows = {line.split(" | ")[0][2:]: line.strip(" |").split(" | ")[1:] for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ")}
     b = os.path.relpath(tmp_path / "b" / "cvlp.pt")
-    assert rows[b + " val"] == [f"{100 * h['val']:.1f}" for h in history[1]]
+    assert rows[b + " val"] == [f"{h['val']:.1f}" for h in history[1]]
     assert rows[b + " loss"] == [f"{h['loss']:.3f}" for h in history[1]] and len(rows) == 1 + 3 + 4   # header, a: loss L_ccl L_dis, b: + val
     with pytest.raises(SystemExit) as e:                          # a file without a curve: one line, exit 2
         experiments.main(["curves", str(tmp_path / "missing" / "cvlp.pt")])

@@ -72,6 +72,22 @@ def test_eval_json_reports_every_head_by_shot_split(run):
         assert len(r[head]["per_class"]) == 100
 
 
+def test_anchors_json_and_eval_json_name_what_made_them(run):
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    for f, stage in (("anchors.json", "anss"), ("eval.json", "evaluate")):
+        header = json.loads((run["out"] / f).read_text())["header"]
+        assert header["stage"] == stage and header["args"]["out"] == str(run["out"]) and header["world_size"] == 1
+        assert header["git"]["commit"] == commit and header["torch"] == torch.__version__
+    report = json.loads((run["out"] / "eval.json").read_text())
+    assert report["checkpoint"] == "last"                          # the default: each run's last checkpoint
+    assert sorted((os.path.basename(c["path"]), c["epoch"], c["batch"]) for c in report["checkpoints"]) == [
+        ("fc_clip.pt", 0, 2), ("lgr.pt", 0, 2)]                    # stopped after 2 steps of epoch 1
+    # Each training stage left its records beside its checkpoint: the header (no epoch finished in 2 steps)
+    for f in ("cvlp.jsonl", "lgr.jsonl", "fc_clip.jsonl"):
+        lines = (run["out"] / f).read_text().splitlines()
+        assert len(lines) == 1 and json.loads(lines[0])["header"]["checkpoint"] == f.replace(".jsonl", ".pt")
+
+
 def test_a_failing_head_leaves_the_other_heads_in_eval_json(run, tmp_path, monkeypatch, capsys):
     """evaluate.py on a folder whose baseline checkpoint is truncated, with the KNN head out of memory: both are
     reported, every other head is evaluated and kept in eval.json, and the run ends with one error line."""

@@ -1,9 +1,9 @@
 """The experiments behind the results tables: every Table 8 and Table 4 row trained and evaluated over
-several seeds, and the learning curves kept in the checkpoints. Evaluation itself is evaluate.py's.
+several seeds, and the learning curves of runs side by side. Evaluation itself is evaluate.py's.
 
     python -m tools.experiments table                                # every row, seeds 0, 1, 2 -> results/shapes_lt.{json,md}
     python -m tools.experiments table --data shapes_lt_coined --seeds 0
-    python -m tools.experiments curves runs/a/cvlp.pt runs/b/cvlp.pt # learning curves side by side, and a plot
+    python -m tools.experiments curves runs/a runs/b/lgr.jsonl       # learning curves side by side, and a plot
     python -m tools.experiments regroup results/shapes_lt.json       # many / medium / few again from the per-class accuracies
 
 `table` runs each row's stages (run_table: a finished stage is skipped, a stopped one resumed), evaluates
@@ -12,6 +12,7 @@ and std over seeds) and, with matplotlib installed, the README's plots.
 """
 import argparse
 import functools
+import glob
 import importlib.util
 import json
 import math
@@ -32,6 +33,7 @@ import lgr
 from util.engine import atomic_write, load_checkpoint, one_process_only, run_file, run_stage
 from util.errors import DataError
 from util.images import clip_transform, contact_sheet
+from util.records import epoch_records, read_records
 
 
 def get_args(argv=None):
@@ -45,9 +47,10 @@ def get_args(argv=None):
     t.add_argument("--results", default="results", help="where <data>.json, <data>.md and the plots go")
     t.add_argument("--stage-args", default="", help="extra arguments for every cvlp.py and lgr.py run, "
                    "for example '--batch 64'")
-    c = sub.add_parser("curves", help="print the learning curves kept in cvlp.pt / lgr.pt files and plot them")
-    c.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                   help="cvlp.pt / lgr.pt files: mean losses and, with --val-every-epoch or lgr.py, the val score per epoch")
+    c = sub.add_parser("curves", help="print the learning curves of training runs side by side and plot them")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each of their <stage>.jsonl records), "
+                   "<stage>.jsonl files, or checkpoints (cvlp.pt, lgr.pt: the history they keep): mean losses and, with "
+                   "--val-every-epoch or lgr.py, the val top-1 per epoch")
     c.add_argument("--results", default="results", help="where the plot goes")
     c.add_argument("--name", default="learning_curves.png", help="file name of the plot")
     r = sub.add_parser("regroup", help="recompute the many / medium / few cells of results/<data>.json (and .md, and "
@@ -64,19 +67,16 @@ def main(argv=None):
 
 
 def run_curves(args):
-    """curves: the per-epoch history fit() keeps in every checkpoint, side by side (over-fitting shows as the
-    loss still falling while the val score stops rising), and, with matplotlib, one plot of it."""
+    """curves: each run's epoch records side by side (over-fitting shows as the loss still falling while the val
+    score stops rising), and, with matplotlib, one plot of them."""
     runs = {}
-    for path in args.checkpoints:
-        stage = "lgr" if os.path.basename(path).startswith(("lgr", "fc")) else "cvlp"
-        history = load_checkpoint(path, stage, f"python {stage}.py")["position"].get("history")
-        if not history:
-            raise DataError(f"{path} keeps no learning curve (written before the history was recorded); rerun its stage")
-        runs[os.path.relpath(path)] = history
+    for path in args.runs:
+        for name, history in learning_curves(path).items():
+            runs[os.path.relpath(name)] = history
     print("| run | " + " | ".join(f"epoch {h['epoch']}" for h in max(runs.values(), key=len)) + " |")
     for name, history in runs.items():                           # one row per quantity the run recorded
-        for k in [k for k in ("loss", "L_ccl", "L_dis", "val") if any(k in h for h in history)]:
-            cells = ["-" if k not in h else f"{100 * h[k]:.1f}" if k == "val" else f"{h[k]:.3f}" for h in history]
+        for k in [k for k in ("loss", "L_ccl", "L_dis", "CE_I", "CE_T", "val") if any(k in h for h in history)]:
+            cells = ["-" if k not in h else f"{h[k]:.1f}" if k == "val" else f"{h[k]:.3f}" for h in history]
             print(f"| {name} {k} | " + " | ".join(cells) + " |")
     if importlib.util.find_spec("matplotlib") is None or not any("val" in h for r in runs.values() for h in r):
         return
@@ -86,9 +86,9 @@ def run_curves(args):
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
     loss = "L_ccl" if all("L_ccl" in r[0] for r in runs.values()) else "loss"   # CVLP: comparable across lam
     for i, (name, history) in enumerate(runs.items()):
-        label = os.path.dirname(name) if name.endswith("cvlp.pt") else name   # the run folder names a CVLP run
+        label = os.path.dirname(name) if name.endswith(("cvlp.pt", "cvlp.jsonl")) else name   # a CVLP run: its folder
         ax0.plot([h["epoch"] for h in history], [h[loss] for h in history], color=f"C{i}", label=label)
-        ax1.plot([h["epoch"] for h in history if "val" in h], [100 * h["val"] for h in history if "val" in h],
+        ax1.plot([h["epoch"] for h in history if "val" in h], [h["val"] for h in history if "val" in h],
                  color=f"C{i}", label=label)
     ax0.set(xlabel="epoch", ylabel=f"training {loss} (epoch mean)", yscale="log")
     ax1.set(xlabel="epoch", ylabel="val top-1 (%)")
@@ -101,6 +101,23 @@ def run_curves(args):
     print(f"wrote {path}")
 
 
+def learning_curves(path):
+    """{file: [{"epoch", loss terms..., "val": overall top-1 in %}]} of a run folder (each <stage>.jsonl in it), a
+    .jsonl file (util/records.py) or a checkpoint (the history its position keeps)."""
+    if os.path.isdir(path) or (path.endswith(".jsonl") and not os.path.exists(path)):
+        files = sorted(glob.glob(os.path.join(path, "*.jsonl")))
+        if not files:
+            raise DataError(f"{path}: no .jsonl records of a training run there; pass a run folder, a .jsonl or a .pt")
+        return {f: learning_curves(f)[f] for f in files}
+    if path.endswith(".jsonl"):
+        history = [{**r, "val": r["val"]["overall"]} if r.get("val") else r for r in epoch_records(read_records(path))]
+    else:
+        stage = "lgr" if os.path.basename(path).startswith(("lgr", "fc")) else "cvlp"
+        history = load_checkpoint(path, stage, f"python {stage}.py")["position"].get("history")
+    if not history:
+        raise DataError(f"{path} holds no finished epoch yet (a checkpoint written before the history was recorded: "
+                        f"rerun its stage)")
+    return {path: history}
 
 
 # ----------------------------------------------------------------------------------------------

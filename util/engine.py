@@ -7,8 +7,8 @@ Like MAE's engine_*.py: the stages import from this file, it imports from none o
 distributed.py's, the kinds of error errors.py's, CLIP models, their weights, tokens and embeddings
 clip_models.py's.
 """
+import argparse
 import contextlib
-import itertools
 import math
 import os
 import random
@@ -23,6 +23,7 @@ from util.distributed import agree, rank_world, stop_signal
 from util.errors import (CheckpointError, DataError, DiskError, DivergedError, GPUMemoryError, StageError, fail,
                          warn)
 from util.progress import progress
+from util.records import run_records
 
 CODE_VERSION = "0.2.0"   # recorded in every checkpoint
 
@@ -107,6 +108,11 @@ def run_file(args, stem, ext=".pt"):
     return os.path.join(args.out, f"{stem}{'_clip' if getattr(args, 'init', None) == 'clip' else ''}{ext}")
 
 
+def best_path(path):
+    """<out>/<stem>_best.pt, the checkpoint of a run's best val epoch, beside <out>/<stem>.pt."""
+    return os.path.splitext(path)[0] + "_best.pt"
+
+
 def save_checkpoint(path, ckpt):
     """Atomically torch.save a plain dict (tensors, numbers, strings, dicts): loadable with weights_only."""
     try:
@@ -163,7 +169,7 @@ def check_meta(ckpt, meta, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# What both training stages share: flags, seeding, AdamW with the cosine schedule, resumable sampling
+# What both training stages share: flags, seeding, AdamW with the cosine schedule
 
 
 def add_training_args(p, stage):
@@ -187,6 +193,8 @@ def add_training_args(p, stage):
     p.add_argument("--stop-after-steps", type=int, default=0, help="debug: stop (and save) after this many steps")
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder(s) (faster steps on a GPU "
                    "after a minute or so of compiling; the same maths, checkpoints unchanged)")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True, help="also write every "
+                   "epoch's scalars as TensorBoard events under <out>/tb/ (the JSON lines beside the checkpoint: always)")
 
 
 def seed_everything(seed):
@@ -216,35 +224,6 @@ def optimizer_and_schedule(params, loader, args):
     return opt, cosine_schedule(opt, args.epochs * steps, int(args.warmup * steps)), steps
 
 
-class ResumableSampler(torch.utils.data.Sampler):
-    """Wraps a sampler so that an epoch can start part-way through, for exact resume: the first `skip`
-    indices of the epoch's draw are consumed without loading their images. The caller restores the
-    draw's random state and sets `skip`; the training loop resets it to 0 after that epoch.
-    torchrun (world_size N > 1): every rank draws the same global stream (same seed) and takes its share of
-    each global batch of N * batch indices, rank r the r-th run of `batch`, so the N ranks' batches, in rank
-    order, are one process's batch of N * batch; an incomplete last global batch is dropped."""
-
-    def __init__(self, sampler, batch=1, rank=0, world_size=1):
-        self.sampler, self.skip = sampler, 0
-        self.batch, self.rank, self.world_size = batch, rank, world_size
-
-    def __len__(self):
-        if self.world_size > 1:                                  # torchrun
-            return (len(self.sampler) - self.skip) // (self.batch * self.world_size) * self.batch
-        return len(self.sampler) - self.skip
-
-    def __iter__(self):
-        it = iter(self.sampler)
-        for _ in range(self.skip):
-            next(it)
-        if self.world_size == 1:
-            yield from it
-            return
-        for _ in range(len(self) // self.batch):                 # torchrun: this rank's share of each global batch
-            global_batch = list(itertools.islice(it, self.batch * self.world_size))
-            yield from global_batch[self.rank * self.batch:(self.rank + 1) * self.batch]
-
-
 # ----------------------------------------------------------------------------------------------
 # The training loop
 
@@ -252,11 +231,13 @@ class ResumableSampler(torch.utils.data.Sampler):
 def fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate=None):
     """The training loop of both stages; True when every epoch ran, False when it stopped early (saved).
     batch_loss(x, y) -> (loss, {name: value}); rngs: {"sampler": the sampler's generator, ...other generators
-    batch_loss draws from}; validate() -> (score, text) after each epoch, or None. The parts are Training's:
-    restore (--resume), one epoch of steps, the end of an epoch (log line, history, best, checkpoint)."""
+    batch_loss draws from}; validate() -> ({"overall", "many", "medium", "few"} top-1 in %, text) after each
+    epoch, or None. The parts are Training's: restore (--resume), the records (util/records.py), one epoch of
+    steps, the end of an epoch (log line, record, history, best, checkpoint)."""
     run = Training(model, opt, sched, args, path, meta, rngs)
     run.restore()
-    with run.signals_caught(), gpu_memory_errors(args):
+    with run_records(path, args, meta["stage"], run.resumed_at) as run.record, run.signals_caught(), \
+            gpu_memory_errors(args):
         for epoch in range(run.pos["epoch"], args.epochs):
             means = run.one_epoch(epoch, loader, batch_loss)
             if means is None:                                    # --stop-after-steps: saved mid-epoch
@@ -277,29 +258,34 @@ def gpu_memory_errors(args):
 
 class Training:
     """The state of one training run and the parts of fit. What long runs need:
-    - after every epoch an atomic checkpoint (plus <name>_best.pt when validate() improves); its
-      position["history"] lists every finished epoch's mean losses and validate() score (the learning curve);
+    - after every epoch its record (util/records.py: <name>.jsonl, TensorBoard), then an atomic checkpoint (plus
+      <name>_best.pt when validate() improves) whose position["history"] lists every finished epoch's mean losses
+      and val top-1;
     - Ctrl-C (SIGINT), SIGTERM (a scheduler's warning before preemption; torchrun's agent stopping its workers)
       or --stop-after-steps saves the state of the last optimiser step, also mid-epoch; a signal then exits
       with 128 + its number (130, 143), as a process killed by it would;
-    - --save-every M also saves mid-epoch every M minutes, so a kill without warning (SIGKILL: the out-of-memory
-      killer, a lost node) costs at most M minutes; torchrun --max-restarts with --resume continues from there;
+    - --save-every M also saves mid-epoch every M minutes (with a record of the epoch so far), so a kill without
+      warning (SIGKILL: the out-of-memory killer, a lost node) costs at most M minutes; torchrun --max-restarts
+      with --resume continues from there;
     - --resume restores weights, optimiser, schedule, the epoch's sample order and position and every random
-      state, so it ends with the same weights as an uninterrupted run (bitwise on CPU, --workers 0);
+      state (and the epoch's loss sums so far), so it ends with the same weights and records as an uninterrupted
+      run (bitwise on CPU, --workers 0);
     - a non-finite loss stops the run before it reaches the weights or the checkpoint.
     torchrun: every rank runs this loop on its share of each global batch, in step; rank 0 alone validates and
-    writes checkpoints (the random states it saves are every rank's: all draw the global batch's randomness);
-    a signal on any rank stops every rank at the same step (distributed.agree)."""
+    writes checkpoints and records (the random states it saves are every rank's: all draw the global batch's
+    randomness); a signal on any rank stops every rank at the same step (distributed.agree)."""
 
     def __init__(self, model, opt, sched, args, path, meta, rngs):
         self.model, self.opt, self.sched, self.args, self.path, self.meta, self.rngs = (
             model, opt, sched, args, path, meta, rngs)
         self.rank, self.world_size = rank_world()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.pos = {"epoch": 0, "batch": 0, "best": None, "history": [], "sampler_epoch": rngs["sampler"].get_state()}
+        self.pos = {"epoch": 0, "batch": 0, "best": None, "history": [], "sampler_epoch": rngs["sampler"].get_state(),
+                    "sums": {}, "n": 0, "wall_s": 0.0}       # sums, n: this epoch's so far; wall_s: at `started`
         self.torch_rng = None                                    # torch's random state to restore (--resume)
         self.received = []                                       # signals so far: finish the step, save, stop
-        self.saved_at = time.time()                              # --save-every counts from here
+        self.saved_at = self.started = time.time()               # --save-every and wall_s count from here
+        self.resumed_at, self.record = None, None                # --resume: (epoch, batch); rank 0's RunRecord
 
     def restore(self):
         """--resume: weights, optimiser, schedule, position, and every random state from the checkpoint."""
@@ -317,7 +303,8 @@ class Training:
         self.sched.load_state_dict(ckpt["scheduler"])
         for k, g in self.rngs.items():
             g.set_state(ckpt["rng"][k])
-        self.pos, self.torch_rng = ckpt["position"], ckpt["rng"]["torch"]
+        self.pos, self.torch_rng, self.started = ckpt["position"], ckpt["rng"]["torch"], time.time()
+        self.resumed_at = (self.pos["epoch"], self.pos["batch"])
         print(f"resumed from {path} at epoch {self.pos['epoch'] + 1}, batch {self.pos['batch']}"
               + (f" (torchrun restart {restart})" if restart else ""))
 
@@ -343,10 +330,11 @@ class Training:
                 signal.signal(s, handler)
 
     def start_epoch(self, loader):
-        """This epoch's sample order and position: its first batch, or where a resumed run stopped."""
+        """This epoch's sample order, position and loss sums: its first batch, or where a resumed run stopped."""
         pos = self.pos
         if pos["batch"] == 0:
             pos["sampler_epoch"] = self.rngs["sampler"].get_state()   # this epoch's sample order comes from here
+        self.sums, self.n = (dict(pos.get("sums", {})), pos.get("n", 0)) if pos["batch"] else ({}, 0)
         self.rngs["sampler"].set_state(pos["sampler_epoch"])
         loader.sampler.skip = pos["batch"] * self.args.batch * self.world_size   # samples of the global stream
         if self.torch_rng is not None and pos["batch"] == 0:         # resumed between epochs: iter() below draws
@@ -360,7 +348,7 @@ class Training:
 
     def one_epoch(self, epoch, loader, batch_loss):
         """The epoch's steps -> {name: mean over its batches}, "img_s"; None when --stop-after-steps stopped it."""
-        args, sums, n, t0 = self.args, {}, 0, time.time()
+        args, self.t0, self.done = self.args, time.time(), 0
         bar = progress(self.start_epoch(loader), total=len(loader), desc=f"{self.meta['stage']} {epoch + 1}/{args.epochs}",
                        unit="batch")
         stop = None
@@ -375,11 +363,11 @@ class Training:
             if not math.isfinite(value):
                 raise DivergedError(f"loss is {value} at epoch {epoch + 1}, batch {i + 1}; stopped before it reached "
                                     f"the weights ({self.path} holds the last good state); lower --lr or set --clip-grad")
+            for k, v in {"loss": value, **stats}.items():   # read before backward() is queued: a GPU need not finish it
+                self.sums[k] = self.sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+            self.n, self.done = self.n + 1, self.done + 1
             (loss / args.accum).backward()
-            for k, v in {"loss": value, **stats}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-            n += 1
-            bar.set_postfix(loss=f"{value:.3f}", img_s=f"{n * len(y) / (time.time() - t0):.0f}")
+            bar.set_postfix(loss=f"{value:.3f}", img_s=f"{self.done * len(y) / (time.time() - self.t0):.0f}")
             if (i + 1) % args.accum == 0:
                 self.optimizer_step()
                 if self.world_size == 1:
@@ -387,7 +375,16 @@ class Training:
                 if self.stopped(stop, epoch, i):
                     return None
         self.opt.zero_grad(set_to_none=True)                           # drop a partial accumulation
-        return {**{k: v / max(n, 1) for k, v in sums.items()}, "img_s": n * args.batch * self.world_size / (time.time() - t0)}
+        return self.means()
+
+    def means(self):
+        """The epoch's mean losses so far, {name: mean}, and the images per second of this process's batches."""
+        img_s = self.done * self.args.batch * self.world_size / max(time.time() - self.t0, 1e-9)
+        return {**{k: v / max(self.n, 1) for k, v in self.sums.items()}, "img_s": img_s}
+
+    def wall_s(self):
+        """Seconds of training so far, over every resume (the position keeps the earlier processes' share)."""
+        return self.pos.get("wall_s", 0.0) + time.time() - self.started
 
     def optimizer_step(self):
         if self.args.clip_grad:
@@ -398,8 +395,11 @@ class Training:
 
     def stopped(self, stop, epoch, i):
         """After an optimiser step: on a signal or at --stop-after-steps, save this step's state and stop (a signal
-        exits); every --save-every minutes, save it and go on. True when the run stops here."""
-        args, here = self.args, {**self.pos, "epoch": epoch, "batch": i + 1}      # a mid-epoch position
+        exits); every --save-every minutes, save it (and a record of the epoch so far) and go on. True when the
+        run stops here."""
+        args = self.args
+        here = {**self.pos, "epoch": epoch, "batch": i + 1, "sums": dict(self.sums), "n": self.n,   # mid-epoch
+                "wall_s": self.wall_s()}
         if stop or (args.stop_after_steps and self.sched.last_epoch >= args.stop_after_steps):
             if self.rank == 0:
                 self.save(self.path, here)
@@ -412,26 +412,32 @@ class Training:
         # Rank 0 alone decides and writes, so the ranks need not agree on the clock; nothing here draws from a
         # generator, so the training is the same with or without --save-every.
         if args.save_every and self.rank == 0 and time.time() - self.saved_at >= 60 * args.save_every:
+            if self.record is not None:
+                self.record.add({"epoch": epoch + 1, "batch": i + 1}, self.sched, self.means(), here["wall_s"])
             self.save(self.path, here)
             self.saved_at = time.time()
         return False
 
     def end_epoch(self, epoch, means, validate):
-        """The epoch's line, its entry in the history, <name>_best.pt when validate() improved, the checkpoint."""
-        pos = self.pos = {**self.pos, "epoch": epoch + 1, "batch": 0}
+        """The epoch's line, record and history entry, <name>_best.pt when validate() improved, the checkpoint."""
         losses = {k: v for k, v in means.items() if k != "img_s"}
         line = "  ".join(f"{k} {v:.4f}" for k, v in losses.items())
         line += f"  lr {self.sched.get_last_lr()[0]:.2e}  {means['img_s']:.0f} img/s"
-        score = None
+        val = None
         if validate is not None and self.rank == 0:
-            score, text = validate()
+            scores, text = validate()
+            val = {k: scores[k] for k in ("overall", "many", "medium", "few")}
             line += "  " + text
         print(f"epoch {epoch + 1:3d}/{self.args.epochs}  {line}")
+        wall, self.started = self.wall_s(), time.time()
+        pos = self.pos = {**self.pos, "epoch": epoch + 1, "batch": 0, "sums": {}, "n": 0, "wall_s": wall}
+        if self.record is not None:                                    # before the checkpoint: see RunRecord
+            self.record.add({"epoch": epoch + 1}, self.sched, means, wall, val)
         pos["history"] = pos.get("history", []) + [{"epoch": epoch + 1, **losses,
-                                                    **({"val": score} if score is not None else {})}]
-        if score is not None and (pos["best"] is None or score > pos["best"]):
-            pos["best"] = score
-            self.save(self.path.replace(".pt", "_best.pt"), pos)
+                                                    **({"val": val["overall"]} if val is not None else {})}]
+        if val is not None and (pos["best"] is None or val["overall"] > pos["best"]):
+            pos["best"] = val["overall"]
+            self.save(best_path(self.path), pos)
         if self.rank == 0:
             self.save(self.path, pos)
             self.saved_at = time.time()
