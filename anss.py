@@ -17,8 +17,9 @@ import torch
 from cvlp import load_clip, temperature
 from data import add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
 from util.clip_models import create_clip, encode_images, encode_texts
-from util.engine import (atomic_write, check_meta, checkpoint_meta, load_checkpoint, one_process_only, prepare_out,
+from util.engine import (check_meta, checkpoint_meta, load_checkpoint, one_process_only, prepare_out,
                          run_file, run_stage, save_checkpoint, seed_everything)
+from util.files import atomic_write
 from util.images import clip_transform
 from util.progress import progress
 from util.records import run_header

@@ -40,9 +40,10 @@ from data import (DATASETS, accuracy_by_shot, add_common_args, fill_defaults, lo
 from lgr import Recognizer, build_recognizer, predict
 from util.clip_models import (context_length, create_clip, default_tag, embed_dim, encode_images, encode_texts,
                               tokenize_exact)
-from util.engine import (atomic_write, best_path, check_meta, checkpoint_meta, load_checkpoint, one_process_only,
+from util.engine import (best_path, check_meta, checkpoint_meta, load_checkpoint, one_process_only,
                          run_file, run_stage)
 from util.errors import CheckpointError, DataError, StageError, fail, out_of_memory, warn
+from util.files import atomic_write
 from util.images import clip_transform
 from util.progress import progress
 from util.records import run_header

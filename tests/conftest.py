@@ -1,9 +1,6 @@
 """Shared pytest fixtures: one generated shapes_lt world and one tiny random CLIP per test session, the token
 cache of the session, and open_clip's weight caches emptied for the offline tests."""
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the stage scripts, util/, tools/
 
 import open_clip
 import pytest
@@ -15,7 +12,7 @@ from util import clip_models
 
 # The project's own modules: a deprecation warning raised by a call of theirs fails the test that made it, so that an
 # API on its way out is replaced before it goes (torchvision's image decoders: TorchCodec's now).
-PROJECT_MODULES = r"(anss|cvlp|data|evaluate|lgr|predict|test_\w+|util|tools)(\.|$)"
+PROJECT_MODULES = r"(anss|cvlp|data|evaluate|lgr|predict|test_equations|util|tools|tests)(\.|$)"
 
 
 def pytest_configure(config):

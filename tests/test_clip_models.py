@@ -22,7 +22,7 @@ from util.engine import load_checkpoint
 from util.errors import CheckpointError
 from util.errors import DataError
 from util.images import make_transform
-from test_data import make_imagenet_tree
+from tests.test_data import make_imagenet_tree
 
 ARCH = "tiny-clip"                                   # registered as an open_clip model config below
 GELU_TAG, QUICK_TAG = "web_gelu", "web_quickgelu"
@@ -234,7 +234,7 @@ def test_a_gelu_clip_runs_every_stage_under_its_tag_and_later_stages_refuse_anot
 
 
 def test_released_models_are_read_as_openais_weights_only(tmp_path, capsys):
-    from test_released import released_model_dict, write_released
+    from tests.test_released import released_model_dict, write_released
     path = write_released(tmp_path / "checkpoint.pth", released_model_dict())
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--data", "imagenet_lt", "--data-root", str(make_imagenet_tree(tmp_path / "imagenet")),

@@ -19,8 +19,8 @@ import cvlp
 import data
 import lgr
 from util import clip_models, images
-from test_data import make_imagenet_tree
-from test_gpu_loader import save_images
+from tests.test_data import make_imagenet_tree
+from tests.test_gpu_loader import save_images
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda"

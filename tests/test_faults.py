@@ -30,7 +30,7 @@ import data
 import lgr
 from util import clip_models, engine, images, progress
 from tools import experiments
-from test_data import append_line, make_imagenet_tree, write
+from tests.test_data import append_line, make_imagenet_tree, write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOT = 49407                                                       # open_clip's end-of-text token id

@@ -24,7 +24,7 @@ from torchvision.transforms import v2
 import cvlp
 import data
 from util import clip_models, engine, images
-from test_data import make_imagenet_tree, write
+from tests.test_data import make_imagenet_tree, write
 
 MEAN, STD = (clip_models.clip_preprocess("shapes-tiny")[k] for k in ("mean", "std"))
 LEVEL = 1 / 255 / torch.tensor(STD).view(3, 1, 1)               # one uint8 level in normalised units, per channel

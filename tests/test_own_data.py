@@ -27,8 +27,8 @@ import lgr
 import predict
 from util import own_data
 from util.errors import DataError
-from test_data import write
-from test_faults import errors_and_warnings, snapshot
+from tests.test_data import write
+from tests.test_faults import errors_and_warnings, snapshot
 
 # ----------------------------------------------------------------------------------------------
 # An ImageFolder tree

@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import evaluate
 import lgr
-from test_faults import noisy_tree
+from tests.test_faults import noisy_tree
 from tools import status
 from util import engine, records
 

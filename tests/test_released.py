@@ -26,7 +26,7 @@ import lgr
 from util import clip_models
 from util.errors import DataError
 from util.images import make_transform
-from test_data import make_imagenet_tree
+from tests.test_data import make_imagenet_tree
 
 
 # ----------------------------------------------------------------------------------------------

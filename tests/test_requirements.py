@@ -8,8 +8,7 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIRST_PARTY = {"util", "tools", "conftest"} | {os.path.basename(p)[:-3] for p in
-                                             glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "tests", "*.py"))}
+FIRST_PARTY = {"util", "tools", "tests"} | {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))}
 
 
 def project_files():

@@ -8,12 +8,11 @@ several seeds, and the learning curves of runs side by side. Evaluation itself i
 
 `table` runs each row's stages (run_table: a finished stage is skipped, a stopped one resumed), evaluates
 every run folder on the test split (evaluate.evaluate_folder), then writes results/<data>.json and .md (mean
-and std over seeds) and, with matplotlib installed, the README's plots.
+and std over seeds) and the README's plots.
 """
 import argparse
 import functools
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -30,8 +29,9 @@ from evaluate import evaluate_folder
 import evaluate
 from lgr import build_recognizer, lgr_probabilities
 import lgr
-from util.engine import atomic_write, load_checkpoint, one_process_only, run_file, run_stage
+from util.engine import load_checkpoint, one_process_only, run_file, run_stage
 from util.errors import DataError
+from util.files import atomic_write
 from util.images import clip_transform, contact_sheet
 from util.records import epoch_records, read_records
 
@@ -68,7 +68,7 @@ def main(argv=None):
 
 def run_curves(args):
     """curves: each run's epoch records side by side (over-fitting shows as the loss still falling while the val
-    score stops rising), and, with matplotlib, one plot of them."""
+    score stops rising), and one plot of them."""
     runs = {}
     for path in args.runs:
         for name, history in learning_curves(path).items():
@@ -78,7 +78,7 @@ def run_curves(args):
         for k in [k for k in ("loss", "L_ccl", "L_dis", "CE_I", "CE_T", "val") if any(k in h for h in history)]:
             cells = ["-" if k not in h else f"{h[k]:.1f}" if k == "val" else f"{h[k]:.3f}" for h in history]
             print(f"| {name} {k} | " + " | ".join(cells) + " |")
-    if importlib.util.find_spec("matplotlib") is None or not any("val" in h for r in runs.values() for h in r):
+    if not any("val" in h for r in runs.values() for h in r):
         return
     import matplotlib
     matplotlib.use("Agg")
@@ -175,7 +175,7 @@ def mean_std(values):
 def run_table(args):
     """Every Table 8 and Table 4 row for each seed, under runs/table/<data>/seed<s>/<folder>; a finished stage
     is skipped and a stopped one resumed, so rerunning the command continues. Writes <results>/<data>.json
-    and .md (mean and std over seeds) and, with matplotlib installed, the plots."""
+    and .md (mean and std over seeds) and the plots."""
     common = ["--data", args.data, "--data-root", args.data_root, "--device", str(args.device),
               "--workers", str(args.workers), "--backbone", args.backbone, "--pretrained", args.pretrained]
     if args.clip_weights:
@@ -229,9 +229,6 @@ def run_table(args):
     report = table_report(args, per_seed, timings, time.time() - t_start)
     os.makedirs(args.results, exist_ok=True)
     write_report(report, os.path.join(args.results, f"{args.data}.json"))
-    if importlib.util.find_spec("matplotlib") is None:          # optional: only the plots need it
-        print("note: no plots without matplotlib: pip install matplotlib and rerun (finished stages are skipped)")
-        return
     for path in make_plots(args, report, root):
         print(f"wrote {path}")
 
@@ -342,7 +339,7 @@ def regroup(report):
 
 
 def run_regroup(args):
-    """regroup: rewrite each results/<data>.json, its .md and (with matplotlib) its per-class plot."""
+    """regroup: rewrite each results/<data>.json, its .md and its per-class plot."""
     for path in args.reports:
         if not os.path.isfile(path):
             raise DataError(f"{path} not found; pass a results/<data>.json written by `python -m tools.experiments table`")
@@ -351,12 +348,11 @@ def run_regroup(args):
         report["per_seed"] = {int(s): run for s, run in report["per_seed"].items()}   # JSON keys are strings
         report = regroup(report)
         write_report(report, path)
-        if importlib.util.find_spec("matplotlib") is not None:
-            import matplotlib
-            matplotlib.use("Agg")
-            plot = plot_path(os.path.dirname(path), report["data"], "per_class_accuracy.png")
-            plot_per_class_accuracy(report, report["data"], plot)
-            print(f"wrote {plot}")
+        import matplotlib
+        matplotlib.use("Agg")
+        plot = plot_path(os.path.dirname(path), report["data"], "per_class_accuracy.png")
+        plot_per_class_accuracy(report, report["data"], plot)
+        print(f"wrote {plot}")
 
 
 def make_plots(args, report, root):

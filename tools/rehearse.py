@@ -134,9 +134,15 @@ def gb(n):
     return f"{n / 2 ** 30:.2f}"
 
 
-def last_line(path):
+def last_line(text, skip=None):
+    """The last non-empty line of text ("" if none), passing over the lines that start with `skip`."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not (skip and line.startswith(skip))]
+    return (lines or [""])[-1]
+
+
+def read_text(path):
     with open(path, errors="replace") as f:
-        return ([line.strip() for line in f if line.strip()] or [""])[-1]
+        return f.read()
 
 
 def measure(name, argv, log_dir, mem_cap, timeout):
@@ -170,27 +176,23 @@ def measure(name, argv, log_dir, mem_cap, timeout):
     wall = time.time() - t0
     state = ("ok" if rc == 0 else "timeout" if timed_out else f"exit {rc}" if rc > 0
              else f"signal {signal.Signals(-rc).name}")
+    stderr = read_text(err)
     r = {"stage": name, "command": "python " + " ".join(argv), "wall_s": round(wall, 1), "peak_rss_tree_bytes": peak,
          "max_rss_process_bytes": usage.ru_maxrss * 1024, "status": state, "load_avg": round(os.getloadavg()[0], 1),
-         "error": last_error(err) if rc else "", "last_output": last_line(out), "gpu_peak_gib": gpu_peak(err)}
+         "error": last_line(stderr, skip="peak GPU memory:") if rc else "", "last_output": last_line(read_text(out)),
+         "gpu_peak_gib": gpu_peak(stderr)}
     gpu = "" if r["gpu_peak_gib"] is None else f", peak GPU memory {r['gpu_peak_gib']:.2f} GiB"
     print(f"  {state}: {wall:.1f} s, peak RSS {gb(peak)} GiB (tree), {gb(r['max_rss_process_bytes'])} GiB (largest "
           f"process){gpu}\n  " + (f"error: {r['error']}" if rc else r["last_output"][:160]), flush=True)
     return r
 
 
-def gpu_peak(err_log):
+def gpu_peak(stderr):
     """The stage's peak GPU memory (GiB allocated) from the line engine.report_gpu_memory writes; None without one."""
-    with open(err_log, errors="replace") as f:
-        found = re.findall(r"peak GPU memory: ([0-9.]+) GiB allocated", f.read())
+    found = re.findall(r"peak GPU memory: ([0-9.]+) GiB allocated", stderr)
     return float(found[-1]) if found else None
 
 
-def last_error(err_log):
-    """The line that says why a stage failed: its last line, unless that is the GPU memory report."""
-    with open(err_log, errors="replace") as f:
-        lines = [line.strip() for line in f if line.strip() and not line.startswith("peak GPU memory:")]
-    return (lines or [""])[-1]
 
 
 def markdown(report, other):
@@ -229,11 +231,7 @@ def device_name(device):
         return "cpu"
     probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"],
                            capture_output=True, text=True)
-    return probe.stdout.strip() or f"{device} (not available: {last_line_of(probe.stderr)})"
-
-
-def last_line_of(text):
-    return ([line.strip() for line in text.splitlines() if line.strip()] or [""])[-1]
+    return probe.stdout.strip() or f"{device} (not available: {last_line(probe.stderr)})"
 
 
 def main(argv=None):

@@ -14,7 +14,6 @@ import importlib
 import json
 import os
 import shlex
-import sys
 import time
 
 import torch

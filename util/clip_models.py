@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
-from util.engine import atomic_write, autocast, eval_precision
+from util.engine import autocast, eval_precision
+from util.files import atomic_write
 from util.errors import DataError, warn
 from util.progress import progress
 

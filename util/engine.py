@@ -22,6 +22,7 @@ import torch
 from util.distributed import agree, rank_world, stop_signal
 from util.errors import (CheckpointError, DataError, DiskError, DivergedError, GPUMemoryError, StageError, fail,
                          warn)
+from util.files import atomic_write
 from util.progress import progress
 from util.records import run_records
 
@@ -85,21 +86,6 @@ def eval_precision(device, precision="fp32"):
 
 # ----------------------------------------------------------------------------------------------
 # Files and checkpoints: plain dicts, written atomically, checked before use
-
-
-def atomic_write(path, write_fn, mode="wb"):
-    """Write `path` via a temporary file in the same directory and os.replace: a crash leaves the old file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def run_file(args, stem, ext=".pt"):

@@ -17,8 +17,8 @@ from PIL import Image, UnidentifiedImageError
 
 from util.clip_models import clip_preprocess
 from util.distributed import rank_world
-from util.engine import atomic_write
 from util.errors import DataError
+from util.files import atomic_write
 from util.progress import progress
 
 

@@ -26,6 +26,7 @@ import torch
 import torchvision
 
 from util.errors import DiskError, warn
+from util.files import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the code's own folder: its git checkout
 
@@ -148,19 +149,12 @@ class RunRecord:
         if resumed_at is not None and os.path.exists(self.path):
             kept = [r for r in read_records(self.path) if "header" in r or position(r) <= tuple(resumed_at)]
             header = {**header, "resumed": {"epoch": resumed_at[0], "batch": resumed_at[1]}}
-        tmp = f"{self.path}.tmp{os.getpid()}"                     # written whole, then put in place: a crash
-        try:                                                       # leaves the old file, never half of one
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept + [{"header": header}])
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+        try:                                                       # rewritten whole: a crash leaves the old file
+            atomic_write(self.path, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept + [{"header": header}]),
+                         "w")
             self.file = open(self.path, "a", encoding="utf-8")
         except OSError as e:
             raise DiskError(f"cannot write {self.path} ({e.strerror}); free disk space or pass another --out")
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         self.writer = tensorboard_writer(tensorboard_dir(checkpoint)) if tensorboard else None
         for r in epoch_records(kept):                              # the events again, as the kept records hold them
             self.add_scalars(r)

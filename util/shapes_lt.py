@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from util.clip_models import STANDIN_TAG, clip_preprocess, context_length, tokenize_exact
-from util.engine import atomic_write
 from util.errors import warn
+from util.files import atomic_write
 from util.progress import progress
 
 SHAPES_VERSION = 3   # bump when the generator changes: cached worlds are keyed by version + seed
