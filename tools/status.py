@@ -147,10 +147,12 @@ def known_args(folder):
     folder's name runs/<data>/<backbone> when no stage has written anything yet."""
     for name, _, _ in PIPELINE + OPTIONAL:
         path = os.path.join(folder, name)
-        if name.endswith(".pt") and os.path.exists(path) and "args" in (small_entries(path) or {}):
-            return small_entries(path)["args"]
-        if run_headers(path):
-            return run_headers(path)[0]["args"]
+        ckpt = small_entries(path) if name.endswith(".pt") and os.path.exists(path) else None
+        if ckpt and "args" in ckpt:
+            return ckpt["args"]
+        headers = run_headers(path)
+        if headers:
+            return headers[0]["args"]
     data, backbone = os.path.basename(os.path.dirname(os.path.abspath(folder))), os.path.basename(folder)
     return {"data": data if data in DATASETS else "shapes_lt", "backbone": backbone, "out": folder}
 

@@ -35,7 +35,6 @@ from util.errors import DataError, warn
 from util.progress import progress
 
 
-
 # The small CLIP of the shapes_lt world (SPEC §4, trained in shapes_lt.py): a ViT on 32 px images and a
 # 2-layer text transformer.
 TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=4, width=64, layers=2, head_width=32),
