@@ -13,14 +13,14 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cvlp import load_clip, temperature
-from data import add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
+from data import add_common_args, corpus_tokens, fill_defaults, image_transform, load_data, make_loader
 from util.clip_models import create_clip, encode_images, encode_texts
 from util.engine import (check_meta, checkpoint_meta, load_checkpoint, one_process_only, prepare_out,
                          run_file, run_stage, save_checkpoint, seed_everything)
 from util.files import atomic_write
-from util.images import clip_transform
 from util.progress import progress
 from util.records import run_header
 
@@ -175,11 +175,11 @@ def run(args):
     if args.M > int((text["offsets"][1:] - text["offsets"][:-1]).max()):
         print(f"note: --M {args.M} is larger than every class's corpus; all sentences are kept and padded")
 
-    E_T = encode_texts(model, text["tokens"], args.device, desc="sentences")      # (S, D)
+    E_T_raw = encode_texts(model, text["tokens"], args.device, desc="sentences", normalize=False)   # (S, D)
+    E_T = F.normalize(E_T_raw, dim=-1)                                          # (S, D) for the cosines of L_lin
     if args.select == "anss":
         subset = data.train.subset(image_subset(data.train.labels, args.images_per_class, args.seed))   # I'
-        transform = clip_transform(args, train=False)
-        loader = make_loader(subset, transform, args)
+        loader = make_loader(subset, image_transform(args, train=False), args)
         E_I, y = encode_images(model.encode_image, loader, args.device, desc="I'")   # (N', D)
         scores = anchor_scores(E_I, y, E_T, text["label"].to(args.device), tau, data.num_classes, args.chunk).cpu()
     else:
@@ -200,7 +200,9 @@ def run(args):
         for c, name in enumerate(data.classnames)]}
     atomic_write(run_file(args, "anchors", ".json"),
                  lambda f: f.write(json.dumps(anchors, indent=1).encode()))
-    embeds = E_T[index.to(E_T.device)].cpu() * mask[..., None]                  # (C, M, D), padding zeroed
+    # V = E^T of Eq. (5): the anchors as the text encoder gives them, not normalised (the official code saves them so
+    # too); the LGR head normalises only G in its cosine. Padding zeroed, as in the released checkpoints.
+    embeds = E_T_raw[index.to(E_T_raw.device)].cpu() * mask[..., None]          # (C, M, D)
     save_checkpoint(run_file(args, "anchor_embeds"), {
         **checkpoint_meta(args, "anss", data.num_classes), "init": args.init, "select": args.select,
         "embeds": embeds, "mask": mask, "args": vars(args)})

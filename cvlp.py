@@ -16,14 +16,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import DATASETS, accuracy_by_shot, add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
+from data import (DATASETS, accuracy_by_shot, add_common_args, corpus_tokens, fill_defaults, image_transform, load_data,
+                  make_loader)
 from util import shapes_lt
 from util.clip_models import (create_clip, encode_images, encode_text_trimmed, encode_texts, load_clip_file,
                               pretrained_weights)
 from util.distributed import distribute, gather, init_distributed, rank_world
-from util.engine import (add_training_args, checkpoint_meta, fit, optimizer_and_schedule, prepare_out, run_stage,
-                         seed_everything)
-from util.images import clip_transform
+from util.engine import (add_training_args, checkpoint_meta, fit, optimizer_and_schedule, parameter_groups, prepare_out,
+                         run_stage, seed_everything)
 
 
 def get_args(argv=None):
@@ -33,15 +33,21 @@ def get_args(argv=None):
     p.add_argument("--init", default="clip", choices=["clip", "scratch"],
                    help="student initialisation: CLIP weights (paper) or random (Table 4 #3)")
     p.add_argument("--variant", default="paper", choices=["paper", "official"],
-                   help="paper equations, or the official code's differences (SPEC.md §3)")
-    p.add_argument("--lam", type=float, default=0.5, help="Eq. (8) weight of L_ccl; 1 turns L_dis off (Table 4 #4)")
-    p.add_argument("--tau", type=float, default=0.07, help="initial temperature, learnable (Sec. 3.2)")
+                   help="the paper's equations and settings, or the official code's where they differ "
+                   "(docs/design.md §3)")
+    p.add_argument("--lam", type=float, default=0.5, help="Eq. (8) weight of L_ccl (Sec. 3.4 and Table 9: 0.5); 1 "
+                   "turns L_dis off (Table 4 #4)")
+    p.add_argument("--tau", type=float, default=None, help="initial temperature, learnable (Sec. 3.2: 0.07, the "
+                   "default; --variant official: CLIP's own learned value, as the official code loads it)")
     p.add_argument("--text", default="wiki+prompt", choices=["wiki+prompt", "prompt"],
                    help="text source (Table 10: 'prompt only' keeps the 80 templates)")
     p.add_argument("--val-every-epoch", action="store_true", help="print the val top-1 of sentence-mean class "
                    "prototypes after every epoch and keep the best epoch in cvlp_best.pt (the over-fitting check of "
                    "the README's L_dis experiment; the training itself is unchanged)")
-    return fill_defaults(p.parse_args(argv), "cvlp")
+    args = fill_defaults(p.parse_args(argv), "cvlp")
+    if args.tau is None and args.variant == "paper":
+        args.tau = 0.07
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,9 +60,15 @@ def cosine_similarity_matrix(E_I, E_T):
 
 
 def temperature(log_inv_tau, max_inv_tau=100.0):
-    """The learnable temperature tau (Sec. 3.2), kept as log(1 / tau) as CLIP keeps its logit scale, with CLIP's
-    clamp 1 / tau <= 100 (SPEC.md §2). CVLP's is CLIP's logit_scale, LGR's the head's own (Eq. 7)."""
+    """The learnable temperature tau (Sec. 3.2), kept as log(1 / tau) as CLIP keeps its logit scale. CVLP's is CLIP's
+    logit_scale, LGR's the head's own (Eq. 7). 1 / tau <= max_inv_tau: see inverse_tau_limit."""
     return 1 / log_inv_tau.exp().clamp(max=max_inv_tau)
+
+
+def inverse_tau_limit(variant):
+    """The clamp on 1 / tau: 100, CLIP's training rule, a safeguard of the project's own (a learnable tau running to 0
+    would blow up the logits; at the paper's settings it never binds); --variant official: none, as its code has none."""
+    return math.inf if variant == "official" else 100.0
 
 
 def class_wise_contrastive_loss(S, y, t, tau, variant="paper"):
@@ -72,7 +84,7 @@ def class_wise_contrastive_loss(S, y, t, tau, variant="paper"):
     pos = (y[:, None] == t[None, :]).to(S.dtype)                 # (N, N) positives T_i^+ / I_j^+
     target_vis = pos / pos.sum(dim=1, keepdim=True)              # rows sum to 1: 1/|T_i^+| on positives
     target_lin = pos / pos.sum(dim=0, keepdim=True)              # columns sum to 1: 1/|I_j^+|
-    if variant == "official":                                    # SPEC.md §3: smoothing 0.1
+    if variant == "official":                                    # docs/design.md §3: smoothing 0.1
         eps, N = 0.1, S.shape[0]
         target_vis, target_lin = (1 - eps) * target_vis + eps / N, (1 - eps) * target_lin + eps / N
     L_vis = -(target_vis * logits.log_softmax(dim=1)).sum(dim=1).mean()
@@ -85,7 +97,7 @@ def distillation_loss(S, S_teacher, tau, variant="paper"):
 
     paper: the diagonal terms only, -p'_ii log p_ii for the row (image -> text) and the column
     (text -> image) softmax, both at the student's tau (detached), averaged over the batch.
-    official (SPEC.md §3): the full soft-target cross-entropy over every j, both directions, / 2,
+    official (docs/design.md §3): the full soft-target cross-entropy over every j, both directions, / 2,
     with the teacher at its own CLIP temperature (1/100).
     """
     logits = S / tau                                             # (N, N)
@@ -113,7 +125,7 @@ def load_clip(args, device="cpu"):
     """The CLIP model with pre-trained weights: the student's init (--init clip) and the frozen teacher.
 
     --clip-weights PATH: a local file (of the weights --pretrained names). shapes_lt: the world's small stand-in
-    (shapes_lt.py), trained and cached on first use. Otherwise open_clip's weights of --pretrained (default
+    (shapes_lt.ensure_standin: seed 0's from the repository, another seed's trained and cached on first use). Otherwise open_clip's weights of --pretrained (default
     'openai', the paper's; downloaded once, then cached by open_clip). The model is built as those weights were
     trained (QuickGELU or GELU, clip_models.create_clip)."""
     path = args.clip_weights
@@ -121,9 +133,7 @@ def load_clip(args, device="cpu"):
         path = pretrained_weights(args.backbone, args.pretrained)   # before building the model: offline fails at once
     model = create_clip(args.backbone, args.image_size, args.pretrained)
     if not path:
-        path = shapes_lt.standin_path(args.data_root, args.seed)
-        if not os.path.exists(path):
-            shapes_lt.train_clip_standin(model, path, args.seed, device)
+        path = shapes_lt.ensure_standin(args.data_root, args.seed, model, device)
     return load_clip_file(model, path).to(device)
 
 
@@ -165,7 +175,7 @@ def cvlp_loss(student, teacher, x, y, T, args, E_T_teacher=None, ddp=None):
     E_I, E_T = ddp(x, T) if ddp else (student.encode_image(x), encode_text_trimmed(student, T, groups=4))   # Eq. (1)
     E_I, E_T, y = gather(E_I), gather(E_T), gather(y)                # torchrun: the global batch (else as is)
     S = cosine_similarity_matrix(E_I.float(), E_T.float())              # (N, N)
-    tau = temperature(student.logit_scale)                             # learnable; 1/tau <= 100 as in CLIP
+    tau = temperature(student.logit_scale, inverse_tau_limit(args.variant))   # learnable (Sec. 3.2)
     L_ccl = class_wise_contrastive_loss(S, y, y, tau, args.variant)      # Eq. (2)
     if args.lam < 1:
         with torch.no_grad():                                           # frozen CLIP teacher, same inputs
@@ -191,8 +201,7 @@ def class_prototype_accuracy(model, data, text, args):
         protos = torch.zeros(data.num_classes, E_T.shape[1], device=args.device).index_add_(
             0, text["label"].to(args.device), E_T)                                      # (C, D)
         protos = F.normalize(protos, dim=-1)
-        transform = clip_transform(args, train=False)
-        loader = make_loader(data.val, transform, args)
+        loader = make_loader(data.val, image_transform(args, train=False), args)
         E_I, y = encode_images(model.encode_image, loader, args.device, desc="val")    # (V, D), (V,)
     model.train(was_training)
     return accuracy_by_shot((E_I @ protos.T).argmax(1).cpu(), y.cpu(), data.counts)
@@ -213,15 +222,14 @@ def run(args):
     data = load_data(args.data, args.data_root, args.seed, text=args.text, skip_bad_images=args.skip_bad_images)
     path = os.path.join(args.out, "cvlp.pt")
 
-    teacher = load_clip(args, args.device) if (args.init == "clip" or args.lam < 1) else None
+    teacher = load_clip(args, args.device).eval().requires_grad_(False) if args.lam < 1 else None   # L_dis's frozen CLIP
     if args.init == "clip":
         student = load_clip(args, args.device)
     else:
         student = create_clip(args.backbone, args.image_size, args.pretrained).to(args.device)
-    with torch.no_grad():
-        student.logit_scale.fill_(math.log(1 / args.tau))         # tau learnable, init 0.07 (Sec. 3.2)
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
+    if args.tau is not None:                                     # tau learnable, init 0.07 (Sec. 3.2)
+        with torch.no_grad():
+            student.logit_scale.fill_(math.log(1 / args.tau))
     text = corpus_tokens(data, student, args)
     if rank == 0 and world_size > 1:                             # torchrun: the caches are there
         torch.distributed.barrier()
@@ -230,9 +238,9 @@ def run(args):
         teacher_text = encode_texts(teacher, text["tokens"], args.device, desc="teacher text",   # (S, D), in the
                                     training_precision=True)     # precision the step's own teacher forward would use
 
-    transform = clip_transform(args, train=True, crop_scale=DATASETS[args.data]["crop_scale"])
-    loader = make_loader(data.train, transform, args, sampling=args.sampling, generator=rngs["sampler"])
-    opt, sched, steps = optimizer_and_schedule(student.parameters(), loader, args)
+    loader = make_loader(data.train, image_transform(args, train=True), args, sampling=args.sampling,
+                         generator=rngs["sampler"])
+    opt, sched, steps = optimizer_and_schedule(parameter_groups(student, args.wd, args.variant)[0], loader, args)
 
     if args.compile:                       # in place (nn.Module.compile): parameter names, checkpoints unchanged
         for model in (student, teacher) if args.lam < 1 else (student,):
@@ -255,7 +263,9 @@ def run(args):
 
     if args.val_every_epoch and not args.resume:                 # where the curve starts: the CLIP weights
         print(f"before training: val proto top-1 {shot_line(class_prototype_accuracy(student, data, text, args))}")
-    student.train()
+    # train mode: BatchNorm's batch statistics (RN50); the official ImageNet-LT and Places-LT configs keep the running
+    # ones (train_mode False), its iNat configs train mode: DATASETS' cvlp_train_mode. ViTs have no BatchNorm.
+    student.train(DATASETS[args.data]["cvlp_train_mode"])
     if not fit(student, batch_loss, loader, opt, sched, args, path, checkpoint_meta(args, "cvlp", data.num_classes), rngs,
                validate if args.val_every_epoch else None):
         return                                                   # stopped early: the checkpoint is written

@@ -1,6 +1,6 @@
 """Data for VL-LTR: long-tailed image datasets, class-level text corpora, square-root sampling.
 
-Paper Sec. 4.1 (datasets, text descriptions) and Sec. 4.2 (shot splits); SPEC.md §4.
+Paper Sec. 4.1 (datasets, text descriptions) and Sec. 4.2 (shot splits); docs/design.md §4.
 
     python data.py --data shapes_lt            # summary + contact sheet, no download
     python data.py --data imagenet_lt --data-root data/imagenet
@@ -25,37 +25,73 @@ from util import shapes_lt
 from util.clip_models import cache_dir, context_length, default_tag, tokenize_corpus
 from util.distributed import rank_world
 from util.errors import DataError, fail, warn
-from util.images import (DeviceLoader, DeviceTransform, FileBytes, ImageDataset, collate_files, contact_sheet,
-                         drop_unreadable)
+from util.images import (DeviceLoader, DeviceTransform, FileBytes, ImageDataset, clip_transform, collate_files,
+                         contact_sheet, drop_unreadable)
 from util.own_data import cifar100_lt, image_folder
 from util.readers import READERS, Split, read_descriptions
 from util.resumable_sampler import ResumableSampler
 
-# Per-dataset defaults, the one table every stage reads them from (paper Sec. 4.3, 4.5; SPEC.md §5): where the data
-# lives, the CLIP backbone, the input size and RandomResizedCrop's scale range; CVLP's and LGR's epochs, learning
-# rate and batch (the CLIP + FC baseline trains twice LGR's epochs, as long as CVLP and LGR together, Sec. 4.3);
-# alpha, the official variant's weight of P^I in Eq. (7) (SPEC.md §3).
-COLUMNS = ("root", "backbone", "image_size", "crop_scale", "cvlp_epochs", "cvlp_lr", "cvlp_batch",
-           "lgr_epochs", "lgr_lr", "lgr_batch", "alpha")
-SHAPES = ("data/shapes_lt", "shapes-tiny", 32, (0.5, 1.0), 10, 5e-4, 256, 10, 1e-3, 64, 0.2)
-CIFAR = ("data/cifar100", "RN50", 224, (0.08, 1.0), 50, 5e-5, 256, 50, 1e-3, 128, 0.2)
-DATASETS = {name: dict(zip(COLUMNS, row)) for name, row in {
-    #                   root             backbone image crop scale   CVLP: epochs lr batch  LGR: epochs lr batch  alpha
-    "imagenet_lt":    ("data/imagenet", "RN50", 224, (0.08, 1.0),     50, 5e-5, 256,         50, 1e-3, 128,     0.2),
-    "places_lt":      ("data/places",   "RN50", 224, (0.08, 1.0),     50, 5e-5, 256,         50, 1e-3, 128,     0.2),
-    "inat2018":       ("data/inat",     "RN50", 224, (0.08, 1.0),    100, 5e-4, 256,        360, 2e-5, 128,     0.7),
-    "shapes_lt": SHAPES,          # the embedded world (shapes_lt.py); a tenth of ImageNet-LT's images: LGR batch 64
+# Per-dataset defaults, the one table every stage reads them from. Where each value comes from (docs/settings.md
+# lists every row with its source): the paper where it speaks (Sec. 4.3 for ImageNet-LT; Sec. 4.4: Places-LT "the
+# same as Section 4.3"; Sec. 4.5 for iNaturalist 2018), else the official code (its configs/<dataset>/ files and
+# main.py's argument defaults), else the project's own choice, said so in the comment.
+#   root, backbone, image_size    where the data lives; the paper's RN50 at 224 px
+#   augment, crop_scale           training images: "randaug" = RandomResizedCrop to crop_scale, flip, RandAugment
+#                                 rand-m9-mstd0.5-inc1 and random erasing 0.25, the official code's (timm's, its
+#                                 main.py defaults; the paper names none); "crop-flip" = crop and flip alone
+#   eval_crop                     evaluation images: short side to image_size / eval_crop, centre crop (official: 0.875)
+#   cvlp_*, lgr_*                 epochs, lr, batch (paper); warm-up epochs and final lr of the cosine schedule (official:
+#                                 5 warm-up epochs in pre-training, 0 in every fine-tuning config; min lr 0, except the
+#                                 iNat pre-training config, which leaves main.py's 1e-5)
+#   cvlp_train_mode               CVLP's student in train mode (BatchNorm's batch statistics) or not (running statistics,
+#                                 frozen): the official ImageNet-LT and Places-LT pre-training configs set train_mode False
+#   baseline_epochs               the CLIP + FC baseline's epochs (Sec. 4.3: 100; Sec. 4.5: iNat LGR's 360)
+#   head_form                     LGRHead's form: "paper" builds K and G as Eq. (4)-(6) write them; "gram", the same values
+#                                 without them, at iNat's 8,142 classes (34.7 against 4.2 GiB, BENCHMARKS.md)
+#   alpha                         the official variant's weight of P^I in Eq. (7) (official evaluation: 0.2, iNat 0.7)
+IMAGENET_LT = dict(root="data/imagenet", backbone="RN50", image_size=224, augment="randaug", crop_scale=(0.08, 1.0),
+                   eval_crop=0.875,
+                   cvlp_epochs=50, cvlp_lr=5e-5, cvlp_batch=256, cvlp_warmup=5, cvlp_min_lr=0.0, cvlp_train_mode=False,
+                   lgr_epochs=50, lgr_lr=1e-3, lgr_batch=128, lgr_warmup=0, lgr_min_lr=0.0,
+                   baseline_epochs=100, head_form="paper", alpha=0.2)
+# The embedded world: the project's own settings throughout (docs/shapes_lt.md). Crop and flip alone: a colour is half
+# of each class's name, and RandAugment's colour operations would change it. CVLP 10 epochs at 5e-4 with 1 warm-up
+# epoch (the recipe's tenth), LGR 10 at 1e-3 on batch 64 (a tenth of ImageNet-LT's images), the baseline twice LGR.
+SHAPES = {**IMAGENET_LT, "root": "data/shapes_lt", "backbone": "shapes-tiny", "image_size": 32, "augment": "crop-flip",
+          "crop_scale": (0.5, 1.0), "eval_crop": 1.0, "cvlp_epochs": 10, "cvlp_lr": 5e-4, "cvlp_warmup": 1,
+          "cvlp_train_mode": True, "lgr_epochs": 10, "lgr_batch": 64, "baseline_epochs": 20}
+# CIFAR-100-LT (Cui et al. 2019): 32 px images upsampled to CLIP's 224 and cropped as ImageNet's, as LIFT and BALLAD
+# fine-tune CLIP on it; its own settings otherwise are ImageNet-LT's. --data cifar100_lt --imbalance 10 is the run
+# named cifar100_lt_ir10 (dataset_name).
+CIFAR = {**IMAGENET_LT, "root": "data/cifar100"}
+DATASETS = {
+    "imagenet_lt": IMAGENET_LT,
+    "places_lt": {**IMAGENET_LT, "root": "data/places"},                  # Sec. 4.4: the setting of Sec. 4.3
+    "inat2018": {**IMAGENET_LT, "root": "data/inat", "cvlp_epochs": 100, "cvlp_lr": 5e-4, "cvlp_min_lr": 1e-5,
+                 "cvlp_train_mode": True, "lgr_epochs": 360, "lgr_lr": 2e-5, "baseline_epochs": 360,   # Sec. 4.5
+                 "head_form": "gram", "alpha": 0.7},
+    "shapes_lt": SHAPES,
     "shapes_lt_coined": SHAPES,   # the same world with made-up class names (shapes_lt.coined_names)
     "shapes_lt_small": SHAPES,    # the same world with a tenth of each class's training images (the L_dis study)
-    # your own ImageFolder tree (own_data.read_image_folder): no default place, --data-root PATH; ImageNet-LT's settings
-    "folder":         (None,            "RN50", 224, (0.08, 1.0),     50, 5e-5, 256,         50, 1e-3, 128,     0.2),
-    # CIFAR-100-LT (Cui et al. 2019): 32 px images upsampled to CLIP's 224 and cropped as ImageNet's, as LIFT and
-    # BALLAD fine-tune CLIP on it. --data cifar100_lt --imbalance 10 is the run named cifar100_lt_ir10 (dataset_name)
+    "folder": {**IMAGENET_LT, "root": None},   # your own ImageFolder tree: no default place (--data-root PATH)
     "cifar100_lt": CIFAR, "cifar100_lt_ir100": CIFAR, "cifar100_lt_ir50": CIFAR, "cifar100_lt_ir10": CIFAR,
-}.items()}
+}
+
+# --variant official: the official code's settings where they differ from the paper's (the paper's stay the default;
+# docs/design.md §3). Per dataset: the visual encoder frozen in fine-tuning (its
+# ImageNet-LT and Places-LT models LGR_r50 and LGR_vit16 build it with img_grad False; the iNat models train it) and
+# the norm of G detached in the text branch's cosine (the iNat models, "v_detach"). Per (dataset, backbone): the
+# learning rates of its configs that differ from the paper's (ViT-B/16 pre-training, Places-LT fine-tuning).
+OFFICIAL = {"imagenet_lt": dict(freeze_visual=True, v_detach=False),
+            "places_lt": dict(freeze_visual=True, v_detach=False),
+            "inat2018": dict(freeze_visual=False, v_detach=True)}
+OFFICIAL_LR = {("imagenet_lt", "ViT-B-16"): dict(cvlp_lr=3.5e-5),
+               ("places_lt", "RN50"): dict(lgr_lr=1e-4),
+               ("places_lt", "ViT-B-16"): dict(cvlp_lr=1e-5, lgr_lr=5e-5),
+               ("inat2018", "ViT-B-16"): dict(cvlp_lr=3.5e-4)}
 
 # Shot splits by training images per class, as the paper (Sec. 4.2) and the official evaluation define them:
-# many >= 100, few <= 20, medium between (SPEC.md §4). The other common LTR convention (many > 100, few < 20)
+# many >= 100, few <= 20, medium between (docs/design.md §4). The other common LTR convention (many > 100, few < 20)
 # differs only for a class of exactly 100 or exactly 20 images: it puts both in medium.
 MANY_FROM, FEW_UP_TO = 100, 20
 SHAPES_WORLDS = ("shapes_lt", "shapes_lt_coined", "shapes_lt_small")   # generated in memory by shapes_lt.py
@@ -96,8 +132,9 @@ def add_common_args(p):
 
 
 def fill_defaults(args, stage=None):
-    """Per-dataset defaults shared by all stages (DATASETS), and with stage "cvlp" or "lgr" that stage's epochs, lr
-    and batch; the dataset's name (dataset_name: cifar100_lt with --imbalance 10 becomes cifar100_lt_ir10); the run
+    """Per-dataset defaults shared by all stages (DATASETS), and with stage "cvlp" or "lgr" that stage's epochs, lr,
+    batch, warm-up, final lr and training augmentation (under --variant official the official configs' learning rates
+    where they differ, OFFICIAL_LR); the dataset's name (dataset_name: cifar100_lt with --imbalance 10 becomes cifar100_lt_ir10); the run
     folder runs/<run_name>/<backbone>, with the tag appended for weights other than the default ones (so that two
     runs of one backbone keep their own files)."""
     try:
@@ -113,9 +150,19 @@ def fill_defaults(args, stage=None):
     args.workers = args.workers if args.workers is not None else (0 if args.data in SHAPES_WORLDS else default_workers())
     folder = args.backbone if args.pretrained == default_tag(args.backbone) else f"{args.backbone}-{args.pretrained}"
     args.out = args.out or os.path.join("runs", run_name(args.data, args.data_root), folder)
-    if stage:
-        args.epochs, args.lr, args.batch = (getattr(args, k) or d[f"{stage}_{k}"] for k in ("epochs", "lr", "batch"))
+    if stage:                                    # a flag left at None takes the dataset's value for this stage
+        official = OFFICIAL_LR.get((args.data, args.backbone), {}) if getattr(args, "variant", None) == "official" else {}
+        for k in ("epochs", "lr", "batch", "warmup", "min_lr"):
+            if getattr(args, k) is None:
+                setattr(args, k, official.get(f"{stage}_{k}", d[f"{stage}_{k}"]))
+        if getattr(args, "augment", None) is None:
+            args.augment = d["augment"]
     return args
+
+
+def official_setting(data, key):
+    """--variant official: the official code's `key` for dataset `data` (OFFICIAL; another dataset: ImageNet-LT's)."""
+    return OFFICIAL.get(data, OFFICIAL["imagenet_lt"])[key]
 
 
 def cifar_imbalance(name):
@@ -203,7 +250,7 @@ def accuracy_by_shot(pred, y, counts):
 
 
 def official_accuracy(pred_mix, pred_logit_sum, y, counts):
-    """The numbers as the official evaluation reports them, and as the paper's tables print them (SPEC.md §3):
+    """The numbers as the official evaluation reports them, and as the paper's tables print them (docs/design.md §3):
     overall top-1 of the alpha mix, many / medium / few of the logit sum (logit_sum_prediction), two predictions.
     So the columns need not average to the overall: ImageNet-LT RN50 77.8 / 67.0 / 50.8 give ~69.0, not 70.1."""
     mix, logit_sum = accuracy_by_shot(pred_mix, y, counts), accuracy_by_shot(pred_logit_sum, y, counts)
@@ -323,7 +370,7 @@ def load_data(name, root=None, seed=0, text="wiki+prompt", skip_bad_images=False
 
 
 def make_sampler(labels, kind="sqrt", generator=None):
-    """Square-root sampling (paper Sec. 4.3, SPEC §4): class c is drawn with probability proportional to
+    """Square-root sampling (paper Sec. 4.3, docs/design.md §4): class c is drawn with probability proportional to
     sqrt(n_c), uniformly inside the class. Per-image weight n_c^-1/2, so class mass n_c * n_c^-1/2 = sqrt(n_c).
     Epoch length = dataset size. kind="instance": every image equally likely (plain shuffling)."""
     labels = np.asarray(labels)
@@ -334,6 +381,16 @@ def make_sampler(labels, kind="sqrt", generator=None):
     counts = np.bincount(labels)
     weights = torch.as_tensor(counts[labels], dtype=torch.float64) ** -0.5
     return torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
+
+
+def image_transform(args, train):
+    """The dataset's image transform (DATASETS). Training: RandomResizedCrop to its crop_scale and a flip, with
+    args.augment "randaug" also the official RandAugment and random erasing. Evaluation: the short side to
+    image_size / eval_crop, then a centre crop. The mean, std and resizing are the CLIP weights' (clip_transform)."""
+    d = DATASETS[args.data]
+    if train:
+        return clip_transform(args, train=True, crop_scale=d["crop_scale"], augment=args.augment)
+    return clip_transform(args, train=False, crop_pct=d["eval_crop"])
 
 
 def make_loader(split, transform, args, sampling=None, generator=None, batch=None):

@@ -7,16 +7,16 @@ Heads, each evaluated when its file is there:
   zero-shot   CLIP with the 80 prompt templates per class (Table 8)          CLIP weights
   baseline    CLIP-initialised visual encoder + linear classifier (Table 1)  fc_clip.pt
   FC head     CVLP visual encoder + linear classifier (Table 4 #5)           fc.pt
-  KNN head    CVLP image embedding vs all anchor sentence embeddings (#6)    cvlp.pt + anchor_embeds.pt
+  KNN head    CVLP image embedding vs every corpus sentence's, k = 5 (#6)   cvlp.pt
   LGR         VL-LTR, P of Eq. (7), and its branches P^I and P^T alone      lgr.pt
   LGR, no CVLP  CLIP weights straight into LGR (Table 4 #2)                 lgr_clip.pt
 Prints the table and writes eval.json (accuracies per head and split, per-class accuracy, confusions).
 
     python evaluate.py --data imagenet_lt --backbone RN50 --released checkpoint.pth
 
-evaluates a fine-tuned model released with the official code (SPEC.md §8) with its inference rules, beside
+evaluates a fine-tuned model released with the official code (docs/design.md §8) with its inference rules, beside
 the paper's number (run_released). The official evaluation takes the overall top-1 from the alpha mix of Eq. (7)
-and the many / medium / few columns from the logit sum (SPEC.md §3): --released and LGR heads trained with
+and the many / medium / few columns from the logit sum (docs/design.md §3): --released and LGR heads trained with
 --variant official report both. Shot splits are the paper's (Sec. 4.2, data.shot_split): many >= 100 training
 images, few <= 20. Every evaluation runs in fp32 (engine.eval_precision), whatever the training precision.
 
@@ -24,6 +24,7 @@ The results tables over several seeds (every row trained, then evaluated here) a
 experiments.py's.
 """
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -35,8 +36,8 @@ import torch.nn.functional as F
 
 from anss import load_anchor_embeds, load_encoder
 from cvlp import load_clip
-from data import (DATASETS, accuracy_by_shot, add_common_args, fill_defaults, load_data, make_loader, official_accuracy,
-                  prompt_sentences)
+from data import (DATASETS, accuracy_by_shot, add_common_args, corpus_tokens, fill_defaults, image_transform, load_data,
+                  make_loader, official_accuracy, prompt_only, prompt_sentences)
 from lgr import Recognizer, build_recognizer, predict
 from util.clip_models import (context_length, create_clip, default_tag, embed_dim, encode_images, encode_texts,
                               tokenize_exact)
@@ -51,26 +52,32 @@ from util.records import run_header
 # --variant official: the row of the prediction behind the official code's many / medium / few columns.
 LOGIT_SUM = "logit sum"
 LOGIT_SUM_NOTE = ("logit sum: argmax of logits_I + logits_T, the prediction the official code takes its many / medium /"
-                  " few columns from (its overall: the alpha mix; SPEC.md §3)")
+                  " few columns from (its overall: the alpha mix; docs/design.md §3)")
 
 def get_parser(add_help=True):
     """The evaluation options (experiments.py's `table` reuses them)."""
     p = argparse.ArgumentParser(description="VL-LTR evaluation: top-1 overall / many / medium / few", add_help=add_help)
     add_common_args(p)
     p.add_argument("--split", default="test", choices=["val", "test"], help="Sec. 4.1: report test, tune on val")
-    p.add_argument("--knn-k", type=int, default=10, help="KNN head: nearest anchor sentences that vote")
+    p.add_argument("--knn-k", type=int, default=5, help="KNN head (Table 4 #6): the nearest sentences that vote (the "
+                   "official evaluation's 5; the paper does not say)")
+    p.add_argument("--knn-sentences", default="corpus", choices=["corpus", "anchors"], help="KNN head: vote over every "
+                   "sentence of the class corpora (the official evaluation's; Table 4 #6 has no sentence selection) or "
+                   "over the AnSS anchors alone")
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--head-form", default=None, choices=["paper", "gram"], help="how the LGR head computes Eq. (4)-(7) "
+                   "(the same predictions; default: the dataset's, DATASETS head_form; gram is faster at batch 1)")
     p.add_argument("--checkpoint", default="last", choices=["last", "best"],
                    help="which checkpoint of each lgr.py run: last (<head>.pt, the default: the model the cosine "
-                        "schedule ends with; neither the paper nor SPEC.md says the paper reported another epoch) or "
+                        "schedule ends with; the paper does not say it reported another epoch) or "
                         "best (<head>_best.pt, its best val top-1 epoch); named in eval.json and the table's title")
     p.add_argument("--released", default=None, metavar="CHECKPOINT",
-                   help="evaluate a released VL-LTR checkpoint.pth of the official code (SPEC.md §8) with its "
+                   help="evaluate a released VL-LTR checkpoint.pth of the official code (docs/design.md §8) with its "
                         "inference rules (overall: alpha mix, alpha 0.2, iNat 0.7; many / medium / few: logit sum) and "
                         "evaluation crop (256 -> 224)")
     p.add_argument("--eval-precision", default="fp32", choices=["fp32", "fp16"],
                    help="--released: fp32 (every evaluation here) or fp16 autocast on CUDA, as the official "
-                        "evaluation runs (SPEC.md §3)")
+                        "evaluation runs (docs/design.md §3)")
     return p
 
 
@@ -95,28 +102,28 @@ def zero_shot_classifier(model, classnames, device, classes_at_once=256):
     return torch.cat(weights)
 
 
-def knn_predict(E_I, anchors, mask, k, chunk=4096):
-    """KNN head (Table 4 #6): each image's k most similar anchor sentences (over all classes) vote for
-    their class; ties go to the class with the larger summed similarity.
-    E_I (N, D) normalised; anchors (C, M, D) normalised, mask (C, M) -> (N,) predicted classes.
-    The (N, C M) similarities are never held at once: blocks of `chunk` images x `chunk` real anchors, each
-    image's running top k merged block by block (at iNat's 24K x 521K anchors, 51 GB as one matrix)."""
-    C, M, D = anchors.shape
-    real = mask.reshape(C * M).nonzero().squeeze(1)              # (R,) padded anchors never vote
-    flat, owner = anchors.reshape(C * M, D)[real], real // M     # (R, D) real anchors, (R,) their class
-    k = min(k, len(real))
+def knn_predict(E_I, E_T, t, k, num_classes, chunk=4096):
+    """KNN head (Table 4 #6) as the official evaluation computes it: each image's k most similar sentences vote for
+    their classes; the most votes wins, and a tie goes to the tied class met first in order of similarity (the
+    official code counts the votes with Python's Counter.most_common, which keeps that order).
+    E_I (N, D) and E_T (S, D) normalised, t (S,) each sentence's class -> (N,) predicted classes.
+    The (N, S) similarities are never held at once: blocks of `chunk` images x `chunk` sentences, each image's
+    running top k merged block by block (iNat: 24K images x 270K sentences, 26 GB as one matrix)."""
+    k = min(k, len(E_T))
     pred = torch.empty(len(E_I), dtype=torch.long, device=E_I.device)
     for i in progress(range(0, len(E_I), chunk), desc="KNN", unit="block"):
         top = E_I.new_full((len(E_I[i:i + chunk]), k), float("-inf"))                    # (n, k) running best
         idx = torch.zeros(top.shape, dtype=torch.long, device=E_I.device)
-        for j in range(0, len(flat), chunk):
-            sim = E_I[i:i + chunk] @ flat[j:j + chunk].T                                  # (n, r) cosine
+        for j in range(0, len(E_T), chunk):
+            sim = E_I[i:i + chunk] @ E_T[j:j + chunk].T                                   # (n, s) cosine
             best, at = sim.topk(min(k, sim.shape[1]), dim=1)                              # this block's best
-            top, pick = torch.cat([top, best], 1).topk(k, dim=1)                          # merged with the running k
+            top, pick = torch.cat([top, best], 1).topk(k, dim=1)                          # merged, most similar first
             idx = torch.cat([idx, j + at], 1).gather(1, pick)
-        votes = torch.zeros(len(top), C, device=E_I.device)
-        votes.scatter_add_(1, owner[idx], torch.ones_like(top) + 1e-3 * top)   # one vote each, similarity breaks ties
-        pred[i:i + chunk] = votes.argmax(1)
+        voters = t[idx]                                                                   # (n, k) nearest first
+        votes = torch.zeros(len(top), num_classes, device=E_I.device).scatter_add_(1, voters, torch.ones_like(top))
+        rank = torch.arange(k, device=E_I.device).expand_as(voters).float()               # 0 = the nearest
+        first = torch.full_like(votes, k).scatter_reduce_(1, voters, rank, "amin")        # (n, C) each class's first
+        pred[i:i + chunk] = (votes * (k + 1) + (k - first)).argmax(1)                     # votes, then the earliest
     return pred
 
 
@@ -159,7 +166,7 @@ def percent(value):
 
 
 # ----------------------------------------------------------------------------------------------
-# The released VL-LTR checkpoints of the official code (SPEC.md §8): read with our Recognizer
+# The released VL-LTR checkpoints of the official code (docs/design.md §8): read with our Recognizer
 
 # Our LGRHead's parameters and the official head's (its "text_block"), one to one.
 RELEASED_HEAD = {"ln_q.weight": "text_block.attn.norm1q.weight", "ln_q.bias": "text_block.attn.norm1q.bias",
@@ -188,18 +195,18 @@ def read_released(path):
     return ckpt["model"]
 
 
-def recognizer_from_released(path, backbone, image_size):
-    """A released VL-LTR checkpoint (SPEC.md §8) as our Recognizer, --variant official: its visual encoder,
-    its anchor embeddings "text_embeddings" (C, M, D) with the zero rows (padding) masked, and its head
-    mapped onto LGRHead (RELEASED_HEAD): the official W_q, W_k have no bias (ours are set to zero), its tau
-    is the fixed exp(-logit_scale) as stored, above 1/100 or not. The image embedding reaches both branches as
-    it is (Eq. 4, 7)."""
+def recognizer_from_released(path, backbone, image_size, form="paper"):
+    """A released VL-LTR checkpoint (docs/design.md §8) as our Recognizer, --variant
+    official: its visual encoder, its anchor embeddings "text_embeddings" (C, M, D) with the zero rows (padding)
+    masked, and its head mapped onto LGRHead (RELEASED_HEAD; W_q, W_k without bias in both), its tau the fixed
+    exp(-logit_scale) as stored, above 1/100 or not. The image embedding reaches both branches as it is (Eq. 4, 7).
+    form: LGRHead's ("gram" for iNat's 8,142 classes, DATASETS head_form)."""
     sd = read_released(path)
     missing = [k for k in ["text_embeddings", *RELEASED_HEAD.values()] if k not in sd]
     unknown = [k for k in sd if k.startswith("text_block.") and k not in RELEASED_HEAD.values()]
     if missing or unknown or not any(k.startswith("visual.") for k in sd):
         what = f"no {missing[0]}" if missing else f"an unknown head weight {unknown[0]}" if unknown else "no visual.*"
-        raise DataError(f"--released {path} is not in the released VL-LTR format ({what}, SPEC.md §8)")
+        raise DataError(f"--released {path} is not in the released VL-LTR format ({what}, docs/design.md §8)")
     E_T = sd["text_embeddings"].float()                          # (C, M, D) anchors, zero rows = padding
     if E_T.dim() != 3:
         raise DataError(f"--released {path}: text_embeddings has shape {tuple(E_T.shape)}, expected (C, M, D)")
@@ -211,11 +218,9 @@ def recognizer_from_released(path, backbone, image_size):
     if embed_dim(encoder) != D:
         raise DataError(f"--released {path} has D = {D}, --backbone {backbone} D = {embed_dim(encoder)}; "
                         f"pass the backbone it was trained with (RN50: 1024, ViT-B-16: 512)")
-    model = Recognizer(encoder.visual, D, C, "lgr", variant="official", anchors=E_T, mask=mask)
-    model.head.max_inv_tau = math.inf                            # the official head: exp(logit_scale), no clamp
+    model = Recognizer(encoder.visual, D, C, "lgr", E_T, mask, variant="official", form=form)   # 1/tau: no clamp
     state = {k: v for k, v in sd.items() if k.startswith("visual.")}
     state.update({f"head.{ours}": sd[theirs] for ours, theirs in RELEASED_HEAD.items()})
-    state["head.W_q.bias"] = state["head.W_k.bias"] = torch.zeros(D)   # the official W_q, W_k: no bias
     try:
         model.load_state_dict(state)                             # strict: every key, every shape
     except RuntimeError as e:
@@ -238,7 +243,7 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
     one line and skipped, and the others still run; on_result(results, preds, found) is called after every head
     (run() rewrites eval.json then, so a long evaluation keeps what it has computed)."""
     counts, split = data.counts, getattr(data, args.split)
-    loader = make_loader(split, clip_transform(args, train=False), args)
+    loader = make_loader(split, image_transform(args, train=False), args)
     results, preds, found, failed = {}, {}, [], {}
 
     def record(name, pred, y):
@@ -260,11 +265,11 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
             path = best_path(path)
         ckpt = load_checkpoint(path, "lgr", f"python lgr.py --head {head} --init {init}")
         check_meta(ckpt, {**checkpoint_meta(args, "lgr", data.num_classes), "head": head}, path)
-        args.variant, args.tau = ckpt["args"]["variant"], ckpt["args"]["tau"]
+        args.variant = ckpt["args"]["variant"]
         model = build_recognizer(args, args.device, ckpt)
         p, y = predict(model, loader, args, desc=name)
         record(name, p["P"], y)
-        if "logit_sum" in p:                 # --variant official: the official many / medium / few rule (SPEC.md §3)
+        if "logit_sum" in p:                 # --variant official: the official many / medium / few rule (docs/design.md §3)
             record(f"{name}: {LOGIT_SUM}", p["logit_sum"], y)
         if head == "lgr":
             record(f"{name}: P^I only", p["P_I"], y)
@@ -272,13 +277,21 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
         found.append({"path": path, "epoch": ckpt["position"]["epoch"], "batch": ckpt["position"]["batch"],
                       "epochs": ckpt["args"]["epochs"]})
 
-    def knn_head():                                              # CVLP embeddings against every anchor
+    knn_name = f"KNN head (k={args.knn_k}" + (", anchors)" if args.knn_sentences == "anchors" else ")")
+
+    def knn_head():                                              # CVLP's embeddings: each image's nearest sentences
         args.init = "cvlp"
-        encoder, _ = load_encoder(args, args.device)
-        anchors, mask = load_anchor_embeds(args)
+        encoder, ckpt = load_encoder(args, args.device)
         E_I, y = encode_images(encoder.encode_image, loader, args.device, desc="KNN")
-        record(f"KNN head (k={args.knn_k})", knn_predict(E_I, F.normalize(anchors.to(args.device), dim=-1),
-                                                       mask.to(args.device), args.knn_k), y)
+        if args.knn_sentences == "anchors":
+            anchors, mask = load_anchor_embeds(args)
+            real = mask.flatten().nonzero().squeeze(1)                                    # padded anchors never vote
+            E_T, t = F.normalize(anchors.flatten(0, 1)[real], dim=-1), real // anchors.shape[1]
+        else:                                                    # every sentence of the corpus CVLP trained on
+            corpus = prompt_only(data.corpus) if ckpt["args"].get("text") == "prompt" else data.corpus
+            text = corpus_tokens(dataclasses.replace(data, corpus=corpus), encoder, args)
+            E_T, t = encode_texts(encoder, text["tokens"], args.device, desc="KNN sentences"), text["label"]
+        record(knn_name, knn_predict(E_I, E_T.to(args.device), t.to(args.device), args.knn_k, data.num_classes), y)
 
     heads = [("Zero-Shot CLIP", zero_shot_head)] if zero_shot else []
     for head, init, name in (("fc", "clip", "Baseline (CLIP + FC)"), ("fc", "cvlp", "FC head (CVLP)"),
@@ -287,8 +300,9 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
         path = run_file(args, head)
         if os.path.exists(path):
             heads.append((name, functools.partial(recognizer_head, head, init, name, path)))
-    if all(os.path.exists(os.path.join(args.out, f)) for f in ("cvlp.pt", "anchor_embeds.pt")):
-        heads.append((f"KNN head (k={args.knn_k})", knn_head))
+    needs = ("cvlp.pt", "anchor_embeds.pt") if args.knn_sentences == "anchors" else ("cvlp.pt",)
+    if all(os.path.exists(os.path.join(args.out, f)) for f in needs):
+        heads.append((knn_name, knn_head))
     for name, compute in heads:
         try:
             compute()
@@ -335,21 +349,22 @@ def run(args):
 # ----------------------------------------------------------------------------------------------
 # The released VL-LTR checkpoints: python evaluate.py --data imagenet_lt --released checkpoint.pth
 
-# The paper's VL-LTR rows (Table 1-3; SPEC.md §6), test top-1 %, overall / many / medium / few where given.
+# The paper's VL-LTR rows (Table 1-3; docs/design.md §6), test top-1 %, overall / many / medium / few where given.
 PAPER_VLLTR = {("imagenet_lt", "RN50"): "70.1 / 77.8 / 67.0 / 50.8", ("imagenet_lt", "ViT-B-16"): "77.2",
                ("places_lt", "RN50"): "48.0 / 51.9 / 47.2 / 38.4", ("places_lt", "ViT-B-16"): "50.1",
                ("inat2018", "RN50"): "74.6", ("inat2018", "ViT-B-16"): "76.8 (81.0 at --image-size 384)"}
 
 
 def run_released(args):
-    """A released checkpoint.pth (SPEC.md §8) on args.split with the official code's inference rules and
+    """A released checkpoint.pth (docs/design.md §8) on args.split with the official code's inference rules and
     evaluation images (short side to 256, centre crop 224), beside the paper's number: the row the official
     evaluation reports (overall of the alpha mix, many / medium / few of the logit sum), then every column of
     each of the two predictions and of each branch. Writes eval_released.json."""
     if args.pretrained != default_tag(args.backbone):
         raise DataError(f"the released VL-LTR models were fine-tuned from OpenAI's CLIP weights; drop --pretrained "
                         f"{args.pretrained}")
-    model = recognizer_from_released(args.released, args.backbone, args.image_size).to(args.device)
+    model = recognizer_from_released(args.released, args.backbone, args.image_size,
+                                     args.head_form or DATASETS[args.data]["head_form"]).to(args.device)
     data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
     if len(model.anchors) != data.num_classes:
         raise DataError(f"--released {args.released} has {len(model.anchors)} classes, {args.data} has "
@@ -358,7 +373,7 @@ def run_released(args):
     transform = clip_transform(args, train=False, crop_pct=0.875)
     p, y = predict(model, make_loader(getattr(data, args.split), transform, args), args, desc="released")
     # The official evaluation takes its overall top-1 and its many / medium / few columns from two predictions
-    # (SPEC.md §3): the first row is what it reports, the next two give every column of each prediction.
+    # (docs/design.md §3): the first row is what it reports, the next two give every column of each prediction.
     results = {"as the official evaluation": official_accuracy(p["P"], p["logit_sum"], y, data.counts),
                f"  alpha mix, alpha {alpha}": accuracy_by_shot(p["P"], y, data.counts),
                f"  {LOGIT_SUM}": accuracy_by_shot(p["logit_sum"], y, data.counts),
@@ -372,7 +387,7 @@ def run_released(args):
                  "paper (test split)": dict(zip(("overall", "many", "medium", "few"), values)), **results}
     print(format_table(shown, f"{args.released}: {args.data} {args.backbone}, {args.split} split, top-1 (%), "
                               f"{args.eval_precision}"))
-    print("as the official evaluation: overall of the alpha mix, many / medium / few of the logit sum (SPEC.md §3); "
+    print("as the official evaluation: overall of the alpha mix, many / medium / few of the logit sum (docs/design.md §3); "
           "the paper's tables were computed this way")
     print(LOGIT_SUM_NOTE)
     path = os.path.join(args.out, "eval_released.json")

@@ -17,15 +17,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from anss import load_anchor_embeds, load_encoder
-from cvlp import temperature
-from data import DATASETS, accuracy_by_shot, add_common_args, fill_defaults, load_data, make_loader
+from cvlp import inverse_tau_limit, temperature
+from data import (DATASETS, accuracy_by_shot, add_common_args, fill_defaults, image_transform, load_data, make_loader,
+                  official_setting)
 from util.clip_models import create_clip, embed_dim
 from util.distributed import distribute, init_distributed, rank_world
 from util.engine import (add_training_args, best_path, checkpoint_meta, eval_precision, fit, optimizer_and_schedule,
-                         prepare_out, run_file, run_stage, seed_everything)
-from util.errors import DataError
-from util.images import clip_transform
+                         parameter_groups, prepare_out, run_file, run_stage, seed_everything)
+from util.errors import CheckpointError, DataError
 from util.progress import progress
+
+# --variant official: the learning rate of the LGR attention's parameters (its fine-tuning configs' text_lr; its
+# optimiser gives every parameter without "visual" in its name this rate, the MLP ("visual_fc") the lr).
+OFFICIAL_TEXT_LR = 1e-6
 
 
 def get_args(argv=None):
@@ -35,14 +39,34 @@ def get_args(argv=None):
     p.add_argument("--init", default="cvlp", choices=["cvlp", "clip"],
                    help="visual encoder: CVLP's (cvlp.pt) or plain CLIP weights (Table 4 #2; the baseline)")
     p.add_argument("--head", default="lgr", choices=["lgr", "fc"], help="LGR (Eq. 4-7) or the vision-only FC baseline")
-    p.add_argument("--variant", default="paper", choices=["paper", "official"], help="SPEC.md §3")
-    p.add_argument("--freeze-visual", action="store_true", help="keep the visual encoder fixed (official RN50 setting)")
-    p.add_argument("--tau", type=float, default=0.07, help="Eq. (7) temperature, learnable from this value")
+    p.add_argument("--variant", default="paper", choices=["paper", "official"],
+                   help="the paper's equations and settings, or the official code's where they differ "
+                   "(docs/design.md §3)")
+    p.add_argument("--freeze-visual", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the visual encoder fixed (default: fine-tuned, Sec. 3.1; --variant official: frozen on "
+                   "ImageNet-LT and Places-LT, fine-tuned on iNat, as its configs)")
+    p.add_argument("--tau", type=float, default=None, help="Eq. (7)'s tau (default: the encoder's own learned "
+                   "temperature, CVLP's, or CLIP's with --init clip, fixed, as the official code loads it; the paper "
+                   "does not say)")
+    p.add_argument("--learn-tau", action="store_true", help="let Eq. (7)'s tau learn from there (the project's option; "
+                   "the official code keeps it fixed)")
+    p.add_argument("--head-form", default=None, choices=["paper", "gram"], help="how LGRHead computes Eq. (4)-(7): "
+                   "paper = K and G as written, gram = the same values and gradients without them, far less memory "
+                   "at iNat's 8,142 classes (default: the dataset's, DATASETS head_form: gram on iNat)")
+    p.add_argument("--mixup", action=argparse.BooleanOptionalAction, default=None,
+                   help="Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 on both branches' targets (default: off, the "
+                   "paper's Eq. 9 on the labels; --variant official: on, as its fine-tuning runs)")
     args = p.parse_args(argv)
-    baseline_epochs = args.epochs is None and (args.head, args.init) == ("fc", "clip")
+    baseline = args.epochs is None and (args.head, args.init) == ("fc", "clip")
     args = fill_defaults(args, "lgr")
-    if baseline_epochs:      # plain CLIP + FC, no CVLP stage: as many epochs as CVLP and LGR together (Sec. 4.3)
-        args.epochs *= 2
+    if baseline:             # the CLIP + FC baseline: Sec. 4.3, 100 epochs; Sec. 4.5, iNat: LGR's 360 (DATASETS)
+        args.epochs = DATASETS[args.data]["baseline_epochs"]
+    official = args.variant == "official"
+    if args.freeze_visual is None:
+        args.freeze_visual = official and official_setting(args.data, "freeze_visual")
+    if args.mixup is None:
+        args.mixup = official
+    args.head_form = args.head_form or DATASETS[args.data]["head_form"]
     return args
 
 
@@ -55,32 +79,37 @@ class LGRHead(nn.Module):
     anchor-sentence embeddings with mask (C, M), True for real sentences -> logits of P^I and P^T (B, C) each
     and the attention A (B, C, M).
 
+    What the paper leaves open is the official code's (docs/design.md): W_q and W_k without bias, starting as the
+    identity; the MLP's layers initialised truncated-normal (std 0.02) with zero bias; tau fixed at the encoder's
+    learned value (`tau`; learn_tau: learnable, the project's option, with CLIP's clamp 1/tau <= 100).
+    variant "official": no clamp on 1/tau (its head has none). detach_norm: the norm |G_c| of the text branch's
+    cosine is a constant to the gradient (the official iNat models' v_detach; the values are the same).
+
     forward computes the attention and the text branch in one of two exact forms, chosen by `form` (as nanoGPT
     keeps its manual attention beside the fused one):
       "paper": the equations as written: K = W_k LN(E^T) (C, M, D) and G = A V (B, C, D) in every call, C M D^2
-               multiply-adds for K and O(B C D) memory for G (iNat, RN50, batch 128: 32 GiB);
-      "gram":  (the default, what training and evaluation run) the same values and gradients from the anchor side
-               made once (anchor_side: LayerNorm's mean and std, the Gram matrices V V^T) without K or G: one
-               (2B, D) x (D, C M) product and O(B C M) memory. Why it is exact: gram_form; the proof that it is:
-               test_equations.py (hand-worked values and gradients, padded anchors, float64 against "paper") and
-               tests/test_cuda.py (the same on a GPU).
+               multiply-adds for K and O(B C D) memory for G (iNat, RN50, batch 128: 32 GiB). The default up to a
+               thousand classes (DATASETS head_form);
+      "gram":  the same values and gradients from the anchor side made once (anchor_side: LayerNorm's mean and std,
+               the Gram matrices V V^T) without K or G: one (2B, D) x (D, C M) product and O(B C M) memory; iNat's
+               default. Why it is exact: gram_form; the proof that it is: tests/test_lgr_forms.py (values and
+               gradients, padded anchors, float64 against "paper") and tests/test_cuda.py (the same on a GPU).
     Both run in fp32 also under the training's bf16 autocast (TF32 matmuls on a GPU): in bf16, <E^I, V> and the
     Gram quadratic form moved logits_T by up to 0.07 on logits of 11, against 8e-4 in fp32 (C 200, D 512)."""
 
-    def __init__(self, D, C, tau=0.07, variant="paper", form="gram"):
+    def __init__(self, D, C, tau=0.07, variant="paper", form="paper", learn_tau=False, detach_norm=False):
         super().__init__()
-        self.form = form
-        self.ln_q, self.W_q = nn.LayerNorm(D), nn.Linear(D, D)
-        self.ln_k, self.W_k = nn.LayerNorm(D), nn.Linear(D, D)
+        self.form, self.detach_norm = form, detach_norm
+        self.ln_q, self.W_q = nn.LayerNorm(D), nn.Linear(D, D, bias=False)
+        self.ln_k, self.W_k = nn.LayerNorm(D), nn.Linear(D, D, bias=False)
         self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.ReLU(), nn.Linear(4 * D, C))   # 4D hidden: official code
-        if variant == "official":        # SPEC.md §3: W_q, W_k start as identity; tau fixed at 0.07
-            for W in (self.W_q, self.W_k):
-                nn.init.eye_(W.weight)
-                nn.init.zeros_(W.bias)
-        self.log_inv_tau = nn.Parameter(torch.tensor(math.log(1 / tau)), requires_grad=variant == "paper")
-        # Training keeps 1/tau <= 100, CLIP's clamp on its learnable scale (SPEC.md §2): a learnable tau that runs
-        # to 0 would make the text logits of Eq. 7 explode. A released head is read without it (its fixed scale).
-        self.max_inv_tau = 100.0
+        for W in (self.W_q, self.W_k):                           # official code: identity, so Q K^T = LN(E^I) LN(E^T)^T
+            nn.init.eye_(W.weight)
+        for layer in (self.mlp[0], self.mlp[2]):                 # official code: truncated normal, std 0.02
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+        self.log_inv_tau = nn.Parameter(torch.tensor(math.log(1 / tau)), requires_grad=learn_tau)
+        self.max_inv_tau = inverse_tau_limit(variant)            # cvlp.inverse_tau_limit: 100, or none (official)
 
     @torch.autocast("cuda", enabled=False)
     def forward(self, E_I, E_T, mask, side=None):
@@ -90,28 +119,28 @@ class LGRHead(nn.Module):
             K, V = self.W_k(self.ln_k(E_T)), E_T                 # Eq. (5)  (C, M, D), (C, M, D)
             A = language_guided_attention(Q, K, mask)            # Eq. (6)  (B, C, M)
             G = torch.einsum("bcm,cmd->bcd", A, V)               # Eq. (6)  (B, C, D)
-            logits_T = class_text_logits(E_I, G, tau)            # Eq. (7)  (B, C), before the softmax
+            logits_T = class_text_logits(E_I, G, tau, self.detach_norm)   # Eq. (7)  (B, C), before the softmax
         else:
             A, logits_T = self.gram_form(Q, E_I, E_T, mask, side if side is not None else self.anchor_side(E_T), tau)
         return self.mlp(E_I), logits_T, A                        # Eq. (7): the logits of P^I and P^T
 
     def gram_form(self, Q, E_I, E_T, mask, side, tau):
         """A (B, C, M) and logits_T (B, C) of Eq. (5)-(7), exactly, without K or G.
-        Q.K_cm without K: LayerNorm is LN_k(V_cm) = gamma_k * (V_cm - mean_cm) / std_cm + beta_k and W_k(x) =
-        W_k x + b_k, so by associativity
+        Q.K_cm without K: LayerNorm is LN_k(V_cm) = gamma_k * (V_cm - mean_cm) / std_cm + beta_k and W_k(x) = W_k x,
+        so by associativity
             Q.K_cm = (q.V_cm - mean_cm sum_d q_d) / std_cm + Q.W_k(beta_k),   q = (W_k^T Q) * gamma_k.
-        The last term is one number per image, the same for every anchor: the softmax over M ignores it (b_k and
-        beta_k get zero gradient in both forms). It is kept, at B D multiply-adds, so that the scores are Q K^T
-        itself and every parameter stays in the graph (DistributedDataParallel needs that).
+        The last term is one number per image, the same for every anchor: the softmax over M ignores it (beta_k gets
+        zero gradient in both forms). It is kept, at B D multiply-adds, so that the scores are Q K^T itself and every
+        parameter stays in the graph (DistributedDataParallel needs that).
         cos(E^I, G_c) without G: by bilinearity, from A, <E^I, V> and V V^T (class_text_logits_via_gram)."""
         mean, std, VVt = side
         C, M, D = E_T.shape
         q = (Q @ self.W_k.weight) * self.ln_k.weight             # (B, D) the query folded through W_k and gamma_k
-        shift = Q @ self.W_k(self.ln_k.bias)                     # (B,)   Q.(W_k beta_k + b_k)
+        shift = Q @ self.W_k(self.ln_k.bias)                     # (B,)   Q.(W_k beta_k)
         qV, EV = (torch.cat([q, E_I]) @ E_T.reshape(C * M, D).T).view(2, -1, C, M)   # (B, C, M) q.V_cm, E^I.V_cm
         QK = (qV - mean * q.sum(-1)[:, None, None]) / std + shift[:, None, None]      # (B, C, M) Q.K_cm
         A = attention_weights(QK, mask, D)                       # (B, C, M) softmax over the M anchors
-        return A, class_text_logits_via_gram(E_I, A, EV, VVt, tau)
+        return A, class_text_logits_via_gram(E_I, A, EV, VVt, tau, self.detach_norm)
 
     @torch.autocast("cuda", enabled=False)
     def anchor_side(self, E_T):
@@ -120,6 +149,11 @@ class LGRHead(nn.Module):
         matrices V V^T (C, M, M) of V = E^T. In E^T's precision also under the training's bf16 autocast."""
         var, mean = torch.var_mean(E_T, dim=-1, unbiased=False)    # (C, M) as LayerNorm computes them
         return mean, (var + self.ln_k.eps).sqrt(), E_T @ E_T.transpose(1, 2)
+
+    def attention_parameters(self):
+        """The names (in this head) of what computes the attention, Eq. (4)-(6): LayerNorms, W_q, W_k. The official
+        fine-tuning trains these at its text_lr (1e-6) and the MLP at the lr (its optimiser's groups by name)."""
+        return [n for n, _ in self.named_parameters() if n.split(".")[0] in ("ln_q", "W_q", "ln_k", "W_k")]
 
 
 def language_guided_attention(Q, K, mask):
@@ -133,39 +167,45 @@ def attention_weights(QK, mask, D):
     return (QK / math.sqrt(D)).masked_fill(~mask, float("-inf")).softmax(dim=-1)
 
 
-def class_text_logits(E_I, G, tau):
+def class_text_logits(E_I, G, tau, detach_norm=False):
     """Eq. (7) text branch before the softmax: <E^I, G> / tau, cosine similarity of E^I (B, D) with each
-    class's gathered embedding G (B, C, D) -> (B, C)."""
-    return F.cosine_similarity(E_I[:, None, :], G, dim=-1) / tau
+    class's gathered embedding G (B, C, D) -> (B, C). detach_norm: |G| held constant for the gradient."""
+    if not detach_norm:
+        return F.cosine_similarity(E_I[:, None, :], G, dim=-1) / tau
+    G_unit = G / G.norm(dim=-1, keepdim=True).detach()           # the official iNat models' v_detach
+    return (F.normalize(E_I, dim=-1)[:, None, :] * G_unit).sum(-1) / tau
 
 
-def class_text_logits_via_gram(E_I, A, EV, VVt, tau, eps=1e-8):
+def class_text_logits_via_gram(E_I, A, EV, VVt, tau, detach_norm=False, eps=1e-8):
     """class_text_logits(E_I, G, tau) for G_c = sum_m A_cm V_cm without forming G (B, C, D). By bilinearity:
         <E^I, G_c> = sum_m A_cm <E^I, V_cm>,   |G_c|^2 = A_c^T (V_c V_c^T) A_c,
     exact, with V V^T (C, M, M) fixed. E^I (B, D), A (B, C, M), EV (B, C, M) = <E^I, V_cm>, VVt (C, M, M) -> (B, C).
     Padded anchors have A = 0 and drop out of both. eps as in F.cosine_similarity: each norm at least eps."""
     dot = (A * EV).sum(-1)                                       # (B, C)    <E^I, G_c>
     G_sq = (torch.einsum("bcm,cmn->bcn", A, VVt) * A).sum(-1)    # (B, C)    |G_c|^2
-    norms = E_I.norm(dim=-1, keepdim=True).clamp_min(eps) * G_sq.clamp_min(eps ** 2).sqrt()   # (B, C)
+    G_norm = G_sq.clamp_min(eps ** 2).sqrt()
+    norms = E_I.norm(dim=-1, keepdim=True).clamp_min(eps) * (G_norm.detach() if detach_norm else G_norm)   # (B, C)
     return dot / norms / tau
 
 
 def lgr_probabilities(logits_I, logits_T, variant="paper", alpha=0.2):
     """Eq. (7): P = P^I + P^T = softmax(MLP(E^I)) + softmax(<E^I, G> / tau).
-    official (SPEC.md §3): alpha P^I + (1 - alpha) P^T (alpha 0.2 ImageNet-LT / Places-LT, 0.7 iNat)."""
+    official (docs/design.md §3): alpha P^I + (1 - alpha) P^T (alpha 0.2 ImageNet-LT / Places-LT, 0.7 iNat)."""
     P_I, P_T = logits_I.softmax(dim=-1), logits_T.softmax(dim=-1)
     return alpha * P_I + (1 - alpha) * P_T if variant == "official" else P_I + P_T
 
 
 def logit_sum_prediction(logits_I, logits_T):
-    """The prediction behind the official evaluation's many / medium / few columns (SPEC.md §3): argmax of the
+    """The prediction behind the official evaluation's many / medium / few columns (docs/design.md §3): argmax of the
     raw logit sum logits_I + logits_T, not of the alpha mix that gives its overall top-1. (B, C) x 2 -> (B,)."""
     return (logits_I + logits_T).argmax(1)
 
 
 def recognition_loss(logits_I, logits_T, y):
-    """Eq. (9): L_rec = CE(P^I, y) + CE(P^T, y), on the logits before each softmax of Eq. (7)."""
-    return F.cross_entropy(logits_I, y) + F.cross_entropy(logits_T, y)
+    """Eq. (9): L_rec = CE(P^I, y) + CE(P^T, y), on the logits before each softmax of Eq. (7). y (B,) labels, or (B, C)
+    class probabilities (--mixup: the mixed, smoothed targets) -> (L_rec, {"CE_I", "CE_T"}: its two terms)."""
+    CE_I, CE_T = F.cross_entropy(logits_I, y), F.cross_entropy(logits_T, y)
+    return CE_I + CE_T, {"CE_I": CE_I, "CE_T": CE_T}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,13 +213,20 @@ def recognition_loss(logits_I, logits_T, y):
 
 
 class Recognizer(nn.Module):
-    """The fine-tuned model: CLIP's visual encoder (E^I = E_vis(I), Eq. 1) and the LGR or FC head."""
+    """The fine-tuned model: CLIP's visual encoder (E^I = E_vis(I), Eq. 1) and the LGR head (keywords `head_args`:
+    LGRHead's) or the FC head (a linear classifier, initialised as the official code initialises its linear layers:
+    truncated normal, std 0.02, zero bias)."""
 
-    def __init__(self, visual, D, C, head="lgr", tau=0.07, variant="paper", anchors=None, mask=None):
+    def __init__(self, visual, D, C, head="lgr", anchors=None, mask=None, **head_args):
         super().__init__()
         self.visual = visual
         self.head_kind = head
-        self.head = LGRHead(D, C, tau, variant) if head == "lgr" else nn.Linear(D, C)
+        if head == "lgr":
+            self.head = LGRHead(D, C, **head_args)
+        else:
+            self.head = nn.Linear(D, C)
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
         if head == "lgr":                                        # frozen anchor embeddings: buffers, not weights
             self.register_buffer("anchors", anchors.float(), persistent=False)   # (C, M, D)
             self.register_buffer("mask", mask, persistent=False)                  # (C, M)
@@ -201,21 +248,35 @@ class Recognizer(nn.Module):
 
 def build_recognizer(args, device, ckpt=None):
     """Visual encoder from cvlp.pt (or CLIP) and a fresh head, or both from a saved lgr.py checkpoint;
-    anchors from anchor_embeds.pt (frozen buffers, not part of the checkpoint)."""
+    anchors from anchor_embeds.pt (frozen buffers, not part of the checkpoint). A fresh LGR head's tau: --tau, else
+    the encoder's own learned temperature (cvlp.pt's logit scale; CLIP's with --init clip), as the official code
+    loads it with the visual encoder."""
     if ckpt is not None:
         encoder = create_clip(args.backbone, args.image_size, args.pretrained)
     else:
         encoder = load_encoder(args, device)[0]
     D = embed_dim(encoder)
     anchors = mask = None
+    head_args = {}
     if args.head == "lgr":
         anchors, mask = load_anchor_embeds(args)
         if anchors.shape[-1] != D:
             raise DataError(f"anchor_embeds.pt has D = {anchors.shape[-1]}, the encoder D = {D}; rerun anss.py")
+        official = args.variant == "official"
+        tau = getattr(args, "tau", None)                         # a saved head's own tau is in its state dict
+        if tau is None:
+            tau = temperature(encoder.logit_scale.detach(), inverse_tau_limit(args.variant)).item()
+        head_args = dict(tau=tau, variant=args.variant, learn_tau=getattr(args, "learn_tau", False),
+                         form=getattr(args, "head_form", None) or DATASETS[args.data]["head_form"],
+                         detach_norm=official and official_setting(args.data, "v_detach"))
     C = len(anchors) if anchors is not None else args.num_classes
-    model = Recognizer(encoder.visual, D, C, args.head, args.tau, args.variant, anchors, mask).to(device)
+    model = Recognizer(encoder.visual, D, C, args.head, anchors, mask, **head_args).to(device)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"the {args.head} checkpoint does not fit this code's head ({str(e).splitlines()[1:2]}); "
+                                  f"it was written by an older version: rerun lgr.py --head {args.head}")
     return model
 
 
@@ -247,18 +308,48 @@ def predict(model, loader, args, desc="eval"):
 # Training
 
 
-def lgr_loss(model, x, y):
-    """The loss of one fine-tuning batch: Eq. (9) for the LGR head, plain cross-entropy for the FC baseline. For the
-    log, Eq. (9)'s two terms CE_I (P^I) and CE_T (P^T) (under torchrun this rank's share of the batch) and the
-    head's tau (Eq. 7)."""
+def mixup_cutmix(x, y, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, smoothing=0.1):
+    """--mixup (--variant official's default): the official fine-tuning's batch augmentation, timm's Mixup as its
+    main.py sets it up (mixup 0.8, cutmix 1.0, probability 1, switch probability 0.5, per batch, label smoothing
+    0.1). Each batch is mixed with itself reversed: with probability 1/2 CutMix (a box of area fraction 1 - lam,
+    lam ~ Beta(1, 1), pasted from the reversed batch; lam then the exact unpasted fraction), else Mixup
+    (lam ~ Beta(0.8, 0.8), x lam + x_reversed (1 - lam)). The targets: the smoothed one-hot rows (0.1 / C off, 1 - 0.1
+    + 0.1 / C on) mixed in the same proportion. Drawn from torch's generator, so --resume continues it exactly.
+    x (B, 3, H, W), y (B,) -> (x mixed, (B, C) target probabilities)."""
+    cutmix = bool(torch.rand(()) < 0.5)
+    alpha = cutmix_alpha if cutmix else mixup_alpha
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    reversed_x = x.flip(0)
+    if cutmix:
+        H, W = x.shape[-2:]
+        cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        cy, cx = int(torch.randint(H, ())), int(torch.randint(W, ()))          # the box's centre
+        top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
+        left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
+        x = x.clone()
+        x[..., top:bottom, left:right] = reversed_x[..., top:bottom, left:right]
+        lam = 1 - (bottom - top) * (right - left) / (H * W)
+    else:
+        x = x * lam + reversed_x * (1 - lam)
+    off = smoothing / num_classes
+    one_hot = torch.full((len(y), num_classes), off, device=x.device).scatter_(1, y[:, None], 1 - smoothing + off)
+    return x, one_hot * lam + one_hot.flip(0) * (1 - lam)
+
+
+def lgr_loss(model, x, y, mixup=False):
+    """The loss of one fine-tuning batch: Eq. (9) for the LGR head, plain cross-entropy for the FC baseline (both on
+    mixup_cutmix's targets with --mixup). For the log, Eq. (9)'s two terms CE_I (P^I) and CE_T (P^T) (under torchrun
+    this rank's share of the batch) and the head's tau (Eq. 7)."""
+    core = getattr(model, "module", model)                       # torchrun: the model inside DistributedDataParallel
+    target = y
+    if mixup:
+        x, target = mixup_cutmix(x, y, core.head.out_features if core.head_kind == "fc" else len(core.anchors))
     logits_I, logits_T, _ = model(x)
     if logits_T is None:
-        return F.cross_entropy(logits_I.float(), y), {}
-    with torch.no_grad():                                        # the terms again, for the log only
-        terms = {"CE_I": F.cross_entropy(logits_I.float(), y), "CE_T": F.cross_entropy(logits_T.float(), y)}
-        head = getattr(model, "module", model).head             # torchrun: the head inside DistributedDataParallel
-        terms["tau"] = temperature(head.log_inv_tau, head.max_inv_tau)
-    return recognition_loss(logits_I.float(), logits_T.float(), y), terms
+        return F.cross_entropy(logits_I.float(), target), {}
+    loss, terms = recognition_loss(logits_I.float(), logits_T.float(), target)   # Eq. (9)
+    terms["tau"] = temperature(core.head.log_inv_tau, core.head.max_inv_tau)
+    return loss, terms
 
 
 def main(argv=None):
@@ -279,15 +370,19 @@ def run(args):
     if args.compile:                       # in place (nn.Module.compile): parameter names, checkpoints unchanged
         model.visual.compile()
 
-    train_transform = clip_transform(args, train=True, crop_scale=DATASETS[args.data]["crop_scale"])
-    loader = make_loader(data.train, train_transform, args, sampling=args.sampling, generator=rngs["sampler"])
-    val_loader = make_loader(data.val, clip_transform(args, train=False), args)
-    opt, sched, steps = optimizer_and_schedule([p for p in model.parameters() if p.requires_grad], loader, args)
+    loader = make_loader(data.train, image_transform(args, train=True), args, sampling=args.sampling,
+                         generator=rngs["sampler"])
+    val_loader = make_loader(data.val, image_transform(args, train=False), args)
+    slow = ([f"head.{n}" for n in model.head.attention_parameters()]     # the official text_lr on the attention
+            if args.variant == "official" and args.head == "lgr" else [])
+    opt, sched, steps = optimizer_and_schedule(
+        parameter_groups(model, args.wd, args.variant, slow, OFFICIAL_TEXT_LR)[0], loader, args)
 
     def train_mode():
+        # The visual encoder stays in eval mode, trained or frozen: RN50's BatchNorm keeps its running statistics, as
+        # the official code's encode_image sets it (the paper does not say). ViTs have no BatchNorm.
         model.train()
-        if args.freeze_visual:
-            model.visual.eval()
+        model.visual.eval()
 
     def validate():
         preds, y = predict(model, val_loader, args, desc="val")
@@ -299,10 +394,12 @@ def run(args):
     # torchrun: DDP averages the ranks' gradients of their mean losses over b images: the mean over N b images
     train_model = distribute(model, args) if rank_world()[1] > 1 else model
     print(f"{args.head}: {args.data} {args.backbone} init {args.init}, {args.epochs} epochs x {steps} steps, "
-          f"lr {args.lr}, visual {'frozen' if args.freeze_visual else 'fine-tuned'}, device {args.device}")
+          f"lr {args.lr}, visual {'frozen' if args.freeze_visual else 'fine-tuned'}, variant {args.variant}"
+          + (", mixup" if args.mixup else "") + f", device {args.device}")
     train_mode()
     meta = {**checkpoint_meta(args, "lgr", data.num_classes), "head": args.head, "init": args.init}
-    if fit(model, lambda x, y: lgr_loss(train_model, x, y), loader, opt, sched, args, path, meta, rngs, validate):
+    if fit(model, lambda x, y: lgr_loss(train_model, x, y, args.mixup), loader, opt, sched, args, path, meta, rngs,
+           validate):
         print(f"wrote {path} (last) and {os.path.basename(best_path(path))} (best val)")
 
 

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import DATASETS, load_data, shot_split
+from data import DATASETS, image_transform, load_data, shot_split
 from lgr import build_recognizer, lgr_probabilities
 from util.engine import eval_precision, load_checkpoint, run_stage
 from util.errors import DataError
-from util.images import clip_transform, load_rgb
+from util.images import load_rgb
 
 
 def get_args(argv=None):
@@ -83,7 +83,7 @@ def load_run(run, device):
 def explain(model, args, classes, image, top=5, sentences=3):
     """One PIL image -> its top classes by P (Eq. 7), each with P, P^I, P^T and the `sentences` anchors of
     largest attention weight A (Eq. 6) among the class's real anchors (padding never shows)."""
-    transform = clip_transform(args, train=False)
+    transform = image_transform(args, train=False)
     x = transform(image)[None].to(args.device)                  # (1, 3, S, S)
     with eval_precision(args.device):                           # fp32, whatever the training precision
         logits_I, logits_T, A = model(x)                         # (1, C), (1, C), (1, C, M)

@@ -1,13 +1,15 @@
-"""Every equation of VL-LTR (paper Sec. 3.2-3.4, Eq. 1-9; SPEC.md §2-3) against numbers worked out by hand.
+"""Every equation of VL-LTR (paper Sec. 3.2-3.4, Eq. 1-9) and the method's rules around them (AnSS's selection,
+the KNN vote, the shot splits, the official evaluation's two predictions) against numbers worked out by hand.
 
     python -m pytest -q test_equations.py        # CPU, no data, a few seconds
 
 Each test writes its tiny inputs out in full and computes the expected value in plain Python
 (`math`) or numpy with the arithmetic visible: never by calling the function under test, nor
 torch's own softmax / cross-entropy. S matrices have images as rows and sentences as columns.
+Where the project also runs a faster exact form (AnSS in blocks, the LGR head's gram form), the hand values hold
+both; the fast forms against the plain ones on random inputs, values and gradients, are tests/test_exact_forms.py's,
+and the settings (defaults and the official variant) tests/test_settings.py's.
 """
-import copy
-import functools
 import math
 
 import numpy as np
@@ -15,17 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anss import anchor_scores, description_precision, select_anchors, sentence_scores
-from cvlp import (class_wise_contrastive_loss, cosine_similarity_matrix, distillation_loss, pretraining_loss,
-                  sample_sentences, temperature)
-from data import Corpus, accuracy_by_shot, official_accuracy, prompt_sentences
-from evaluate import knn_predict, zero_shot_classifier
-from lgr import (LGRHead, Recognizer, class_text_logits, class_text_logits_via_gram, language_guided_attention,
-                 lgr_probabilities, logit_sum_prediction, recognition_loss)
-from util.clip_models import create_clip, interpolate_pos_embed, tokenize_exact
-from util.errors import DataError
-from util.shapes_lt import clip_loss
-from tools.experiments import TABLE4, TABLE8, mean_std, regroup, table_markdown
+from anss import anchor_scores, select_anchors, sentence_scores
+from cvlp import class_wise_contrastive_loss, cosine_similarity_matrix, distillation_loss, pretraining_loss, sample_sentences
+from data import accuracy_by_shot, official_accuracy
+from evaluate import knn_predict
+from lgr import (LGRHead, class_text_logits, class_text_logits_via_gram, language_guided_attention, lgr_probabilities,
+                 logit_sum_prediction, recognition_loss)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -112,23 +109,6 @@ def test_ccl_with_all_labels_distinct_is_twice_the_clip_loss():
     clip_loss = (CE_rows + CE_cols) / 2                                              # CLIP's symmetric loss
     y = torch.tensor([0, 1, 2])
     assert class_wise_contrastive_loss(T(S3), y, y, tau).item() == pytest.approx(2 * clip_loss, rel=1e-9)
-
-
-def test_shapes_standin_clip_loss_is_clips_loss_with_repeated_pairs_as_positives():
-    # E^I = E^T = the 3 unit vectors, so S = identity and S / tau = 2 I at tau = 0.5.
-    E, tau = torch.eye(3, dtype=torch.float64), 0.5
-    # All pairs distinct: every row and column is -log(e^2 / (e^2 + 2)) = log(1 + 2 e^-2) = 0.2395.
-    assert clip_loss(E, E, torch.tensor([4, 7, 9]), tau).item() == pytest.approx(math.log(1 + 2 * math.exp(-2)))
-    # Pair 4 drawn twice (rows / columns 0 and 1 are copies): each of those rows averages -log p over both copies.
-    p_self, p_other = math.exp(2) / (math.exp(2) + 2), 1 / (math.exp(2) + 2)
-    copies = -(math.log(p_self) + math.log(p_other)) / 2
-    expected = (2 * copies + -math.log(p_self)) / 3                 # rows (image -> text); columns are the same
-    assert clip_loss(E, E, torch.tensor([4, 4, 9]), tau).item() == pytest.approx(expected, rel=1e-12)
-    # In general it is Eq. (2) with one class per pair, halved: the same function of the same inputs.
-    g = torch.Generator().manual_seed(0)
-    E_I, E_T, pair = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g), torch.tensor([0, 3, 3, 1, 0, 2])
-    S = cosine_similarity_matrix(E_I, E_T)
-    assert clip_loss(E_I, E_T, pair) == class_wise_contrastive_loss(S, pair, pair, 0.07) / 2   # bitwise
 
 
 def test_ccl_official_smooths_the_normalised_multi_hot_target_by_0_1_and_halves_the_sum():
@@ -232,38 +212,25 @@ ANSS_E_T = [[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]]
 ANSS_T = [0, 1, 0]
 
 
-def test_anchor_score_is_l_lin_of_the_sentence_over_its_own_class_images():
-    tau = 0.5
-    # Column k of S / tau = E_I @ E_T[k] / tau, a softmax over all 4 images; average -log p over the class's images.
+def anss_hand_scores(tau):
+    """L_lin of the three ANSS_ sentences by hand: column k of S / tau = E_I @ E_T[k] / tau, a softmax over all 4
+    images of I'; -log p averaged over the images of the sentence's class."""
     s0 = [1.0 / tau, 0.6 / tau, 0.0 / tau, -0.6 / tau]                           # sentence 0 (class 0)
     s1 = [0.0 / tau, 0.8 / tau, 1.0 / tau, 0.8 / tau]                            # sentence 1 (class 1)
     s2 = [0.8 / tau, (0.48 + 0.48) / tau, 0.6 / tau, (-0.48 + 0.48) / tau]       # sentence 2 (class 0)
-    expected = [-((s0[0] - lse(*s0)) + (s0[1] - lse(*s0))) / 2,     # images 0, 1 are class 0
-                -((s1[2] - lse(*s1)) + (s1[3] - lse(*s1))) / 2,     # images 2, 3 are class 1
-                -((s2[0] - lse(*s2)) + (s2[1] - lse(*s2))) / 2]
+    return [-((s0[0] - lse(*s0)) + (s0[1] - lse(*s0))) / 2,     # images 0, 1 are class 0
+            -((s1[2] - lse(*s1)) + (s1[3] - lse(*s1))) / 2,     # images 2, 3 are class 1
+            -((s2[0] - lse(*s2)) + (s2[1] - lse(*s2))) / 2]
+
+
+def test_anchor_score_is_l_lin_of_the_sentence_over_its_own_class_images():
+    tau = 0.5
+    expected = anss_hand_scores(tau)
     args = torch.tensor(ANSS_E_I), torch.tensor(ANSS_Y), torch.tensor(ANSS_E_T), torch.tensor(ANSS_T), tau
     assert sentence_scores(*args).tolist() == pytest.approx(expected, rel=1e-6)     # L_lin as Sec. 3.3 writes it
-    scores = anchor_scores(*args, num_classes=2)                     # the blocked form anss.py runs; float32, as
-    assert scores.tolist() == pytest.approx(expected, rel=1e-6)      # anss.run passes them
-
-
-def test_blocked_anchor_scores_equal_l_lin_as_written_on_random_embeddings():
-    g = torch.Generator().manual_seed(0)
-    E_I = F.normalize(torch.randn(37, 8, generator=g, dtype=torch.float64), dim=-1)   # N' = 37 images, D = 8
-    E_T = F.normalize(torch.randn(23, 8, generator=g, dtype=torch.float64), dim=-1)   # S = 23 sentences
-    y, t = torch.randint(0, 5, (37,), generator=g), torch.randint(0, 6, (23,), generator=g)   # class 5: no image
-    y[:5] = torch.arange(5)                                                            # classes 0-4 have images
-    for chunk in (4, 10, 4096):                                                        # ragged blocks, one block
-        blocked = anchor_scores(E_I, y, E_T, t, 0.07, num_classes=6, chunk=chunk)
-        assert torch.allclose(blocked, sentence_scores(E_I, y, E_T, t, 0.07), rtol=1e-10, atol=1e-12)
-    assert sentence_scores(E_I, y, E_T, t, 0.07)[t == 5].eq(0).all()                 # no image: score 0
-
-
-@pytest.mark.parametrize("chunk", [1, 2, 3])                       # 4 images, 3 sentences: ragged last blocks too
-def test_chunked_anchor_scores_equal_unchunked(chunk):
-    args = torch.tensor(ANSS_E_I), torch.tensor(ANSS_Y), torch.tensor(ANSS_E_T), torch.tensor(ANSS_T), 0.5, 2
-    whole = anchor_scores(*args, chunk=4096)
-    assert anchor_scores(*args, chunk=chunk).tolist() == pytest.approx(whole.tolist(), rel=1e-6)
+    for chunk in (1, 2, 4096):                                       # the blocked form anss.py runs, ragged blocks
+        scores = anchor_scores(*args, num_classes=2, chunk=chunk)    # too; float32, as anss.run passes them
+        assert scores.tolist() == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_class_without_images_in_i_prime_scores_zero_and_keeps_corpus_order():
@@ -271,9 +238,8 @@ def test_a_class_without_images_in_i_prime_scores_zero_and_keeps_corpus_order():
     # select_anchors keeps them in corpus order, as --select cutoff would. Classes 0 and 1 score as above.
     E_T, t = torch.tensor(ANSS_E_T + [[0.6, 0.8], [1.0, 0.0]]), torch.tensor(ANSS_T + [2, 2])
     args = torch.tensor(ANSS_E_I), torch.tensor(ANSS_Y)
-    scores = anchor_scores(*args, E_T, t, 0.5, num_classes=3)
-    assert scores[3:].tolist() == [0.0, 0.0]
-    assert scores[:3].tolist() == anchor_scores(*args, E_T[:3], t[:3], 0.5, num_classes=2).tolist()
+    for scores in (anchor_scores(*args, E_T, t, 0.5, num_classes=3), sentence_scores(*args, E_T, t, 0.5)):
+        assert scores.tolist() == pytest.approx(anss_hand_scores(0.5) + [0.0, 0.0], rel=1e-6)
     assert anchor_scores(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), E_T, t, 0.5, 3).tolist() == [0.0] * 5
 
 
@@ -302,18 +268,6 @@ def test_select_anchors_cutoff_takes_the_first_m_sentences_in_corpus_order():
 # Eq. (4)-(6): language-guided attention
 
 
-def test_description_precision_compares_anss_and_cutoff_on_the_description_sentences_alone():
-    # class 0: template, d1 (noise), d2, d3; class 1: template, d1 (noise), d2. Templates never count.
-    corpus = Corpus(sentences=[["t", "a", "b", "c"], ["t", "d", "e"]],
-                    source=[["template"] + ["description"] * 3, ["template"] + ["description"] * 2],
-                    informative=[[True, False, True, True], [True, False, True]])
-    scores = torch.tensor([0.1, 0.95, 0.9, 0.2, 0.0, 0.3, 0.4])
-    r = description_precision(scores, torch.tensor([0, 4, 7]), corpus, M=2)
-    # AnSS: class 0 keeps c (0.2), b (0.9) -> 2 informative; class 1 keeps d, e -> 1. 3 of 4.
-    # cut-off: class 0 keeps a, b -> 1; class 1 keeps d, e -> 1. 2 of 4. All descriptions: 3 of 5.
-    assert r == pytest.approx({"anss": 0.75, "cutoff": 0.5, "corpus": 0.6, "kept": 4})
-
-
 def test_attention_weights_are_the_softmax_of_qk_over_sqrt_d_and_padded_anchors_get_zero():
     Q = torch.tensor([[1.0, 2.0]])                                    # (B=1, D=2)
     K = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]],           # class 0: 3 real anchors
@@ -337,16 +291,10 @@ def layer_norm(x):
     return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
 
 
-def test_official_lgr_head_starts_with_identity_projections_and_zero_bias():
-    head = LGRHead(D=4, C=2, variant="official")
-    for W in (head.W_q, head.W_k):
-        assert W.weight.tolist() == np.eye(4).tolist()
-        assert W.bias.tolist() == [0.0, 0.0, 0.0, 0.0]
-
-
-def test_lgr_head_gathers_anchors_by_attention_and_scores_classes_by_cosine_over_tau():
+@pytest.mark.parametrize("form", ["paper", "gram"])
+def test_lgr_head_gathers_anchors_by_attention_and_scores_classes_by_cosine_over_tau(form):
     torch.manual_seed(0)
-    head = LGRHead(D=4, C=2, tau=0.07, variant="official")            # W_q = W_k = identity: Q = LN(E^I)
+    head = LGRHead(D=4, C=2, tau=0.07, form=form)                      # W_q = W_k = identity at the start: Q = LN(E^I)
     E_I = [[1.0, 2.0, 3.0, 4.0],
            [0.0, 1.0, 0.0, -1.0]]
     E_T = [[[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],   # class 0: 2 real, 1 padded
@@ -371,7 +319,7 @@ def test_lgr_head_gathers_anchors_by_attention_and_scores_classes_by_cosine_over
 
 
 # ----------------------------------------------------------------------------------------------
-# Eq. (4)-(7) without K (C, M, D) or G (B, C, D): LGRHead.forward against the plain form
+# Eq. (7)'s text branch without G (B, C, D): the gram form's identity, and the official iNat models' detached norm
 
 
 def test_gathered_text_norm_is_the_quadratic_form_of_the_anchors_gram_matrix():
@@ -391,76 +339,28 @@ def test_gathered_text_norm_is_the_quadratic_form_of_the_anchors_gram_matrix():
     out = class_text_logits_via_gram(E_I, A, EV, VVt, tau)
     assert out.tolist() == [pytest.approx([0.8 / tau, 0.0 / tau], rel=1e-12, abs=1e-12)]
     G = T([[[1.0, 0.75], [0.0, 3.0]]])                              # the same through the plain form
-    assert out.tolist() == [pytest.approx(class_text_logits(E_I, G, tau)[0].tolist(), rel=1e-12, abs=1e-12)]
+    assert class_text_logits(E_I, G, tau).tolist() == [pytest.approx([0.8 / tau, 0.0 / tau], rel=1e-12, abs=1e-12)]
 
 
-def random_lgr_case(variant):
-    """Seeded float64 inputs for the cheap-vs-plain comparison: an LGRHead (D=8, C=4) with every weight moved
-    off its init (LayerNorm gains and shifts, W_q, W_k and their biases all non-zero), E^I (B=3, D), and
-    E^T (C, M=5, D) whose class 1 has 3 real anchors and 2 padded rows of large values, class 2 a single real
-    anchor and zero rows (the released format's padding)."""
-    g = torch.Generator().manual_seed(0)
-    randn = lambda *shape: torch.randn(shape, generator=g, dtype=torch.float64)
-    head = LGRHead(D=8, C=4, tau=0.1, variant=variant).double()
-    with torch.no_grad():
-        for p in head.parameters():
-            p.add_(0.5 * randn(*p.shape) if p.requires_grad else 0)      # official: tau stays 0.1
-    E_I = randn(3, 8)
-    E_T = randn(4, 5, 8)
-    E_T[1, 3:] = 50.0
-    E_T[2, 1:] = 0.0
-    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] + [False] * 4, [True] * 5])
-    return head, E_I, E_T, mask
-
-
-def paper_form(head):
-    """head's forward in the paper's form, Eq. (4)-(7) as written (K and G built), with its own weights."""
-    def forward(E_I, E_T, mask):
-        head.form = "paper"
-        try:
-            return head(E_I, E_T, mask)
-        finally:
-            head.form = "gram"
-    return forward
-
-
-def head_outputs_and_gradients(forward, head, E_I, E_T, mask):
-    """(logits_I, logits_T, A) of forward(E_I, E_T, mask) and the gradients of a loss that reaches all three
-    (Eq. 9 plus a fixed weighting of A) w.r.t. every parameter of the head, E^I and E^T."""
-    head.zero_grad(set_to_none=True)
-    E_I, E_T = E_I.clone().requires_grad_(), E_T.clone().requires_grad_()
-    logits_I, logits_T, A = forward(E_I, E_T, mask)
-    weights = torch.randn(A.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    (recognition_loss(logits_I, logits_T, torch.tensor([0, 1, 2])) + (weights * A).sum()).backward()
-    grads = {name: p.grad for name, p in head.named_parameters()} | {"E_I": E_I.grad, "E_T": E_T.grad}
-    return (logits_I.detach(), logits_T.detach(), A.detach()), grads
-
-
-@pytest.mark.parametrize("variant", ["paper", "official"])
-def test_lgr_head_equals_the_plain_eq_4_to_7_in_values_and_gradients(variant):
-    head, E_I, E_T, mask = random_lgr_case(variant)
-    cheap, cheap_grads = head_outputs_and_gradients(head, head, E_I, E_T, mask)
-    plain, plain_grads = head_outputs_and_gradients(paper_form(head), head, E_I, E_T, mask)
-    for name, ours, want in zip(("logits_I", "logits_T", "A"), cheap, plain):
-        assert torch.allclose(ours, want, rtol=1e-9, atol=1e-12), name
-    A = cheap[2]
-    assert A[:, 1, 3:].eq(0).all() and A[:, 2, 1:].eq(0).all()          # padding: exactly zero attention
-    assert A[:, 2, 0].eq(1).all()                                        # a single real anchor takes all of it
-    assert torch.allclose(A.sum(-1), torch.ones(3, 4, dtype=torch.float64), rtol=1e-12)
-    # W_k's bias and LN_k's shift add Q.(W_k beta_k + b_k) to every score of an image, the same for all its
-    # anchors: the softmax over M ignores it, so their gradient is zero (to rounding) in both forms
-    constant_shift = ("W_k.bias", "ln_k.bias")
-    assert cheap_grads.keys() == plain_grads.keys()
-    for name, want in plain_grads.items():
-        if want is None:                                                 # official: tau is not learned
-            assert name == "log_inv_tau" and variant == "official" and cheap_grads[name] is None
-            continue
-        assert cheap_grads[name] is not None, name
-        if name in constant_shift:
-            assert cheap_grads[name].abs().max() < 1e-12 and want.abs().max() < 1e-12, name
-        else:
-            assert want.abs().max() > 1e-3, name                         # the loss reaches every tensor compared
-            assert torch.allclose(cheap_grads[name], want, rtol=1e-9, atol=1e-12), name
+def test_detached_norm_keeps_the_cosine_and_drops_the_gradient_through_the_norm_of_g():
+    # E^I = [1, 0], G = [3, 4]: |G| = 5, cos = 3 / 5. With tau = 0.5 the logit is 1.2 either way. Its gradient with
+    # respect to G: through the plain cosine <e, G> / (|e| |G|), (e / |G| - cos G / |G|^2) / tau
+    #   = ([0.2, 0] - 0.6 [3, 4] / 25) / 0.5 = ([0.2 - 0.072, -0.096]) / 0.5 = [0.256, -0.192];
+    # with |G| a constant (the official iNat models' v_detach), e / |G| / tau = [0.2, 0] / 0.5 = [0.4, 0].
+    tau = 0.5
+    for detach, grad in ((False, [0.256, -0.192]), (True, [0.4, 0.0])):
+        E_I, G = T([[1.0, 0.0]]), T([[[3.0, 4.0]]]).requires_grad_()
+        out = class_text_logits(E_I, G, tau, detach_norm=detach)
+        out.sum().backward()
+        assert out.item() == pytest.approx(1.2, rel=1e-12)
+        assert G.grad[0, 0].tolist() == pytest.approx(grad, rel=1e-9, abs=1e-12), detach
+        # the gram form: <E^I, G> = 1 * <e, V>, |G|^2 = V V^T (one anchor, A = 1)
+        V = T([[[3.0, 4.0]]]).requires_grad_()
+        A, VVt = T([[[1.0]]]), V[0] @ V[0].T
+        out = class_text_logits_via_gram(E_I, A, torch.einsum("bd,cmd->bcm", E_I, V), VVt[None], tau, detach)
+        out.sum().backward()
+        assert out.item() == pytest.approx(1.2, rel=1e-12)
+        assert V.grad[0, 0].tolist() == pytest.approx(grad, rel=1e-9, abs=1e-12), detach
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,152 +406,18 @@ def test_recognition_loss_is_cross_entropy_of_both_branches_summed():
     y = torch.tensor([0, 2])
     CE_I = (-(2.0 - lse(2.0, 1.0, 0.0)) - (1.0 - lse(0.5, 0.5, 1.0))) / 2     # -log p[i, y_i], mean over 2
     CE_T = (-(0.0 - lse(0.0, 1.0, 0.0)) - (0.0 - lse(1.0, -1.0, 0.0))) / 2
-    assert recognition_loss(logits_I, logits_T, y).item() == pytest.approx(CE_I + CE_T, rel=1e-9)
+    L_rec, terms = recognition_loss(logits_I, logits_T, y)
+    assert L_rec.item() == pytest.approx(CE_I + CE_T, rel=1e-9)
+    assert (terms["CE_I"].item(), terms["CE_T"].item()) == pytest.approx((CE_I, CE_T), rel=1e-9)
 
 
-# ----------------------------------------------------------------------------------------------
-# Gradients: what learns and what stays frozen
-
-
-def tiny_batch(n=3, context=32, seed=0):
-    """n random 32 px images and n token rows (random words, EOT at position 5) for the shapes-tiny CLIP."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 32, 32, generator=g)
-    tokens = torch.randint(1, 1000, (n, context), generator=g)
-    tokens[:, 0], tokens[:, 5], tokens[:, 6:] = 49406, 49407, 0   # SOT ... EOT, padding (argmax pools EOT)
-    return x, tokens
-
-
-@pytest.mark.parametrize("variant", ["paper", "official"])
-def test_cvlp_step_trains_student_and_its_tau_but_never_the_frozen_teacher(variant):
-    torch.manual_seed(0)
-    student = create_clip("shapes-tiny", 32)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    with torch.no_grad():                      # the teacher differs from the student, as after some CVLP steps
-        for p in student.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-        student.logit_scale.fill_(math.log(1 / 0.07))
-    x, tokens = tiny_batch()
-    y = torch.tensor([0, 0, 1])
-    S = cosine_similarity_matrix(student.encode_image(x), student.encode_text(tokens))     # Eq. (1), (N, N)
-    tau = temperature(student.logit_scale)
-    with torch.no_grad():
-        S_t = cosine_similarity_matrix(teacher.encode_image(x), teacher.encode_text(tokens))
-    L_ccl = class_wise_contrastive_loss(S, y, y, tau, variant)
-    L_dis = distillation_loss(S, S_t, tau, variant)
-    pretraining_loss(L_ccl, L_dis, 0.5).backward()
-    assert all(p.grad is None for p in teacher.parameters())
-    assert student.logit_scale.grad is not None and student.logit_scale.grad.abs().item() > 0
-    assert student.visual.conv1.weight.grad.abs().sum().item() > 0
-    assert student.token_embedding.weight.grad.abs().sum().item() > 0
-
-
-def test_distillation_alone_reaches_the_student_encoders():
-    torch.manual_seed(0)
-    student = create_clip("shapes-tiny", 32)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    x, tokens = tiny_batch()
-    S = cosine_similarity_matrix(student.encode_image(x), student.encode_text(tokens))
-    tau = temperature(student.logit_scale)
-    with torch.no_grad():
-        S_t = cosine_similarity_matrix(teacher.encode_image(x), teacher.encode_text(tokens))
-    pretraining_loss(torch.zeros(()), distillation_loss(S, S_t, tau), 0.0).backward()   # lam = 0: L_dis only
-    assert student.visual.conv1.weight.grad.abs().sum().item() > 0
-    assert student.logit_scale.grad.abs().item() > 0
-
-
-@functools.lru_cache(maxsize=None)
-def lgr_step(variant):
-    """One fine-tuning backward pass of a Recognizer (shapes-tiny visual encoder, LGR head, C=3, M=2).
-    Cached: the tests below only read its parameters and gradients."""
-    torch.manual_seed(0)
-    clip = create_clip("shapes-tiny", 32)
-    anchors = torch.nn.functional.normalize(torch.randn(3, 2, 64), dim=-1)     # (C, M, D) frozen
-    mask = torch.tensor([[True, True], [True, False], [True, True]])
-    model = Recognizer(clip.visual, 64, 3, "lgr", 0.07, variant, anchors, mask)
-    x, _ = tiny_batch()
-    logits_I, logits_T, _ = model(x)
-    recognition_loss(logits_I, logits_T, torch.tensor([0, 1, 2])).backward()   # Eq. (9)
-    return model
-
-
-@pytest.mark.parametrize("variant", ["paper", "official"])
-def test_lgr_anchor_embeddings_are_buffers_without_gradient_while_the_head_learns(variant):
-    model = lgr_step(variant)
-    names = [n for n, _ in model.named_parameters()]
-    assert "anchors" not in names and "anchors" in dict(model.named_buffers())
-    assert model.anchors.grad is None and not model.anchors.requires_grad
-    head = model.head
-    for p in (head.W_q.weight, head.W_k.weight, head.mlp[0].weight, head.mlp[2].weight):
-        assert p.grad is not None and p.grad.abs().sum().item() > 0
-    assert model.visual.conv1.weight.grad.abs().sum().item() > 0     # visual encoder fine-tuned (paper)
-
-
-def test_lgr_tau_is_learned_in_the_paper_variant():
-    head = lgr_step("paper").head
-    assert head.log_inv_tau.requires_grad
-    assert head.log_inv_tau.grad is not None and head.log_inv_tau.grad.abs().item() > 0
-
-
-def test_lgr_tau_is_fixed_at_0_07_in_the_official_variant():
-    model = lgr_step("official")
-    head = model.head
-    assert not head.log_inv_tau.requires_grad and head.log_inv_tau.grad is None
-    assert 1 / math.exp(head.log_inv_tau.item()) == pytest.approx(0.07, rel=1e-6)
-    assert all(p is not head.log_inv_tau for p in model.parameters() if p.requires_grad)   # not given to AdamW
-
-
-def test_lgr_recognizer_makes_the_anchor_side_once_as_buffers_outside_the_checkpoint():
-    model = lgr_step("paper")                                          # C=3, M=2, D=64; class 1 has 1 real anchor
-    E_T = model.anchors.double().numpy()                               # (3, 2, 64)
-    assert model.anchors_mean.numpy() == pytest.approx(E_T.mean(-1), rel=1e-5, abs=1e-7)          # LayerNorm's mean
-    assert model.anchors_std.numpy() == pytest.approx(np.sqrt(E_T.var(-1) + 1e-5), rel=1e-5)      # and its std, eps
-    assert model.anchors_gram.numpy() == pytest.approx(np.einsum("cmd,cnd->cmn", E_T, E_T), rel=1e-5, abs=1e-6)
-    assert {"anchors", "mask", "anchors_mean", "anchors_std", "anchors_gram"} <= dict(model.named_buffers()).keys()
-    assert not any(k.startswith(("anchors", "mask")) for k in model.state_dict())   # lgr.pt keys unchanged
-    assert dict(copy.deepcopy(model).to("meta").named_buffers())["anchors_gram"].is_meta   # they follow .to()
-    x, _ = tiny_batch()
-    with torch.no_grad():
-        E_I = model.visual(x).float()                                  # (3, 64)
-        ours = model.head(E_I, model.anchors, model.mask, model.anchor_side())
-        plain = paper_form(model.head)(E_I, model.anchors, model.mask)
-    for name, a, b in zip(("logits_I", "logits_T", "A"), ours, plain):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
-
-
-# ----------------------------------------------------------------------------------------------
-# Positional-embedding interpolation (224 -> 384 in the paper; 32 -> 64 px here)
-
-
-def test_interpolate_pos_embed_keeps_class_token_and_a_constant_grid_constant():
-    sd = {k: v.clone() for k, v in create_clip("shapes-tiny", 32).state_dict().items()}
-    key = "visual.positional_embedding"
-    assert sd[key].shape == (1 + 8 * 8, 64)                           # patch 4 on 32 px: 8 x 8 grid
-    v = torch.arange(64, dtype=torch.float32) / 100                   # one vector, the same at every position
-    sd[key][1:] = v
-    class_row = sd[key][0].clone()
-    model = create_clip("shapes-tiny", 64)
-    out = interpolate_pos_embed(dict(sd), model)
-    assert out[key].shape == (1 + 16 * 16, 64)                        # 64 px: 16 x 16 grid
-    assert torch.equal(out[key][0], class_row)
-    assert out[key][1:].numpy() == pytest.approx(np.tile(v.numpy(), (256, 1)), abs=1e-6)
-    model.load_state_dict(out, strict=True)
-
-
-def test_interpolate_pos_embed_keeps_the_grid_orientation():
-    sd = {k: v.clone() for k, v in create_clip("shapes-tiny", 32).state_dict().items()}
-    key = "visual.positional_embedding"
-    col = torch.arange(8, dtype=torch.float32).repeat(8)             # position (r, c) = row-major r * 8 + c -> c
-    sd[key][1:, 0] = col                                              # dimension 0 encodes the column
-    sd[key][1:, 1] = 5.0                                              # dimension 1 is constant
-    out = interpolate_pos_embed(dict(sd), create_clip("shapes-tiny", 64))
-    grid = out[key][1:, 0].reshape(16, 16)                            # (row, column)
-    assert torch.allclose(grid, grid[0].expand(16, 16), atol=1e-5)  # every row alike: depends on the column only
-    assert (grid[0, 1:] >= grid[0, :-1] - 1e-5).all() and grid[0, -1] - grid[0, 0] > 6
-    assert out[key][1:, 1].numpy() == pytest.approx(np.full(256, 5.0), abs=1e-5)
+def test_recognition_loss_on_soft_targets_is_the_expected_negative_log_probability():
+    # --mixup's targets are class probabilities: CE = -sum_c p_c log softmax(logits)_c, per image, then the mean.
+    logits = T([[2.0, 1.0, 0.0]])
+    p = T([[0.7, 0.2, 0.1]])
+    z = lse(2.0, 1.0, 0.0)
+    CE = -(0.7 * (2.0 - z) + 0.2 * (1.0 - z) + 0.1 * (0.0 - z))
+    assert recognition_loss(logits, logits, p)[0].item() == pytest.approx(2 * CE, rel=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -662,54 +428,37 @@ def unit(deg):
     return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
 
 
-@torch.no_grad()
-def test_zero_shot_classifier_in_groups_of_classes_is_the_mean_of_each_classs_80_prompts():
-    """Zero-shot CLIP: class c's weight is the normalised mean of its 80 normalised prompt embeddings, whatever
-    the grouping of classes (here 2 at a time, the last group of 1); reference: open_clip's full text forward."""
-    torch.manual_seed(0)
-    model = create_clip("shapes-tiny", 32).eval()
-    names = ["red ring", "blue star", "green heart"]
-    W = zero_shot_classifier(model, names, "cpu", classes_at_once=2)                      # (3, D)
-    for c, name in enumerate(names):
-        E = F.normalize(model.encode_text(tokenize_exact(prompt_sentences(name), 32)[0]), dim=-1)   # (80, D)
-        assert torch.allclose(W[c], F.normalize(E.mean(0), dim=-1), atol=1e-5), name
-
-
-def test_knn_predicts_the_majority_class_of_the_k_nearest_real_anchors():
+def test_knn_predicts_the_majority_class_of_the_k_nearest_sentences():
     E_I = torch.tensor([unit(0)])
-    anchors = torch.tensor([[unit(10), unit(0)],       # class 0: 10 deg, and padding right on the query
-                            [unit(15), unit(20)],      # class 1: 15 and 20 deg
-                            [unit(90), unit(180)]])    # class 2: far away
-    mask = torch.tensor([[True, False], [True, True], [True, True]])
-    # Real anchors by cosine: 10 deg (class 0), 15 deg (class 1), 20 deg (class 1): class 1 wins 2 to 1.
-    assert knn_predict(E_I, anchors, mask, k=3).tolist() == [1]
-    # Counted, the padding would give class 0 the two nearest anchors and the vote 2 to 1.
-    assert knn_predict(E_I, anchors, torch.ones(3, 2, dtype=torch.bool), k=3).tolist() == [0]
-    # k = 1: the single nearest real anchor (class 0 at 10 deg), not the padding.
-    assert knn_predict(E_I, anchors, mask, k=1).tolist() == [0]
+    E_T = torch.tensor([unit(10), unit(15), unit(20), unit(90), unit(180)])
+    t = torch.tensor([0, 1, 1, 2, 2])
+    # By cosine: 10 deg (class 0), 15 (class 1), 20 (class 1), 90, 180 (class 2). k = 3: class 1 wins 2 to 1.
+    assert knn_predict(E_I, E_T, t, k=3, num_classes=3).tolist() == [1]
+    # k = 1: the single nearest sentence's class. k = 5: class 1 and 2 have 2 votes each, class 2's nearest is
+    # further (90 deg) than class 1's (15 deg): class 1.
+    assert knn_predict(E_I, E_T, t, k=1, num_classes=3).tolist() == [0]
+    assert knn_predict(E_I, E_T, t, k=5, num_classes=3).tolist() == [1]
 
 
-def test_knn_padded_anchors_never_vote_even_when_k_exceeds_the_real_anchors():
+def test_knn_tie_goes_to_the_tied_class_met_first_in_order_of_similarity():
+    # The official vote counts with Counter.most_common: equal counts keep the order of first appearance, nearest
+    # first. Sentences at 5 (class 2), 10 (class 0), 20 (class 0), 30 (class 2), 40 (class 1) deg; k = 5:
+    # classes 0 and 2 have 2 votes each, class 2's first vote (5 deg) comes before class 0's (10 deg): class 2,
+    # although class 0's summed similarity (cos 10 + cos 20 = 1.924) is larger than class 2's (cos 5 + cos 30 = 1.862).
     E_I = torch.tensor([unit(0)])
-    anchors = torch.tensor([[unit(80), unit(0), unit(1)],     # class 0: one real anchor, two padded near the query
-                            [unit(60), unit(70), unit(75)]])  # class 1: three real anchors
-    mask = torch.tensor([[True, False, False], [True, True, True]])
-    # k = 10 > 4 real anchors: all 4 vote, class 1 has 3 of them.
-    assert knn_predict(E_I, anchors, mask, k=10).tolist() == [1]
+    E_T = torch.tensor([unit(10), unit(20), unit(5), unit(30), unit(40)])
+    t = torch.tensor([0, 0, 2, 2, 1])
+    assert math.cos(math.radians(10)) + math.cos(math.radians(20)) > math.cos(math.radians(5)) + math.cos(math.radians(30))
+    assert knn_predict(E_I, E_T, t, k=5, num_classes=3).tolist() == [2]
+    assert knn_predict(E_I, E_T, t, k=5, num_classes=3, chunk=2).tolist() == [2]      # in blocks: the same vote
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 7])
-def test_knn_in_blocks_votes_as_the_whole_similarity_matrix_does(chunk):
-    """Blocks of images x anchors with a running top k give the votes of the plain (N, C M) matrix."""
-    g = torch.Generator().manual_seed(0)
-    E_I = F.normalize(torch.randn(10, 4, generator=g), dim=-1)
-    anchors = F.normalize(torch.randn(5, 4, 4, generator=g), dim=-1)          # C = 5 classes, M = 4
-    mask = torch.rand(5, 4, generator=g) < 0.7
-    mask[:, 0] = True                                                          # every class has a real anchor
-    sim = (E_I @ anchors.reshape(20, 4).T).masked_fill(~mask.reshape(1, 20), float("-inf"))   # (10, 20) at once
-    top, idx = sim.topk(3, dim=1)
-    votes = torch.zeros(10, 5).scatter_add_(1, idx // 4, 1 + 1e-3 * top)
-    assert knn_predict(E_I, anchors, mask, k=3, chunk=chunk).tolist() == votes.argmax(1).tolist()
+def test_knn_with_k_larger_than_the_sentences_lets_every_sentence_vote():
+    E_I = torch.tensor([unit(0), unit(90)])
+    E_T = torch.tensor([unit(80), unit(60), unit(70), unit(75)])
+    t = torch.tensor([0, 1, 1, 1])
+    # k = 10 > 4 sentences: all 4 vote, class 1 has 3 of them, for both images.
+    assert knn_predict(E_I, E_T, t, k=10, num_classes=2).tolist() == [1, 1]
 
 
 def test_sample_sentences_draws_inside_each_images_class_range():
@@ -733,7 +482,7 @@ def test_accuracy_by_shot_splits_test_images_by_their_class_training_count():
 
 
 def test_official_columns_come_from_the_logit_sum_not_the_alpha_mix():
-    # SPEC.md §3: the official evaluation's overall is argmax of 0.2 softmax(logits_I) + 0.8 softmax(logits_T),
+    # docs/design.md §3: the official evaluation's overall is argmax of 0.2 softmax(logits_I) + 0.8 softmax(logits_T),
     # its many / medium / few columns argmax of logits_I + logits_T. One test image per class; the classes have
     # 150 / 50 / 10 training images: many / medium / few.
     counts = np.array([150, 50, 10])
@@ -763,41 +512,3 @@ def test_official_columns_come_from_the_logit_sum_not_the_alpha_mix():
     assert official_accuracy(mix, logit_sum, y, counts) == pytest.approx(
         {"overall": 100.0, "many": 100.0, "medium": 0.0, "few": 0.0})
 
-
-def test_regroup_recomputes_the_shot_columns_from_per_class_accuracies_with_the_papers_boundaries():
-    # Five classes with 150 / 100 / 50 / 20 / 10 training images and the same number of test images each
-    # (balanced): per-class top-1 90 / 80 / 60 / 40 / 10, overall (90 + 80 + 60 + 40 + 10) / 5 = 56.
-    # Stored under > 100 / < 20: many 90, medium (80 + 60 + 40) / 3 = 60, few 10. The paper's >= 100 / <= 20:
-    # many (90 + 80) / 2 = 85, medium 60, few (40 + 10) / 2 = 25.
-    stored = {"overall": 56.0, "many": 90.0, "medium": 60.0, "few": 10.0, "per_class": [90.0, 80.0, 60.0, 40.0, 10.0]}
-    methods = [(folder, method) for _, folder, method in TABLE8] + [(folder, method) for _, folder, method, _ in TABLE4]
-    methods += [("full", f"VL-LTR (LGR): {b} only") for b in ("P^I", "P^T")]
-    results = {}
-    for folder, method in methods:
-        results.setdefault(folder, {})[method] = dict(stored)
-    report = {"data": "shapes_lt", "per_seed": {0: {"train_counts": [150, 100, 50, 20, 10], "results": results}}}
-    new = regroup(report)
-    r = new["per_seed"][0]["results"]["full"]["VL-LTR (LGR)"]
-    assert (r["overall"], r["many"], r["medium"], r["few"]) == pytest.approx((56.0, 85.0, 60.0, 25.0))
-    assert new["table8"]["VL-LTR"]["few"] == pytest.approx({"mean": 25.0, "std": 0.0})
-    assert new["table4"]["#1 full VL-LTR"]["many"]["mean"] == pytest.approx(85.0)
-    assert new["table4"]["#1 full VL-LTR"]["paper"] == 70.1
-    assert new["shot_split"].startswith("many >= 100, few <= 20")
-    # An overall that is not the mean of the per-class accuracies: the test split was not balanced.
-    results["full"]["VL-LTR (LGR)"]["overall"] = 60.0
-    with pytest.raises(DataError, match="not the mean of its per-class accuracies .*the test split is not balanced"):
-        regroup(report)
-
-
-def test_table_cells_are_mean_and_sample_std_over_seeds():
-    assert mean_std([70.0, 72.0, 74.0]) == pytest.approx((72.0, 2.0))        # std: sqrt((4 + 0 + 4) / 2)
-    assert mean_std([65.5]) == (65.5, 0.0)
-    cell = {k: {"mean": 72.0, "std": 2.0} for k in ("overall", "many", "medium", "few")}
-    report = {"data": "shapes_lt", "split": "test", "seeds": [0, 1, 2], "device": "cpu", "torch": "2", "date": "d",
-              "epochs": {"cvlp": 10, "lgr": 20, "baseline": 30}, "wall_seconds": 60.0, "table8": {"VL-LTR": cell},
-              "table4": {"#1 full VL-LTR": {**cell, "paper": 70.1}}, "branches": {"P^T": cell},
-              "anss_precision": {"AnSS, M = 64 from the descriptions alone": {"mean": 0.75, "std": 0.05}}}
-    md = table_markdown(report)
-    assert "| VL-LTR | 72.0 ± 2.0 | 72.0 ± 2.0 | 72.0 ± 2.0 | 72.0 ± 2.0 |" in md
-    assert "| #1 full VL-LTR | 72.0 ± 2.0 | 72.0 ± 2.0 | 72.0 ± 2.0 | 72.0 ± 2.0 | 70.1 |" in md
-    assert "| AnSS, M = 64 from the descriptions alone | 75.0% ± 5.0 |" in md

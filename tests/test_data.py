@@ -5,6 +5,7 @@
 Expected values are written out by hand; real datasets are tiny trees written under tmp_path.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,9 @@ import torch
 from PIL import Image
 
 import data
-from util import images, shapes_lt
+from anss import description_precision
+from cvlp import class_wise_contrastive_loss, cosine_similarity_matrix
+from util import clip_models, images, shapes_lt
 from util.errors import DataError
 from util.shapes_lt import COLOURS, SHAPES
 
@@ -381,7 +384,7 @@ def test_missing_labels_txt_falls_back_to_open_clip_names(tmp_path):
     os.remove(root / "labels.txt")
     d = data.load_data("imagenet_lt", str(root), text="prompt")
     assert d.num_classes == 1000 and d.classnames[:3] == ["tench", "goldfish", "great white shark"]
-    assert d.classnames[657] == d.classnames[744] == "missile"   # SPEC §7: repeated name, two classes
+    assert d.classnames[657] == d.classnames[744] == "missile"   # docs/design.md §7: repeated name, two classes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,3 +498,76 @@ def test_inat2018_reads_coco_json_and_uses_val_as_test(tmp_path):
     assert [len(s) for s in d.corpus.sentences] == [80, 80]
     os.rename(tmp_path / "val2018.json", tmp_path / "val.json")           # the official VL-LTR README's name for it
     assert data.load_data("inat2018", str(tmp_path), text="prompt").val.images == [os.path.join(str(tmp_path), files[2])]
+
+
+# ----------------------------------------------------------------------------------------------
+# The shapes_lt stand-in's loss, and AnSS's precision against the ground truth
+
+
+def test_shapes_standin_clip_loss_is_clips_loss_with_repeated_pairs_as_positives():
+    # E^I = E^T = the 3 unit vectors, so S = identity and S / tau = 2 I at tau = 0.5.
+    E, tau = torch.eye(3, dtype=torch.float64), 0.5
+    # All pairs distinct: every row and column is -log(e^2 / (e^2 + 2)) = log(1 + 2 e^-2) = 0.2395.
+    assert shapes_lt.clip_loss(E, E, torch.tensor([4, 7, 9]), tau).item() == pytest.approx(math.log(1 + 2 * math.exp(-2)))
+    # Pair 4 drawn twice (rows / columns 0 and 1 are copies): each of those rows averages -log p over both copies.
+    p_self, p_other = math.exp(2) / (math.exp(2) + 2), 1 / (math.exp(2) + 2)
+    copies = -(math.log(p_self) + math.log(p_other)) / 2
+    expected = (2 * copies + -math.log(p_self)) / 3                 # rows (image -> text); columns are the same
+    assert shapes_lt.clip_loss(E, E, torch.tensor([4, 4, 9]), tau).item() == pytest.approx(expected, rel=1e-12)
+    # In general it is Eq. (2) with one class per pair, halved: the same function of the same inputs.
+    g = torch.Generator().manual_seed(0)
+    E_I, E_T, pair = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g), torch.tensor([0, 3, 3, 1, 0, 2])
+    S = cosine_similarity_matrix(E_I, E_T)
+    assert shapes_lt.clip_loss(E_I, E_T, pair) == class_wise_contrastive_loss(S, pair, pair, 0.07) / 2   # bitwise
+
+
+def test_description_precision_compares_anss_and_cutoff_on_the_description_sentences_alone():
+    # class 0: template, d1 (noise), d2, d3; class 1: template, d1 (noise), d2. Templates never count.
+    corpus = data.Corpus(sentences=[["t", "a", "b", "c"], ["t", "d", "e"]],
+                    source=[["template"] + ["description"] * 3, ["template"] + ["description"] * 2],
+                    informative=[[True, False, True, True], [True, False, True]])
+    scores = torch.tensor([0.1, 0.95, 0.9, 0.2, 0.0, 0.3, 0.4])
+    r = description_precision(scores, torch.tensor([0, 4, 7]), corpus, M=2)
+    # AnSS: class 0 keeps c (0.2), b (0.9) -> 2 informative; class 1 keeps d, e -> 1. 3 of 4.
+    # cut-off: class 0 keeps a, b -> 1; class 1 keeps d, e -> 1. 2 of 4. All descriptions: 3 of 5.
+    assert r == pytest.approx({"anss": 0.75, "cutoff": 0.5, "corpus": 0.6, "kept": 4})
+
+
+def test_the_repositorys_stand_in_file_matches_its_hash_and_expands_to_a_full_model():
+    assert shapes_lt.file_sha256(shapes_lt.STANDIN_FILE) == shapes_lt.STANDIN_SHA256
+    blob = torch.load(shapes_lt.STANDIN_FILE, weights_only=True)
+    model = clip_models.create_clip("shapes-tiny", 32)
+    sd = shapes_lt.expand_standin(blob, model)
+    rows = blob["token_rows"]
+    assert torch.equal(sd["token_embedding.weight"][rows], blob["token_embedding_rows"])
+    assert torch.equal(model.token_embedding.weight.detach(), sd["token_embedding.weight"])
+    for k, v in blob["state"].items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # the rows left out: N(0, 0.02^2) from a fixed seed, the same at every expansion
+    others = torch.ones(blob["vocab"], dtype=torch.bool)
+    others[rows] = False
+    drawn = sd["token_embedding.weight"][others]
+    assert abs(drawn.std().item() - 0.02) < 1e-3 and abs(drawn.mean().item()) < 1e-3
+    assert torch.equal(shapes_lt.expand_standin(blob, clip_models.create_clip("shapes-tiny", 32))["token_embedding.weight"],
+                       sd["token_embedding.weight"])
+
+
+def test_compacting_a_stand_in_keeps_every_tensor_and_the_used_token_rows_exactly():
+    torch.manual_seed(1)
+    trained = clip_models.create_clip("shapes-tiny", 32).state_dict()
+    blob = shapes_lt.compact_standin(trained, used_tokens=[49407, 5, 49406, 5], seed=0)
+    assert blob["token_rows"].tolist() == [5, 49406, 49407]
+    sd = shapes_lt.expand_standin(blob, clip_models.create_clip("shapes-tiny", 32))
+    assert torch.equal(sd["token_embedding.weight"][[5, 49406, 49407]], trained["token_embedding.weight"][[5, 49406, 49407]])
+    assert all(torch.equal(sd[k], trained[k]) for k in trained if k != "token_embedding.weight")
+
+
+def test_a_stand_in_file_that_does_not_match_its_hash_is_not_used(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "standin.pt"
+    bad.write_bytes(b"not the stand-in")
+    monkeypatch.setattr(shapes_lt, "STANDIN_FILE", str(bad))
+    trained = []
+    monkeypatch.setattr(shapes_lt, "train_clip_standin", lambda model, path, seed, device: trained.append(path))
+    path = shapes_lt.ensure_standin(str(tmp_path / "root"), 0, clip_models.create_clip("shapes-tiny", 32), "cpu")
+    assert trained == [path] and path == shapes_lt.standin_path(str(tmp_path / "root"), 0)
+    assert "does not match its hash" in capsys.readouterr().err

@@ -362,7 +362,7 @@ def check_every_stage(out, name, num_classes, counts):
     assert r["data"] == name and r["train_counts"] == list(counts)
     shots = set(data.shot_split(counts))                                   # a split without classes scores NaN
     for head in ("Zero-Shot CLIP", "Baseline (CLIP + FC)", "VL-LTR (LGR)", "VL-LTR (LGR): P^I only",
-                 "VL-LTR (LGR): P^T only", "KNN head (k=10)"):
+                 "VL-LTR (LGR): P^T only", "KNN head (k=5)"):
         scores = r["results"][head]
         assert 0 <= scores["overall"] <= 100 and len(scores["per_class"]) == num_classes, head
         assert all(0 <= scores[k] <= 100 if k in shots else np.isnan(scores[k]) for k in ("many", "medium", "few"))

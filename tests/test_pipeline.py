@@ -1,5 +1,5 @@
 """End to end: every stage runs on shapes_lt (a tiny random CLIP, two steps each) and writes the files
-of SPEC.md §1, loadable with weights_only=True; missing inputs give one-line errors naming the fix."""
+of docs/design.md §1, loadable with weights_only=True; missing inputs give one-line errors naming the fix."""
 import json
 import os
 import shutil
@@ -11,6 +11,7 @@ import torch
 
 import anss
 import cvlp
+import data
 import evaluate
 import lgr
 from util import clip_models, shapes_lt
@@ -52,8 +53,24 @@ def test_anchor_embeddings_are_C_by_M_by_D_with_a_mask(run):
     a = torch.load(run["out"] / "anchor_embeds.pt", weights_only=True)
     assert a["embeds"].shape == (100, 8, 64) and a["mask"].shape == (100, 8)
     assert a["mask"].dtype == torch.bool and a["mask"].all()       # every shapes_lt class has >= 85 sentences
-    norms = a["embeds"].norm(dim=-1)
-    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4)  # L2-normalised text embeddings
+
+
+
+def test_anchor_embeddings_are_the_text_encoders_own_output_not_normalised(run):
+    """V = E^T (Eq. 5): what cvlp.pt's text encoder gives for each sentence anchors.json lists, as it is."""
+    a = torch.load(run["out"] / "anchor_embeds.pt", weights_only=True)
+    ckpt = torch.load(run["out"] / "cvlp.pt", weights_only=True)
+    model = clip_models.create_clip("shapes-tiny", 32)
+    model.load_state_dict(ckpt["model"])
+    classes = json.loads((run["out"] / "anchors.json").read_text())["classes"]
+    tokens, _ = clip_models.tokenize_exact(classes[3]["sentences"], clip_models.context_length(model))
+    with torch.no_grad():
+        expected = model.eval().encode_text(tokens)                  # open_clip's own forward, unnormalised
+    assert torch.allclose(a["embeds"][3], expected, atol=1e-5)
+    assert not torch.allclose(a["embeds"].norm(dim=-1), torch.ones(100, 8), atol=0.1)
+    args = lgr.get_args(run["common"])                               # the fine-tuning reads them as they are saved,
+    args.num_classes = 100                                           # as the released checkpoints' are read
+    assert torch.equal(lgr.build_recognizer(args, "cpu").anchors, a["embeds"])
 
 
 def test_anchors_json_lists_M_sentences_per_class_lowest_score_first(run):
@@ -66,7 +83,7 @@ def test_anchors_json_lists_M_sentences_per_class_lowest_score_first(run):
 def test_eval_json_reports_every_head_by_shot_split(run):
     r = json.loads((run["out"] / "eval.json").read_text())["results"]
     for head in ("Zero-Shot CLIP", "Baseline (CLIP + FC)", "VL-LTR (LGR)", "VL-LTR (LGR): P^I only",
-                 "VL-LTR (LGR): P^T only", "KNN head (k=10)"):
+                 "VL-LTR (LGR): P^T only", "KNN head (k=5)"):
         assert head in r, head
         assert all(0 <= r[head][k] <= 100 for k in ("overall", "many", "medium", "few"))
         assert len(r[head]["per_class"]) == 100
@@ -103,16 +120,16 @@ def test_a_failing_head_leaves_the_other_heads_in_eval_json(run, tmp_path, monke
         evaluate.main(run["common"][:5] + [str(out)] + run["common"][6:] + ["--clip-weights", str(run["clip"])])
     r = json.loads((out / "eval.json").read_text())["results"]
     assert {"Zero-Shot CLIP", "VL-LTR (LGR)", "VL-LTR (LGR): P^T only"} <= set(r)
-    assert "Baseline (CLIP + FC)" not in r and "KNN head (k=10)" not in r
+    assert "Baseline (CLIP + FC)" not in r and "KNN head (k=5)" not in r
     err = capsys.readouterr().err.splitlines()
     assert [line.split(" failed: ")[0] for line in err if line.startswith("warning: ")] == [
-        "warning: Baseline (CLIP + FC)", "warning: KNN head (k=10)"]
+        "warning: Baseline (CLIP + FC)", "warning: KNN head (k=5)"]
     assert "out of memory" in err[-2] and e.value.code == 2
     assert err[-1].startswith("error: 2 head(s) failed, first Baseline (CLIP + FC): ") and "is not a readable checkpoint" in err[-1]
 
 
 def test_official_variant_lgr_is_reported_with_the_logit_sum_row_beside_the_alpha_mix(run, tmp_path, capsys):
-    # SPEC.md §3: the official code's many / medium / few come from argmax(logits_I + logits_T); the paper variant
+    # docs/design.md §3: the official code's many / medium / few come from argmax(logits_I + logits_T); the paper variant
     # (the run above) has no such row.
     assert "VL-LTR (LGR): logit sum" not in json.loads((run["out"] / "eval.json").read_text())["results"]
     out = tmp_path / "official"
@@ -243,3 +260,21 @@ def test_cutoff_that_keeps_only_prompts_says_so_instead_of_a_precision_of_nothin
     assert ("  cutoff informative 100.0% of 800 kept; description sentences kept 0, the prompt templates fill every "
             "class's M\n") in out
     assert "nan" not in out
+
+
+def test_knn_head_votes_over_every_corpus_sentence_or_with_a_flag_over_the_anchors(run, tmp_path, monkeypatch):
+    """Table 4 #6 has no sentence selection: the official evaluation's KNN looks at every sentence of the corpus."""
+    seen = []
+
+    def knn(E_I, E_T, t, k, num_classes, chunk=4096):
+        seen.append((len(E_T), k))
+        return torch.zeros(len(E_I), dtype=torch.long)
+    monkeypatch.setattr(evaluate, "knn_predict", knn)
+    monkeypatch.setattr(evaluate, "zero_shot_classifier", lambda model, names, device: torch.zeros(100, 64))
+    out = tmp_path / "run"                                           # only the KNN head and zero-shot to evaluate
+    shutil.copytree(run["out"], out, ignore=shutil.ignore_patterns("lgr*.pt", "fc*.pt"))
+    common = run["common"][:5] + [str(out)] + run["common"][6:] + ["--clip-weights", str(run["clip"])]
+    evaluate.main(common)
+    evaluate.main(common + ["--knn-sentences", "anchors", "--knn-k", "3"])
+    corpus = sum(len(s) for s in data.load_data("shapes_lt", str(run["root"])).corpus.sentences)
+    assert seen == [(corpus, 5), (100 * 8, 3)]                       # every sentence; the 8 anchors of 100 classes

@@ -1,4 +1,4 @@
-"""The evaluation precision (SPEC.md §3): every evaluation path runs in fp32, whatever the training precision
+"""The evaluation precision (docs/design.md §3): every evaluation path runs in fp32, whatever the training precision
 (bf16 autocast on CUDA), so that an accuracy does not move with it.
 
     python -m pytest -q test_precision.py        # CPU, no data, a few seconds

@@ -1,11 +1,11 @@
 """Tests for the files users of the official code already hold, and for an offline start:
-OpenAI's CLIP archives (TorchScript) through --clip-weights, the released VL-LTR checkpoints (SPEC.md §8)
+OpenAI's CLIP archives (TorchScript) through --clip-weights, the released VL-LTR checkpoints (docs/design.md §8)
 through evaluate.py --released, the cache look-up before any download, and the defaults a new user meets.
 
     python -m pytest -q test_released.py        # CPU, no download: every file is written by the test
 
 The released format is written here from a tiny model, and its logits are recomputed by hand in numpy
-from the official equations (SPEC.md §8), not with our LGR code.
+from the official equations (docs/design.md §8), not with our LGR code.
 """
 import argparse
 import json
@@ -82,13 +82,13 @@ def test_unreadable_clip_file_is_one_line_naming_both_formats(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The released VL-LTR checkpoints (SPEC.md §8)
+# The released VL-LTR checkpoints (docs/design.md §8)
 
 C, M, D = 3, 4, 64                                               # shapes-tiny: embedding width 64
 
 
 def released_model_dict(seed=0):
-    """The "model" entry of a released checkpoint.pth, key for key (SPEC.md §8), from a tiny CLIP's visual
+    """The "model" entry of a released checkpoint.pth, key for key (docs/design.md §8), from a tiny CLIP's visual
     encoder and random head weights; class 1 has 2 real anchors, class 2 one (the rest zero padding)."""
     g = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=g)
@@ -120,7 +120,7 @@ def write_released(path, model_dict):
 
 
 def official_equations(sd, E_I, alpha):
-    """SPEC.md §8 written out in float64 numpy: LayerNorms, one-head attention at scale D^-0.5 over the
+    """docs/design.md §8 written out in float64 numpy: LayerNorms, one-head attention at scale D^-0.5 over the
     non-zero anchors, values = the raw anchors, cosine logits at exp(logit_scale), the 4D MLP, and
     alpha softmax(logits_I) + (1 - alpha) softmax(logits_T)."""
     w = {k: v.double().numpy() for k, v in sd.items() if not k.startswith("visual.")}
@@ -154,6 +154,7 @@ def test_released_checkpoint_gives_the_official_logits_and_prediction(tmp_path):
     path = write_released(tmp_path / "checkpoint.pth", sd)
     model = evaluate.recognizer_from_released(path, "shapes-tiny", 32).eval()
     assert model.mask.tolist() == [[True] * 4, [True, True, False, False], [True, False, False, False]]
+    assert torch.equal(model.anchors, sd["text_embeddings"])     # V as stored, not normalised, as our own runs keep it
 
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     reference_clip = clip_models.create_clip("shapes-tiny", 32).eval()   # E^I from the file's visual weights

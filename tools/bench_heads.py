@@ -88,7 +88,7 @@ def head_step(form, head, anchors, mask, E_I, y, anchor_side):
     counts fp32."""
     head.form = form
     logits_I, logits_T, _ = head(E_I, anchors, mask, anchor_side)
-    lgr.recognition_loss(logits_I, logits_T, y).backward()
+    lgr.recognition_loss(logits_I, logits_T, y)[0].backward()
     head.zero_grad(set_to_none=True)
     E_I.grad = None
 

@@ -24,7 +24,7 @@ import torch
 
 import anss
 import cvlp
-from data import DATASETS, FEW_UP_TO, MANY_FROM, fill_defaults, load_data, shot_split
+from data import DATASETS, FEW_UP_TO, MANY_FROM, fill_defaults, image_transform, load_data, shot_split
 from evaluate import evaluate_folder
 import evaluate
 from lgr import build_recognizer, lgr_probabilities
@@ -32,7 +32,7 @@ import lgr
 from util.engine import load_checkpoint, one_process_only, run_file, run_stage
 from util.errors import DataError
 from util.files import atomic_write
-from util.images import clip_transform, contact_sheet
+from util.images import contact_sheet
 from util.records import epoch_records, read_records
 
 
@@ -129,13 +129,13 @@ SHOT_SPLIT = f"many >= {MANY_FROM}, few <= {FEW_UP_TO} training images (Sec. 4.2
 TABLE8 = [("Zero-shot CLIP", "full", "Zero-Shot CLIP"), ("Baseline (CLIP + FC)", "full", "Baseline (CLIP + FC)"),
           ("VL-LTR", "full", "VL-LTR (LGR)"),
           ("Baseline with LGR's epochs (not in the paper)", "equal_epochs", "Baseline (CLIP + FC)")]
-TABLE4 = [  # (row, folder, method, paper's ImageNet-LT RN50 top-1, SPEC.md §6)
+TABLE4 = [  # (row, folder, method, paper's ImageNet-LT RN50 top-1, docs/design.md §6)
     ("#1 full VL-LTR", "full", "VL-LTR (LGR)", 70.1),
     ("#2 without CVLP (CLIP weights into LGR)", "full", "LGR without CVLP", 62.8),
     ("#3 without CLIP weights (scratch, no L_dis)", "scratch", "VL-LTR (LGR)", 46.8),
     ("#4 without L_dis (lam = 1)", "no_dis", "VL-LTR (LGR)", 66.2),
     ("#5 FC head", "full", "FC head (CVLP)", 62.1),
-    ("#6 KNN head", "full", "KNN head (k=10)", 63.9),
+    ("#6 KNN head", "full", "KNN head (k=5)", 63.9),
     ("#7 cut-off instead of AnSS", "cutoff", "VL-LTR (LGR)", 69.7),
     ("prompt-only corpus (Table 10)", "prompt", "VL-LTR (LGR)", 69.4)]
 
@@ -405,7 +405,7 @@ def plot_lgr_attention(args, data, results, path):
     import numpy as np
     args.head, args.init = "lgr", "cvlp"
     ckpt = load_checkpoint(os.path.join(args.out, "lgr.pt"), "lgr", "python lgr.py")
-    args.variant, args.tau = ckpt["args"]["variant"], ckpt["args"]["tau"]
+    args.variant = ckpt["args"]["variant"]
     model = build_recognizer(args, args.device, ckpt).eval()
     with open(os.path.join(args.out, "anchors.json")) as f:
         anchors = json.load(f)["classes"]
@@ -413,7 +413,7 @@ def plot_lgr_attention(args, data, results, path):
     gain[shot_split(data.counts) != "few"] = -np.inf
     c = int(gain.argmax())
     i = int(np.flatnonzero(data.test.labels == c)[0])
-    transform = clip_transform(args, train=False)
+    transform = image_transform(args, train=False)
     x = transform(torch.from_numpy(data.test.images[i]).permute(2, 0, 1))
     with torch.no_grad():
         logits_I, logits_T, A = model(x[None].to(args.device))

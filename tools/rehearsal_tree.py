@@ -1,4 +1,4 @@
-"""The generated dataset tree of a cost rehearsal (tools/rehearse.py): a dataset's official layout (SPEC.md §4) at its
+"""The generated dataset tree of a cost rehearsal (tools/rehearse.py): a dataset's official layout (docs/design.md §4) at its
 real size, written once. Split files or iNat's COCO-style json, labels.txt / categories.json, train counts from n_max
 to n_min with the real total and many / medium / few class counts, balanced val / test, and wiki/desc_<index>.txt
 with Table 7's sentences per class, as paragraphs under "== Section ==" headers plus sections parse_wiki must drop.

@@ -35,7 +35,7 @@ from util.errors import DataError, warn
 from util.progress import progress
 
 
-# The small CLIP of the shapes_lt world (SPEC §4, trained in shapes_lt.py): a ViT on 32 px images and a
+# The small CLIP of the shapes_lt world (docs/design.md §4, trained in shapes_lt.py): a ViT on 32 px images and a
 # 2-layer text transformer.
 TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=4, width=64, layers=2, head_width=32),
                  text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2))
@@ -214,7 +214,7 @@ def torchscript_state_dict(path, model):
 def pretrained_weights(backbone, tag):
     """The path of the CLIP weights open_clip names for (backbone, tag) (the paper's: 'openai'): a local file its
     config points at, its cached copy, else a download through open_clip when its server can be reached.
-    Offline, one line at once (open_clip itself retries for about 46 s before failing, SPEC.md §7)."""
+    Offline, one line at once (open_clip itself retries for about 46 s before failing, docs/design.md §7)."""
     what = "OpenAI CLIP weights" if tag == OPENAI_TAG else f"CLIP weights --pretrained {tag}"
     cfg = open_clip.get_pretrained_cfg(backbone, tag)
     if not cfg:
@@ -356,8 +356,9 @@ def cache_dir():
 
 
 @torch.no_grad()
-def encode_texts(model, tokens, device, batch=1024, desc="text", training_precision=False):
-    """(S, L) tokens -> (S, D) L2-normalised text embeddings, in chunks (eval mode, no grad), in the evaluation
+def encode_texts(model, tokens, device, batch=1024, desc="text", training_precision=False, normalize=True):
+    """(S, L) tokens -> (S, D) text embeddings, L2-normalised (normalize=False: as the encoder gives them, the values V
+    of the LGR head), in chunks (eval mode, no grad), in the evaluation
     precision (fp32, engine.eval_precision). training_precision: in the training autocast instead, for CVLP's
     cached teacher text, which stands in for the teacher's forward inside the training step. Sentences go
     shortest first, so that each chunk is trimmed to about its own length (encode_text_trimmed)."""
@@ -367,7 +368,8 @@ def encode_texts(model, tokens, device, batch=1024, desc="text", training_precis
     for i in progress(range(0, len(tokens), batch), desc=desc, unit="batch"):
         rows = order[i:i + batch]                                # written back in corpus order
         with autocast(device) if training_precision else eval_precision(device):
-            out[rows.to(device)] = F.normalize(encode_text_trimmed(model, tokens[rows]).float(), dim=-1)
+            E = encode_text_trimmed(model, tokens[rows]).float()
+            out[rows.to(device)] = F.normalize(E, dim=-1) if normalize else E
     return out
 
 

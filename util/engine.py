@@ -31,7 +31,7 @@ CODE_VERSION = "0.2.0"   # recorded in every checkpoint
 
 def run_stage(run, args):
     """Run a stage's run(args): a StageError ends in the one-line error of fail(), never a traceback. On a GPU,
-    fp32 matmuls run as TF32 (evaluation is fp32, SPEC.md §3; training's bf16 autocast is unaffected), and the
+    fp32 matmuls run as TF32 (evaluation is fp32, docs/design.md §3; training's bf16 autocast is unaffected), and the
     stage ends with a line giving its peak GPU memory."""
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
@@ -74,7 +74,7 @@ def autocast(device):
 
 @contextlib.contextmanager
 def eval_precision(device, precision="fp32"):
-    """The evaluation precision (SPEC.md §3): fp32 on every device, whatever the training ran in, so that an
+    """The evaluation precision (docs/design.md §3): fp32 on every device, whatever the training ran in, so that an
     accuracy does not move with the training precision (bf16 changes predictions; evaluation is a small share
     of the time). Autocast is off for CPU and CUDA alike, also inside an enclosing training autocast; matmuls
     follow torch's float32 setting (TF32 on a GPU, set by run_stage). precision "fp16": fp16 autocast on
@@ -165,9 +165,16 @@ def add_training_args(p, stage):
     p.add_argument("--batch", type=int, default=None, help="default: the dataset's (Sec. 4.3: CVLP 256, LGR 128); per "
                    "process under torchrun (global batch N x --batch)")
     p.add_argument("--lr", type=float, default=None, help="default: the dataset's (Sec. 4.3, 4.5)")
-    p.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay (Sec. 4.3)")
-    p.add_argument("--warmup", type=float, default=1.0, help="linear warm-up epochs before the cosine decay")
+    p.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay (Sec. 4.3) on weight matrices and kernels; "
+                   "none on norms, biases (the official code's groups) and temperatures (parameter_groups)")
+    p.add_argument("--warmup", type=float, default=None, help="warm-up epochs before the cosine decay (default: the "
+                   "dataset's; the official code's: 5 in CVLP, 0 in fine-tuning)")
+    p.add_argument("--min-lr", type=float, default=None, help="learning rate the cosine decay ends at (default: the "
+                   "dataset's; the official code's: 0, 1e-5 in iNat's CVLP)")
     p.add_argument("--sampling", default="sqrt", choices=["sqrt", "instance"], help="Sec. 4.3: square-root")
+    p.add_argument("--augment", default=None, choices=["randaug", "crop-flip"], help="training images (default: the "
+                   "dataset's): randaug = crop, flip, RandAugment and random erasing, the official code's; crop-flip = "
+                   "crop and flip alone (shapes_lt's; --loader gpu needs it)")
     p.add_argument("--loader", default="pil", choices=["pil", "gpu"],
                    help="gpu: workers only read the files; decoding and augmentation run batched on --device")
     p.add_argument("--resume", action="store_true", help=f"continue this stage from its checkpoint in --out ({stage})")
@@ -189,25 +196,68 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def cosine_schedule(optimizer, total_steps, warmup_steps):
-    """Linear warm-up, then cosine decay to 0 (SGDR without restarts, paper Sec. 4.3)."""
+# The official code's warm-up starts from this learning rate (its main.py --warmup-lr default).
+WARMUP_LR = 1e-6
+
+
+def parameter_groups(model, wd, variant="paper", slow=(), slow_lr=None):
+    """AdamW's parameter groups of the trainable parameters of `model`: weight decay `wd` on the weight matrices and
+    kernels (2-D and up); none on 1-D parameters (norms' scales and shifts, biases, ViT's class embedding), as the
+    official optimiser (timm's rule: 1-D or named *.bias) and nanoGPT keep them; none on the learnable temperatures
+    either (the 0-dim log(1/tau) of CVLP and of the LGR head), the project's own choice: decay pulls log(1/tau) to 0,
+    that is tau to 1, which regularises nothing. --variant official decays them as its rule does (0-dim is not 1-D).
+    `slow`: names of parameters trained at slow_lr instead (the official fine-tuning's text_lr on the LGR attention).
+    -> [{"params", "weight_decay"(, "lr")}] with the empty groups left out, and {name: "decay" | "no_decay"} (tests)."""
+    groups, kinds = {}, {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 or (variant == "official" and p.ndim == 0)
+        kinds[name] = "decay" if decay else "no_decay"
+        groups.setdefault((decay, name in slow), []).append(p)
+    out = [{"params": ps, "weight_decay": wd if decay else 0.0, **({"lr": slow_lr} if is_slow else {})}
+           for (decay, is_slow), ps in sorted(groups.items(), key=lambda kv: kv[0][1])]   # the logged lr: group 0's
+    return out, kinds
+
+
+def cosine_schedule(optimizer, total_steps, warmup_steps, lr, min_lr=0.0, warmup_lr=WARMUP_LR):
+    """The learning rate of every step (SGDR's cosine annealing without restarts, the paper's [30], stepped every
+    optimiser step as SGDR steps it): a linear warm-up from warmup_lr to lr over warmup_steps, then a cosine from
+    lr down to min_lr at the last step. As a factor of each group's own lr (LambdaLR)."""
     def factor(step):
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+            return (warmup_lr + (lr - warmup_lr) * step / warmup_steps) / lr
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return (min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))) / lr
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def optimizer_and_schedule(params, loader, args):
-    """AdamW (Sec. 4.3: betas 0.9, 0.999, weight decay --wd; fused on CUDA) and its cosine schedule with --warmup
-    epochs, one optimiser step every --accum batches of `loader` -> (optimiser, schedule, steps per epoch)."""
+def official_schedule(optimizer, steps_per_epoch, epochs, warmup_epochs, lr, min_lr=0.0, warmup_lr=WARMUP_LR):
+    """--variant official: the official code's schedule (timm's CosineLRScheduler as its main.py drives it): one lr
+    per epoch, a linear warm-up from warmup_lr over warmup_epochs, then lr_t = min_lr + (lr - min_lr) (1 + cos(pi t /
+    epochs)) / 2 counted from epoch 0 (no warm-up prefix). main.py steps it after each epoch with that epoch's index,
+    so epoch e trains at the value of t = e - 1 (epoch 0 at t = 0 too): the last epoch at t = epochs - 2, never 0."""
+    def value(t):
+        if t < warmup_epochs:
+            return warmup_lr + t * (lr - warmup_lr) / warmup_epochs
+        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / epochs))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: value(max(step // steps_per_epoch - 1, 0)) / lr)
+
+
+def optimizer_and_schedule(groups, loader, args):
+    """AdamW (Sec. 4.3: betas 0.9, 0.999 (beta2 and eps 1e-8: the official code's, torch's defaults); fused on CUDA)
+    over parameter_groups and its schedule, one optimiser step every --accum batches of `loader` -> (optimiser,
+    schedule, steps per epoch). The schedule: cosine_schedule with --warmup epochs and --min-lr; --variant official:
+    official_schedule."""
     if len(loader) < args.accum:
         raise DataError(f"--batch {args.batch} x --accum {args.accum} is larger than the training set "
                         f"({len(loader.sampler.sampler)} images); lower --batch")
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd,
-                            fused=str(args.device).startswith("cuda"))
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=str(args.device).startswith("cuda"))
     steps = len(loader) // args.accum
-    return opt, cosine_schedule(opt, args.epochs * steps, int(args.warmup * steps)), steps
+    if getattr(args, "variant", "paper") == "official":
+        return opt, official_schedule(opt, steps, args.epochs, args.warmup, args.lr, args.min_lr), steps
+    return opt, cosine_schedule(opt, args.epochs * steps, round(args.warmup * steps), args.lr, args.min_lr), steps
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""Images for VL-LTR: reading any image file, CLIP's augmentation, and the Dataset the loaders draw from.
+"""Images for VL-LTR: reading any image file, the training augmentation, and the Dataset the loaders draw from.
 
-Train: RandomResizedCrop + horizontal flip; eval: resize + centre crop; both normalised with CLIP's mean
-and std and resized as its weights were trained (the paper fine-tunes CLIP, so its input statistics; the
+Train: RandomResizedCrop + horizontal flip, and with augment "randaug" the official code's RandAugment and random
+erasing; eval: resize + centre crop; both normalised with CLIP's mean and std and resized as its weights were trained (the paper fine-tunes CLIP, so its input statistics; the
 settings of each --pretrained tag come from clip_models.clip_preprocess). Images held in memory (shapes_lt) are
 augmented a whole batch at a time (`Transform.batch`), image files one at a time in the loader's workers.
 Which images belong to which split and class is data.py's business.
@@ -92,13 +92,15 @@ def clip_transform(args, train, **kwargs):
 
 
 def make_transform(image_size, mean, std, train, crop_scale=(0.08, 1.0), crop_pct=1.0, interpolation="bicubic",
-                   resize_mode="shortest"):
-    """Train: RandomResizedCrop + horizontal flip; eval: resize + centre crop (CLIP's; crop_pct 0.875 resizes
-    the short side to image_size / 0.875 first, 256 for 224, as the official code evaluates). Both normalise
+                   resize_mode="shortest", augment="crop-flip"):
+    """Train: RandomResizedCrop + horizontal flip; augment "randaug" adds the official code's RandAugment
+    (rand-m9-mstd0.5-inc1) and random erasing (p 0.25, per-pixel noise), as timm's create_transform builds them for
+    its main.py defaults. Eval: resize + centre crop (crop_pct 1.0: CLIP's; 0.875 resizes the short side to
+    image_size / 0.875 first, 256 for 224, as the official code evaluates). Both normalise
     with the CLIP model's mean and std and resize with its interpolation ('bicubic' | 'bilinear'); resize_mode
     'squash' (SigLIP's, DFN's ViT-H) resizes eval images to a square, ignoring the aspect ratio, as open_clip
     does. clip_models.clip_preprocess(backbone, tag) gives the last four keywords. See Transform."""
-    return Transform(image_size, mean, std, train, crop_scale, crop_pct, interpolation, resize_mode)
+    return Transform(image_size, mean, std, train, crop_scale, crop_pct, interpolation, resize_mode, augment)
 
 
 class Transform:
@@ -109,13 +111,16 @@ class Transform:
     its two 1-D passes, so on sharp edges the two paths can differ by a few levels.)"""
 
     def __init__(self, image_size, mean, std, train, crop_scale=(0.08, 1.0), crop_pct=1.0, interpolation="bicubic",
-                 resize_mode="shortest"):
+                 resize_mode="shortest", augment="crop-flip"):
         from torchvision.transforms import v2
         if interpolation not in ("bicubic", "bilinear") or resize_mode not in ("shortest", "squash"):
             raise DataError(f"image resizing {interpolation} / {resize_mode} is not supported (bicubic or bilinear, "
                             f"shortest or squash)")
         mode = v2.InterpolationMode.BICUBIC if interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
+        if augment not in ("crop-flip", "randaug"):
+            raise DataError(f"unknown augmentation {augment!r}; choose crop-flip or randaug")
         self.size, self.train, self.crop_scale, self.interpolation = image_size, train, crop_scale, interpolation
+        self.randaug = train and augment == "randaug"
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         resized = int(image_size / crop_pct)
         if train:
@@ -128,10 +133,18 @@ class Transform:
         self.per_image = v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True),
                                      v2.Normalize(mean, std)])
 
+        if self.randaug:                         # PIL's image operations, image by image, as the official code runs them
+            from timm.data import create_transform
+            self.per_image = v2.Compose([v2.ToPILImage(), create_transform(
+                image_size, is_training=True, scale=crop_scale, interpolation=interpolation, mean=mean, std=std,
+                auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", re_count=1)])
+
     def __call__(self, img):
         return self.per_image(img)
 
     def batch(self, x):
+        if self.randaug:                                         # RandAugment has no batched form: image by image
+            return torch.stack([self(img) for img in x])
         if self.train:
             rank, world_size = rank_world()      # torchrun: draw for the global batch, keep this rank's share
             share = slice(rank * len(x), (rank + 1) * len(x))
@@ -265,6 +278,9 @@ class DeviceTransform:
     resize rounds and clips between its two 1-D passes, this one once at the end (test_gpu_loader.py)."""
 
     def __init__(self, transform, device):
+        if getattr(transform, "randaug", False):
+            raise DataError("--loader gpu decodes and crops on the device, where RandAugment does not run: pass "
+                            "--augment crop-flip with it, or --loader pil")
         self.transform, self.device = transform, torch.device(device)
 
     def decode(self, files, paths, wheres):

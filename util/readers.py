@@ -1,5 +1,5 @@
 """The paper's datasets' files on disk, read into Splits: ImageNet-LT and Places-LT split files, iNaturalist
-2018's json files, and the class descriptions (wiki/desc_<index>.txt), in the official layouts (SPEC.md §4).
+2018's json files, and the class descriptions (wiki/desc_<index>.txt), in the official layouts (docs/design.md §4).
 The user's own image folders and CIFAR-100 are own_data.py's.
 
     classnames, train, val, test = READERS["imagenet_lt"](root)   # [C] names and three Splits
@@ -52,7 +52,7 @@ def split_sentences(paragraph):
 
 
 def parse_wiki(text):
-    """A class's Wikipedia text -> description sentences (paper Sec. 4.1, SPEC §4).
+    """A class's Wikipedia text -> description sentences (paper Sec. 4.1, docs/design.md §4).
 
     One paragraph per line (Wikipedia's plain-text extracts). Drops header lines and the sections
     External links, References, Further reading, Bibliography, See also and Notes with their
@@ -194,7 +194,7 @@ def read_imagenet_lt(root, check_images=True):
     -> (classnames, train, val, test).
 
     Class names from <root>/labels.txt ("wnid index name") if present, else open_clip's
-    IMAGENET_CLASSNAMES (SPEC §7: two names repeat; classes keep their identity by index).
+    IMAGENET_CLASSNAMES (docs/design.md §7: two names repeat; classes keep their identity by index).
     """
     check_root(root, "ImageNet_LT_{train,val,test}.txt, labels.txt, train/ val/ ... "
                      "and optional wiki/desc_<index>.txt")

@@ -1,4 +1,4 @@
-"""shapes_lt, the embedded long-tailed world (SPEC.md §4): generated from a seed, no download.
+"""shapes_lt, the embedded long-tailed world (docs/design.md §4): generated from a seed, no download.
 
     python data.py --data shapes_lt          # generates it (a few seconds), prints the summary, writes a contact sheet
 
@@ -66,7 +66,7 @@ def shapes_classes(seed):
 
     Counts follow an exponential profile 500 -> 5 (imbalance 100), like ImageNet-LT's Pareto profile.
     The 10 head classes form a Latin diagonal (shape i, colour i), so every single attribute appears
-    in a head class: tail classes are new combinations of well-known words (SPEC §4).
+    in a head class: tail classes are new combinations of well-known words (docs/design.md §4).
     """
     rng = np.random.default_rng([seed, 0])
     S, K = len(SHAPES), len(COLOURS)
@@ -194,7 +194,7 @@ def shapes_corpus(combos, seed):
 
 def shapes_caption_pairs(n, seed, size=32):
     """Image-caption pairs of the shapes world, uniform over all 100 compositions, for training the
-    small CLIP stand-in (SPEC §4), like the web pairs CLIP saw. Returns (N, H, W, 3) uint8, [N] str."""
+    small CLIP stand-in (docs/design.md §4), like the web pairs CLIP saw. Returns (N, H, W, 3) uint8, [N] str."""
     rng = np.random.default_rng([seed, 2])
     colours = list(COLOURS)
     s_idx, k_idx = rng.integers(len(SHAPES), size=n), rng.integers(len(COLOURS), size=n)
@@ -274,10 +274,63 @@ def load_world(root, seed):
 # The world's CLIP: a small stand-in for OpenAI's, trained on first use
 
 STANDIN_VERSION = 3   # bump when the stand-in's recipe changes: cached weights are keyed by it and the world's
+# Seed 0's stand-in, trained once and kept in the repository (a megabyte: the token rows its captions never use are
+# left out), so that the first command does not spend minutes training it. `python -m tools.standin` remakes it and
+# prints the hash to write here; a file that does not match is not used (the stand-in is trained instead).
+STANDIN_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_lt_standin_seed0.pt")
+STANDIN_SHA256 = "3064cd8e0a1371782430f42c5c7f32bf9a78b9bd6cda593a6d573b055c9fec40"
+STANDIN_UNUSED_ROWS_SEED = 0   # the token rows left out of the file are drawn again from N(0, 0.02^2) with this seed
 
 
 def standin_path(root, seed):
     return os.path.join(root, f"clip_standin_v{SHAPES_VERSION}.{STANDIN_VERSION}_seed{seed}.pt")
+
+
+def ensure_standin(root, seed, model, device):
+    """The path of the world's stand-in weights (a full state dict, cached under root): there already; seed 0's from
+    the repository's file (STANDIN_FILE, hash checked); else trained now into `model` (train_clip_standin)."""
+    path = standin_path(root, seed)
+    if os.path.exists(path):
+        return path
+    if seed == 0 and os.path.exists(STANDIN_FILE):
+        if file_sha256(STANDIN_FILE) == STANDIN_SHA256:
+            sd = expand_standin(torch.load(STANDIN_FILE, weights_only=True), model)
+            os.makedirs(root, exist_ok=True)
+            atomic_write(path, lambda f: torch.save(sd, f))
+            return path
+        warn(f"{STANDIN_FILE} does not match its hash in util/shapes_lt.py; training the stand-in instead "
+             f"(`python -m tools.standin` remakes the file)")
+    train_clip_standin(model, path, seed, device)
+    return path
+
+
+def file_sha256(path):
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def compact_standin(sd, used_tokens, seed):
+    """A trained stand-in's state dict -> the repository's file: every tensor but the token embedding, and of the
+    token embedding only the rows of `used_tokens` (the tokens of the captions it was trained on; the others were
+    never in a batch, so training left them near their random start)."""
+    rows = torch.as_tensor(sorted(set(used_tokens)), dtype=torch.long)
+    embedding = sd["token_embedding.weight"]
+    return {"state": {k: v for k, v in sd.items() if k != "token_embedding.weight"},
+            "token_rows": rows, "token_embedding_rows": embedding[rows].clone(), "vocab": embedding.shape[0],
+            "seed": seed, "version": f"{SHAPES_VERSION}.{STANDIN_VERSION}"}
+
+
+def expand_standin(blob, model):
+    """The repository's file -> a full state dict for `model`: the stored rows of the token embedding in place, the
+    others drawn from N(0, 0.02^2), open_clip's initialisation, with a fixed seed (the same on every machine)."""
+    width = blob["token_embedding_rows"].shape[1]
+    g = torch.Generator().manual_seed(STANDIN_UNUSED_ROWS_SEED)
+    embedding = torch.randn(blob["vocab"], width, generator=g) * 0.02
+    embedding[blob["token_rows"]] = blob["token_embedding_rows"]
+    sd = {**blob["state"], "token_embedding.weight": embedding}
+    model.load_state_dict(sd)                                    # every key, every shape: the file fits the model
+    return sd
 
 
 def clip_loss(E_I, E_T, pair, tau=0.07):
@@ -293,7 +346,7 @@ def clip_loss(E_I, E_T, pair, tau=0.07):
 
 
 def train_clip_standin(model, path, seed, device, n_pairs=20000, steps=450, batch=256):
-    """Train the small CLIP stand-in on image-caption pairs of the shapes world (SPEC §4).
+    """Train the small CLIP stand-in on image-caption pairs of the shapes world (docs/design.md §4).
 
     Instance-wise CLIP training (clip_loss) of the fresh `model`, whose weights are then written to `path`.
     Deliberately short: 450 steps give about 60% zero-shot top-1 on shapes_lt, as OpenAI CLIP RN50 gets
