@@ -7,7 +7,6 @@ text side of Eq. 2) against a special image batch I' holding at most 50 training
 and keeps the M = 64 sentences with the smallest loss as the class's anchors. `--select cutoff`
 is the Table 4 #7 ablation: the first M sentences of the corpus, no scoring.
 """
-import argparse
 import json
 import os
 
@@ -16,6 +15,7 @@ import torch
 
 from cvlp import load_clip, temperature
 from data import add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
+from util import flags
 from util.clip_models import create_clip, encode_images, encode_texts
 from util.engine import (check_meta, checkpoint_meta, load_checkpoint, one_process_only, prepare_out,
                          run_file, run_stage, save_checkpoint, seed_everything)
@@ -26,17 +26,18 @@ from util.records import run_header
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="VL-LTR stage 2a: anchor sentence selection")
+    p = flags.Parser(description="VL-LTR stage 2a: anchor sentence selection")
     add_common_args(p)
     p.add_argument("--init", default="cvlp", choices=["cvlp", "clip"],
                    help="encoders: CVLP's (cvlp.pt) or plain CLIP weights (Table 4 #2, no CVLP)")
     p.add_argument("--select", default="anss", choices=["anss", "cutoff"], help="Table 4 #7: cut off = first M")
-    p.add_argument("--M", type=int, default=64, help="anchor sentences per class (Sec. 4.3: 64)")
-    p.add_argument("--images-per-class", type=int, default=50, help="I' holds at most this many per class (Sec. 3.3)")
+    p.add_argument("--M", type=flags.count, default=64, help="anchor sentences per class (Sec. 4.3: 64)")
+    p.add_argument("--images-per-class", type=flags.count, default=50,
+                   help="I' holds at most this many per class (Sec. 3.3)")
     p.add_argument("--text", default="wiki+prompt", choices=["wiki+prompt", "prompt"])
-    p.add_argument("--chunk", type=int, default=4096, help="AnSS scores blocks of this many images x sentences "
+    p.add_argument("--chunk", type=flags.count, default=4096, help="AnSS scores blocks of this many images x sentences "
                    "(memory chunk^2 floats, whatever the dataset size)")
-    p.add_argument("--batch", type=int, default=256, help="images embedded at once")
+    p.add_argument("--batch", type=flags.count, default=256, help="images embedded at once")
     args = p.parse_args(argv)
     return fill_defaults(args)
 

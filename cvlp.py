@@ -8,7 +8,6 @@ each image, one sentence drawn uniformly from its class's corpus; the loss pulls
 towards all sentences of its class (Eq. 2), and a frozen CLIP teacher's similarities are distilled
 into the student (Eq. 3). The training loop and checkpoints are engine.py's, the CLIP models clip_models.py's.
 """
-import argparse
 import math
 import os
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from data import DATASETS, accuracy_by_shot, add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
 from util import shapes_lt
+from util import flags
 from util.clip_models import (create_clip, encode_images, encode_text_trimmed, encode_texts, load_clip_file,
                               pretrained_weights)
 from util.distributed import distribute, gather, init_distributed, rank_world
@@ -27,15 +27,15 @@ from util.images import clip_transform
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="VL-LTR stage 1: class-wise visual-linguistic pre-training")
+    p = flags.Parser(description="VL-LTR stage 1: class-wise visual-linguistic pre-training")
     add_common_args(p)
     add_training_args(p, "cvlp.pt")
     p.add_argument("--init", default="clip", choices=["clip", "scratch"],
                    help="student initialisation: CLIP weights (paper) or random (Table 4 #3)")
     p.add_argument("--variant", default="paper", choices=["paper", "official"],
                    help="paper equations, or the official code's differences (SPEC.md §3)")
-    p.add_argument("--lam", type=float, default=0.5, help="Eq. (8) weight of L_ccl; 1 turns L_dis off (Table 4 #4)")
-    p.add_argument("--tau", type=float, default=0.07, help="initial temperature, learnable (Sec. 3.2)")
+    p.add_argument("--lam", type=flags.unit_interval, default=0.5, help="Eq. (8) weight of L_ccl; 1 turns L_dis off (Table 4 #4)")
+    p.add_argument("--tau", type=flags.positive, default=0.07, help="initial temperature, learnable (Sec. 3.2)")
     p.add_argument("--text", default="wiki+prompt", choices=["wiki+prompt", "prompt"],
                    help="text source (Table 10: 'prompt only' keeps the 80 templates)")
     p.add_argument("--val-every-epoch", action="store_true", help="print the val top-1 of sentence-mean class "

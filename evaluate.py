@@ -38,6 +38,7 @@ from cvlp import load_clip
 from data import (DATASETS, accuracy_by_shot, add_common_args, fill_defaults, load_data, make_loader, official_accuracy,
                   prompt_sentences)
 from lgr import Recognizer, build_recognizer, predict
+from util import flags
 from util.clip_models import (context_length, create_clip, default_tag, embed_dim, encode_images, encode_texts,
                               tokenize_exact)
 from util.engine import (best_path, check_meta, checkpoint_meta, load_checkpoint, one_process_only,
@@ -55,11 +56,11 @@ LOGIT_SUM_NOTE = ("logit sum: argmax of logits_I + logits_T, the prediction the 
 
 def get_parser(add_help=True):
     """The evaluation options (experiments.py's `table` reuses them)."""
-    p = argparse.ArgumentParser(description="VL-LTR evaluation: top-1 overall / many / medium / few", add_help=add_help)
+    p = flags.Parser(description="VL-LTR evaluation: top-1 overall / many / medium / few", add_help=add_help)
     add_common_args(p)
     p.add_argument("--split", default="test", choices=["val", "test"], help="Sec. 4.1: report test, tune on val")
-    p.add_argument("--knn-k", type=int, default=10, help="KNN head: nearest anchor sentences that vote")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--knn-k", type=flags.count, default=10, help="KNN head: nearest anchor sentences that vote")
+    p.add_argument("--batch", type=flags.count, default=256, help="images evaluated at once")
     p.add_argument("--checkpoint", default="last", choices=["last", "best"],
                    help="which checkpoint of each lgr.py run: last (<head>.pt, the default: the model the cosine "
                         "schedule ends with; neither the paper nor SPEC.md says the paper reported another epoch) or "

@@ -8,7 +8,6 @@ Each image embedding E^I attends over the M frozen anchor-sentence embeddings of
 (Eq. 4-6); the gathered text embedding G of class c is compared with E^I by cosine similarity, and
 added to a plain MLP classifier on E^I (Eq. 7). Both branches are trained with cross-entropy (Eq. 9).
 """
-import argparse
 import math
 import os
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from anss import load_anchor_embeds, load_encoder
 from cvlp import temperature
 from data import DATASETS, accuracy_by_shot, add_common_args, fill_defaults, load_data, make_loader
+from util import flags
 from util.clip_models import create_clip, embed_dim
 from util.distributed import distribute, init_distributed, rank_world
 from util.engine import (add_training_args, best_path, checkpoint_meta, eval_precision, fit, optimizer_and_schedule,
@@ -29,7 +29,7 @@ from util.progress import progress
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="VL-LTR stage 2b: language-guided recognition fine-tuning")
+    p = flags.Parser(description="VL-LTR stage 2b: language-guided recognition fine-tuning")
     add_common_args(p)
     add_training_args(p, "<head>.pt: lgr.pt, fc.pt, fc_clip.pt")
     p.add_argument("--init", default="cvlp", choices=["cvlp", "clip"],
@@ -37,7 +37,7 @@ def get_args(argv=None):
     p.add_argument("--head", default="lgr", choices=["lgr", "fc"], help="LGR (Eq. 4-7) or the vision-only FC baseline")
     p.add_argument("--variant", default="paper", choices=["paper", "official"], help="SPEC.md §3")
     p.add_argument("--freeze-visual", action="store_true", help="keep the visual encoder fixed (official RN50 setting)")
-    p.add_argument("--tau", type=float, default=0.07, help="Eq. (7) temperature, learnable from this value")
+    p.add_argument("--tau", type=flags.positive, default=0.07, help="Eq. (7) temperature, learnable from this value")
     args = p.parse_args(argv)
     baseline_epochs = args.epochs is None and (args.head, args.init) == ("fc", "clip")
     args = fill_defaults(args, "lgr")

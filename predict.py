@@ -9,7 +9,6 @@ The run folder needs lgr.pt (lgr.py), anchors.json and anchor_embeds.pt (anss.py
 backbone, CLIP weights' tag, image size, variant) is read from lgr.pt. The class names and anchor sentences
 come from anchors.json, so a real dataset's run works without its images. --demo also needs the run's dataset.
 """
-import argparse
 import json
 import os
 from argparse import Namespace
@@ -20,22 +19,24 @@ from PIL import Image
 
 from data import DATASETS, load_data, shot_split
 from lgr import build_recognizer, lgr_probabilities
+from util import flags
 from util.engine import eval_precision, load_checkpoint, run_stage
 from util.errors import DataError
 from util.images import clip_transform, load_rgb
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="VL-LTR prediction with its reasons: top classes, P, P^I, P^T, anchors")
+    p = flags.Parser(description="VL-LTR prediction with its reasons: top classes, P, P^I, P^T, anchors")
     p.add_argument("images", nargs="*", help="image files (any format PIL reads)")
     p.add_argument("--run", default=os.path.join("runs", "shapes_lt", "shapes-tiny"),
                    help="a finished run folder: lgr.pt, anchors.json, anchor_embeds.pt")
-    p.add_argument("--top", type=int, default=5, help="classes listed per image")
-    p.add_argument("--sentences", type=int, default=3, help="anchor sentences listed under each class")
+    p.add_argument("--top", type=flags.count, default=5, help="classes listed per image")
+    p.add_argument("--sentences", type=flags.count_or_zero, default=3,
+                   help="anchor sentences listed under each class (0: none)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--demo", action="store_true", help="explain a few test images of few-shot classes of the "
                    "run's dataset and draw them into --demo-out (needs matplotlib)")
-    p.add_argument("--demo-images", type=int, default=4, help="--demo: how many images (one per class)")
+    p.add_argument("--demo-images", type=flags.count, default=4, help="--demo: how many images (one per class)")
     p.add_argument("--demo-out", default=None, help="--demo: the PNG (default <run>/predict_demo.png)")
     p.add_argument("--data-root", default=None, help="--demo: the dataset folder (default: the one lgr.pt names)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -20,6 +20,7 @@ import torch
 
 from data import DATASETS, add_common_args
 from evaluate import format_table, table_title
+from util import flags
 from util.engine import best_path, run_stage
 from util.errors import DataError
 from util.records import epoch_records, read_records, records_path
@@ -35,7 +36,7 @@ NOT_REPEATED = {"resume", "stop_after_steps", "num_classes"}   # not flags to re
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="VL-LTR: the state of run folders at a glance")
+    p = flags.Parser(description="VL-LTR: the state of run folders at a glance")
     p.add_argument("folders", nargs="*", metavar="RUN_FOLDER", help="default: every run folder under runs/")
     return p.parse_args(argv)
 

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from util import flags
 from util.distributed import agree, rank_world, stop_signal
 from util.errors import (CheckpointError, DataError, DiskError, DivergedError, GPUMemoryError, StageError, fail,
                          warn)
@@ -160,23 +161,29 @@ def check_meta(ckpt, meta, path):
 
 def add_training_args(p, stage):
     """The training flags of cvlp.py and lgr.py. --epochs, --lr and --batch default to the dataset's row of
-    data.DATASETS (data.fill_defaults(args, stage))."""
-    p.add_argument("--epochs", type=int, default=None, help="default: the dataset's (data.DATASETS; paper Sec. 4.3, 4.5)")
-    p.add_argument("--batch", type=int, default=None, help="default: the dataset's (Sec. 4.3: CVLP 256, LGR 128); per "
+    data.DATASETS (data.fill_defaults(args, stage)). Each number's range is its type (util/flags.py)."""
+    p.add_argument("--epochs", type=flags.count, default=None,
+                   help="default: the dataset's (data.DATASETS; paper Sec. 4.3, 4.5)")
+    p.add_argument("--batch", type=flags.count, default=None,
+                   help="default: the dataset's (Sec. 4.3: CVLP 256, LGR 128); per "
                    "process under torchrun (global batch N x --batch)")
-    p.add_argument("--lr", type=float, default=None, help="default: the dataset's (Sec. 4.3, 4.5)")
-    p.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay (Sec. 4.3)")
-    p.add_argument("--warmup", type=float, default=1.0, help="linear warm-up epochs before the cosine decay")
+    p.add_argument("--lr", type=flags.positive, default=None, help="default: the dataset's (Sec. 4.3, 4.5)")
+    p.add_argument("--wd", type=flags.non_negative, default=0.05, help="AdamW weight decay (Sec. 4.3)")
+    p.add_argument("--warmup", type=flags.non_negative, default=1.0,
+                   help="linear warm-up epochs before the cosine decay")
     p.add_argument("--sampling", default="sqrt", choices=["sqrt", "instance"], help="Sec. 4.3: square-root")
     p.add_argument("--loader", default="pil", choices=["pil", "gpu"],
                    help="gpu: workers only read the files; decoding and augmentation run batched on --device")
     p.add_argument("--resume", action="store_true", help=f"continue this stage from its checkpoint in --out ({stage})")
-    p.add_argument("--save-every", type=float, default=0, metavar="MINUTES", help="also save the checkpoint every this "
+    p.add_argument("--save-every", type=flags.non_negative, default=0, metavar="MINUTES",
+                   help="also save the checkpoint every this "
                    "many minutes mid-epoch (0: after each epoch only): a run killed without warning loses at most that "
                    "much (with torchrun --max-restarts and --resume it goes on from there); the training is unchanged")
-    p.add_argument("--accum", type=int, default=1, help="optimiser step every N batches (effective batch N x --batch)")
-    p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
-    p.add_argument("--stop-after-steps", type=int, default=0, help="debug: stop (and save) after this many steps")
+    p.add_argument("--accum", type=flags.count, default=1,
+                   help="optimiser step every N batches (effective batch N x --batch)")
+    p.add_argument("--clip-grad", type=flags.non_negative, default=0.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--stop-after-steps", type=flags.count_or_zero, default=0, help="debug: stop (and save) after this "
+                   "many steps (0: off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder(s) (faster steps on a GPU "
                    "after a minute or so of compiling; the same maths, checkpoints unchanged)")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True, help="also write every "
