@@ -42,7 +42,7 @@ from util import flags
 from util.clip_models import (context_length, create_clip, default_tag, embed_dim, encode_images, encode_texts,
                               tokenize_exact)
 from util.engine import (best_path, check_meta, checkpoint_meta, load_checkpoint, one_process_only,
-                         run_file, run_stage)
+                         prepare_out, run_file, run_stage)
 from util.errors import CheckpointError, DataError, StageError, fail, out_of_memory, warn
 from util.files import atomic_write
 from util.images import clip_transform
@@ -306,6 +306,7 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
 
 
 def run(args):
+    prepare_out(args)
     data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
     args.num_classes = data.num_classes
     path = os.path.join(args.out, "eval.json")

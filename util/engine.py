@@ -23,7 +23,7 @@ from util import flags
 from util.distributed import agree, rank_world, stop_signal
 from util.errors import (CheckpointError, DataError, DiskError, DivergedError, GPUMemoryError, StageError, fail,
                          warn)
-from util.files import atomic_write
+from util.files import atomic_write, remove_stale_temporaries, temporary_name
 from util.progress import progress
 from util.records import run_records
 
@@ -127,11 +127,16 @@ def load_checkpoint(path, stage, made_by):
 
 
 def prepare_out(args):
-    """Create the run folder and make sure we can write there before any work is done."""
+    """Create the run folder and make sure we can write there before any work is done; remove the temporary files
+    that stopped processes of this machine left there (files.remove_stale_temporaries: one process per machine
+    under torchrun, its LOCAL_RANK 0)."""
     try:
         os.makedirs(args.out, exist_ok=True)
-        test = os.path.join(args.out, f".write_test{os.getpid()}")        # per process: torchrun ranks share --out
-        atomic_write(test, lambda f: f.write(b"ok"))
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            remove_stale_temporaries(args.out)
+        test = temporary_name(os.path.join(args.out, ".write_test"))    # per process: torchrun ranks share --out
+        with open(test, "wb") as f:
+            f.write(b"ok")
         os.remove(test)
     except OSError as e:
         raise DiskError(f"cannot write to --out {args.out} ({e.strerror}); choose a writable folder with free space")
