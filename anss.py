@@ -23,6 +23,7 @@ from util.files import atomic_write
 from util.images import clip_transform
 from util.progress import progress
 from util.records import run_header
+from util.run_folder import other_settings, small_entries, state
 
 
 def get_args(argv=None):
@@ -38,6 +39,8 @@ def get_args(argv=None):
     p.add_argument("--chunk", type=flags.count, default=4096, help="AnSS scores blocks of this many images x sentences "
                    "(memory chunk^2 floats, whatever the dataset size)")
     p.add_argument("--batch", type=flags.count, default=256, help="images embedded at once")
+    p.add_argument("--overwrite", action="store_true", help="make the anchors again even when those in --out are up "
+                   "to date (made from this cvlp.pt with these settings: without it the stage then says so and stops)")
     args = p.parse_args(argv)
     return fill_defaults(args)
 
@@ -160,6 +163,20 @@ def load_anchor_embeds(args):
     return a["embeds"], a["mask"]
 
 
+def up_to_date(args, made_from):
+    """True, said in one line, when the anchors in --out were made from this cvlp.pt (made_from) with these settings
+    and --overwrite is not given: making them again would give the same anchors, and would make every lgr.pt trained
+    on them stale wherever a GPU's rounding differs from one run to the next."""
+    path = run_file(args, "anchor_embeds")
+    saved = small_entries(path) if not args.overwrite and os.path.exists(run_file(args, "anchors", ".json")) else None
+    if saved is None or saved.get("made_from") != made_from or not isinstance(saved.get("args"), dict) \
+            or other_settings(saved["args"], args):
+        return False
+    print(f"{path} is up to date (made from {' and '.join(made_from) or 'CLIP weights'} as it is now, with these "
+          f"settings): nothing to do (--overwrite makes it again)")
+    return True
+
+
 def main(argv=None):
     one_process_only("anss.py")
     run_stage(run, get_args(argv))
@@ -170,7 +187,10 @@ def run(args):
     prepare_out(args)
     data = load_data(args.data, args.data_root, args.seed, text=args.text, skip_bad_images=args.skip_bad_images)
     args.num_classes = data.num_classes
-    model, _ = load_encoder(args, args.device)
+    model, cvlp_ckpt = load_encoder(args, args.device)
+    made_from = {"cvlp.pt": state(cvlp_ckpt)} if cvlp_ckpt is not None else {}   # --init clip: no file of the run
+    if up_to_date(args, made_from):
+        return
     tau = temperature(model.logit_scale).item()
     text = corpus_tokens(data, model, args)
     if args.M > int((text["offsets"][1:] - text["offsets"][:-1]).max()):
@@ -194,8 +214,8 @@ def run(args):
                      {"cutoff": select_anchors(None, text["offsets"], args.M), args.select: (index, mask)}.items()}
         if scores is not None:
             precision["descriptions_only"] = description_precision(scores, text["offsets"], data.corpus, args.M)
-    anchors = {"header": run_header(args, "anss"), "M": args.M, "select": args.select, "tau": tau,
-               "precision": precision, "classes": [
+    anchors = {"header": run_header(args, "anss"), "made_from": made_from, "M": args.M, "select": args.select,
+               "tau": tau, "precision": precision, "classes": [
         {"name": name, "sentences": [flat[k] for k in index[c][mask[c]].tolist()],
          "scores": [round(scores[k].item(), 4) for k in index[c][mask[c]].tolist()] if scores is not None else None}
         for c, name in enumerate(data.classnames)]}
@@ -204,7 +224,7 @@ def run(args):
     embeds = E_T[index.to(E_T.device)].cpu() * mask[..., None]                  # (C, M, D), padding zeroed
     save_checkpoint(run_file(args, "anchor_embeds"), {
         **checkpoint_meta(args, "anss", data.num_classes), "init": args.init, "select": args.select,
-        "embeds": embeds, "mask": mask, "args": vars(args)})
+        "embeds": embeds, "mask": mask, "args": vars(args), "made_from": made_from})
     print(f"anss: {args.select}, M = {args.M}, {int(mask.sum())} anchors for {data.num_classes} classes "
           f"({int((~mask).any(1).sum())} classes padded); wrote {os.path.basename(run_file(args, 'anchors', '.json'))}, "
           f"{os.path.basename(run_file(args, 'anchor_embeds'))} in {args.out}")

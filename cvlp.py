@@ -16,14 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import DATASETS, accuracy_by_shot, add_common_args, corpus_tokens, fill_defaults, load_data, make_loader
-from util import shapes_lt
-from util import flags
+from util import flags, shapes_lt
 from util.clip_models import (create_clip, encode_images, encode_text_trimmed, encode_texts, load_clip_file,
                               pretrained_weights)
 from util.distributed import distribute, gather, init_distributed, rank_world
 from util.engine import (add_training_args, checkpoint_meta, fit, optimizer_and_schedule, prepare_out, run_stage,
                          seed_everything)
 from util.images import clip_transform
+from util.run_folder import already_finished
 
 
 def get_args(argv=None):
@@ -207,11 +207,13 @@ def run(args):
     seed_everything(args.seed)
     rngs = {"sampler": torch.Generator().manual_seed(args.seed), "text": torch.Generator().manual_seed(args.seed + 1)}
     prepare_out(args)
+    path = os.path.join(args.out, "cvlp.pt")
+    if already_finished(path, args):                             # never trains over a checkpoint by accident
+        return
     rank, world_size = rank_world()
     if rank > 0:                          # torchrun: wait while rank 0 makes the caches (world, CLIP stand-in, tokens)
         torch.distributed.barrier()
     data = load_data(args.data, args.data_root, args.seed, text=args.text, skip_bad_images=args.skip_bad_images)
-    path = os.path.join(args.out, "cvlp.pt")
 
     teacher = load_clip(args, args.device) if (args.init == "clip" or args.lam < 1) else None
     if args.init == "clip":

@@ -48,6 +48,7 @@ from util.files import atomic_write
 from util.images import clip_transform
 from util.progress import progress
 from util.records import run_header
+from util.run_folder import check_folder, states
 
 # --variant official: the row of the prediction behind the official code's many / medium / few columns.
 LOGIT_SUM = "logit sum"
@@ -238,6 +239,7 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
     failed}). A head that fails (out of memory, a bad file) is reported in
     one line and skipped, and the others still run; on_result(results, preds, found) is called after every head
     (run() rewrites eval.json then, so a long evaluation keeps what it has computed)."""
+    check_folder(args.out)                                       # no head read beside files of another state
     counts, split = data.counts, getattr(data, args.split)
     loader = make_loader(split, clip_transform(args, train=False), args)
     results, preds, found, failed = {}, {}, [], {}
@@ -315,7 +317,11 @@ def run(args):
     report = {}
 
     def save(results, preds, found):                             # after every head: a later failure loses nothing
-        report.update({"header": header, "data": args.data, "backbone": args.backbone, "split": args.split,
+        read = [os.path.basename(c["path"]) for c in found]     # eval.json names the state of every file it read
+        read += [f for f in ("cvlp.pt", "anchor_embeds.pt", "anchor_embeds_clip.pt") if os.path.exists(
+            os.path.join(args.out, f))]
+        report.update({"header": header, "made_from": states(args.out, read), "data": args.data,
+                       "backbone": args.backbone, "split": args.split,
                        "checkpoint": args.checkpoint, "checkpoints": found,
                        "results": {k: {**v, "confusions": confusions(*preds[k], data.classnames)}
                                    for k, v in results.items()},

@@ -26,6 +26,7 @@ from util.engine import (add_training_args, best_path, checkpoint_meta, eval_pre
 from util.errors import DataError
 from util.images import clip_transform
 from util.progress import progress
+from util.run_folder import already_finished, check_file, states
 
 
 def get_args(argv=None):
@@ -199,6 +200,12 @@ class Recognizer(nn.Module):
         return self.anchors_mean, self.anchors_std, self.anchors_gram
 
 
+def inputs(args):
+    """The files of the run folder a fine-tuning run starts from: cvlp.pt (--init cvlp) and the anchors (--head lgr)."""
+    return ((["cvlp.pt"] if args.init == "cvlp" else []) +
+            ([os.path.basename(run_file(args, "anchor_embeds"))] if args.head == "lgr" else []))
+
+
 def build_recognizer(args, device, ckpt=None):
     """Visual encoder from cvlp.pt (or CLIP) and a fresh head, or both from a saved lgr.py checkpoint;
     anchors from anchor_embeds.pt (frozen buffers, not part of the checkpoint)."""
@@ -210,6 +217,7 @@ def build_recognizer(args, device, ckpt=None):
     anchors = mask = None
     if args.head == "lgr":
         anchors, mask = load_anchor_embeds(args)
+        check_file(run_file(args, "anchor_embeds"))              # made from the cvlp.pt there now (run_folder.py)
         if anchors.shape[-1] != D:
             raise DataError(f"anchor_embeds.pt has D = {anchors.shape[-1]}, the encoder D = {D}; rerun anss.py")
     C = len(anchors) if anchors is not None else args.num_classes
@@ -274,6 +282,9 @@ def run(args):
     args.num_classes = data.num_classes
     path = run_file(args, args.head)                             # lgr.pt, fc.pt; fc_clip.pt = the baseline
     model = build_recognizer(args, args.device)
+    made_from = states(args.out, inputs(args))
+    if already_finished(path, args, made_from):                  # never trains over a checkpoint by accident
+        return
     if args.freeze_visual:
         model.visual.requires_grad_(False)
     if args.compile:                       # in place (nn.Module.compile): parameter names, checkpoints unchanged
@@ -301,7 +312,8 @@ def run(args):
     print(f"{args.head}: {args.data} {args.backbone} init {args.init}, {args.epochs} epochs x {steps} steps, "
           f"lr {args.lr}, visual {'frozen' if args.freeze_visual else 'fine-tuned'}, device {args.device}")
     train_mode()
-    meta = {**checkpoint_meta(args, "lgr", data.num_classes), "head": args.head, "init": args.init}
+    meta = {**checkpoint_meta(args, "lgr", data.num_classes), "head": args.head, "init": args.init,
+            "made_from": made_from}
     if fit(model, lambda x, y: lgr_loss(train_model, x, y), loader, opt, sched, args, path, meta, rngs, validate):
         print(f"wrote {path} (last) and {os.path.basename(best_path(path))} (best val)")
 

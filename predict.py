@@ -23,6 +23,7 @@ from util import flags
 from util.engine import eval_precision, load_checkpoint, run_stage
 from util.errors import DataError
 from util.images import clip_transform, load_rgb
+from util.run_folder import check_file
 
 
 def get_args(argv=None):
@@ -63,6 +64,8 @@ def load_run(run, device):
         raise DataError(f"no lgr.pt in {run}; point --run at a finished run folder (`python cvlp.py && python "
                         "anss.py && python lgr.py` make runs/<data>/<backbone>)")
     ckpt = load_checkpoint(path, "lgr", f"python lgr.py --out {run}")
+    check_file(os.path.join(run, "anchor_embeds.pt"))            # made from the cvlp.pt there now (run_folder.py)
+    check_file(path, ckpt)                                       # and lgr.pt from those anchors
     if ckpt.get("head") != "lgr" or ckpt.get("init") != "cvlp":
         raise DataError(f"{path} is not a VL-LTR (LGR on CVLP) checkpoint (head {ckpt.get('head')}, init "
                         f"{ckpt.get('init')}); point --run at a folder where `python lgr.py` wrote lgr.pt")

@@ -100,9 +100,11 @@ def stage_commands(args, tree, run):
               "--device", args.device, "--out", run, "--seed", str(args.seed)]
     clip = ["--clip-weights", os.path.join(args.root, "shapes_tiny_clip.pt")]
     stop = ["--stop-after-steps", str(args.stop_after_steps)]
+    again = ["--overwrite"]                  # each stage is measured anew: it replaces the last rehearsal's file
     return {"data": ["data.py", *data, "--sheet", os.path.join(run, "sheet.png")],
-            "cvlp": ["cvlp.py", *common, *clip, *stop], "anss": ["anss.py", *common], "lgr": ["lgr.py", *common, *stop],
-            "fc_clip": ["lgr.py", *common, *clip, "--init", "clip", "--head", "fc", *stop],
+            "cvlp": ["cvlp.py", *common, *clip, *stop, *again], "anss": ["anss.py", *common, *again],
+            "lgr": ["lgr.py", *common, *stop, *again],
+            "fc_clip": ["lgr.py", *common, *clip, "--init", "clip", "--head", "fc", *stop, *again],
             "evaluate": ["evaluate.py", *common, *clip],
             "predict": ["predict.py", *tree["predict_images"], "--run", run, "--device", args.device]}
 

@@ -26,6 +26,7 @@ from util.errors import (CheckpointError, DataError, DiskError, DivergedError, G
 from util.files import atomic_write, remove_stale_temporaries, temporary_name
 from util.progress import progress
 from util.records import run_records
+from util.run_folder import best_path, state_hash
 
 CODE_VERSION = "0.2.0"   # recorded in every checkpoint
 
@@ -95,13 +96,10 @@ def run_file(args, stem, ext=".pt"):
     return os.path.join(args.out, f"{stem}{'_clip' if getattr(args, 'init', None) == 'clip' else ''}{ext}")
 
 
-def best_path(path):
-    """<out>/<stem>_best.pt, the checkpoint of a run's best val epoch, beside <out>/<stem>.pt."""
-    return os.path.splitext(path)[0] + "_best.pt"
-
-
 def save_checkpoint(path, ckpt):
-    """Atomically torch.save a plain dict (tensors, numbers, strings, dicts): loadable with weights_only."""
+    """Atomically torch.save a plain dict (tensors, numbers, strings, dicts): loadable with weights_only. It gets its
+    "state_hash" (run_folder.state_hash), by which the files made from it name it."""
+    ckpt = {**ckpt, "state_hash": state_hash(ckpt)}
     try:
         atomic_write(path, lambda f: torch.save(ckpt, f))
     except OSError as e:
@@ -180,6 +178,9 @@ def add_training_args(p, stage):
     p.add_argument("--loader", default="pil", choices=["pil", "gpu"],
                    help="gpu: workers only read the files; decoding and augmentation run batched on --device")
     p.add_argument("--resume", action="store_true", help=f"continue this stage from its checkpoint in --out ({stage})")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out with a new run (its "
+                   "record moves to <out>/replaced/); without it a stage never trains over a checkpoint: finished with "
+                   "the same settings it says so and stops, else it asks for --resume, another --out or --overwrite")
     p.add_argument("--save-every", type=flags.non_negative, default=0, metavar="MINUTES",
                    help="also save the checkpoint every this "
                    "many minutes mid-epoch (0: after each epoch only): a run killed without warning loses at most that "
