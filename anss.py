@@ -7,7 +7,6 @@ text side of Eq. 2) against a special image batch I' holding at most 50 training
 and keeps the M = 64 sentences with the smallest loss as the class's anchors. `--select cutoff`
 is the Table 4 #7 ablation: the first M sentences of the corpus, no scoring.
 """
-import argparse
 import json
 import os
 
@@ -17,26 +16,31 @@ import torch.nn.functional as F
 
 from cvlp import load_clip, temperature
 from data import add_common_args, corpus_tokens, fill_defaults, image_transform, load_data, make_loader
+from util import flags
 from util.clip_models import create_clip, encode_images, encode_texts
 from util.engine import (check_meta, checkpoint_meta, load_checkpoint, one_process_only, prepare_out,
                          run_file, run_stage, save_checkpoint, seed_everything)
 from util.files import atomic_write
 from util.progress import progress
 from util.records import run_header
+from util.run_folder import other_settings, small_entries, state
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="VL-LTR stage 2a: anchor sentence selection")
+    p = flags.Parser(description="VL-LTR stage 2a: anchor sentence selection")
     add_common_args(p)
     p.add_argument("--init", default="cvlp", choices=["cvlp", "clip"],
                    help="encoders: CVLP's (cvlp.pt) or plain CLIP weights (Table 4 #2, no CVLP)")
     p.add_argument("--select", default="anss", choices=["anss", "cutoff"], help="Table 4 #7: cut off = first M")
-    p.add_argument("--M", type=int, default=64, help="anchor sentences per class (Sec. 4.3: 64)")
-    p.add_argument("--images-per-class", type=int, default=50, help="I' holds at most this many per class (Sec. 3.3)")
+    p.add_argument("--M", type=flags.count, default=64, help="anchor sentences per class (Sec. 4.3: 64)")
+    p.add_argument("--images-per-class", type=flags.count, default=50,
+                   help="I' holds at most this many per class (Sec. 3.3)")
     p.add_argument("--text", default="wiki+prompt", choices=["wiki+prompt", "prompt"])
-    p.add_argument("--chunk", type=int, default=4096, help="AnSS scores blocks of this many images x sentences "
+    p.add_argument("--chunk", type=flags.count, default=4096, help="AnSS scores blocks of this many images x sentences "
                    "(memory chunk^2 floats, whatever the dataset size)")
-    p.add_argument("--batch", type=int, default=256, help="images embedded at once")
+    p.add_argument("--batch", type=flags.count, default=256, help="images embedded at once")
+    p.add_argument("--overwrite", action="store_true", help="make the anchors again even when those in --out are up "
+                   "to date (made from this cvlp.pt with these settings: without it the stage then says so and stops)")
     args = p.parse_args(argv)
     return fill_defaults(args)
 
@@ -159,6 +163,20 @@ def load_anchor_embeds(args):
     return a["embeds"], a["mask"]
 
 
+def up_to_date(args, made_from):
+    """True, said in one line, when the anchors in --out were made from this cvlp.pt (made_from) with these settings
+    and --overwrite is not given: making them again would give the same anchors, and would make every lgr.pt trained
+    on them stale wherever a GPU's rounding differs from one run to the next."""
+    path = run_file(args, "anchor_embeds")
+    saved = small_entries(path) if not args.overwrite and os.path.exists(run_file(args, "anchors", ".json")) else None
+    if saved is None or saved.get("made_from") != made_from or not isinstance(saved.get("args"), dict) \
+            or other_settings(saved["args"], args):
+        return False
+    print(f"{path} is up to date (made from {' and '.join(made_from) or 'CLIP weights'} as it is now, with these "
+          f"settings): nothing to do (--overwrite makes it again)")
+    return True
+
+
 def main(argv=None):
     one_process_only("anss.py")
     run_stage(run, get_args(argv))
@@ -169,7 +187,10 @@ def run(args):
     prepare_out(args)
     data = load_data(args.data, args.data_root, args.seed, text=args.text, skip_bad_images=args.skip_bad_images)
     args.num_classes = data.num_classes
-    model, _ = load_encoder(args, args.device)
+    model, cvlp_ckpt = load_encoder(args, args.device)
+    made_from = {"cvlp.pt": state(cvlp_ckpt)} if cvlp_ckpt is not None else {}   # --init clip: no file of the run
+    if up_to_date(args, made_from):
+        return
     tau = temperature(model.logit_scale).item()
     text = corpus_tokens(data, model, args)
     if args.M > int((text["offsets"][1:] - text["offsets"][:-1]).max()):
@@ -193,8 +214,8 @@ def run(args):
                      {"cutoff": select_anchors(None, text["offsets"], args.M), args.select: (index, mask)}.items()}
         if scores is not None:
             precision["descriptions_only"] = description_precision(scores, text["offsets"], data.corpus, args.M)
-    anchors = {"header": run_header(args, "anss"), "M": args.M, "select": args.select, "tau": tau,
-               "precision": precision, "classes": [
+    anchors = {"header": run_header(args, "anss"), "made_from": made_from, "M": args.M, "select": args.select,
+               "tau": tau, "precision": precision, "classes": [
         {"name": name, "sentences": [flat[k] for k in index[c][mask[c]].tolist()],
          "scores": [round(scores[k].item(), 4) for k in index[c][mask[c]].tolist()] if scores is not None else None}
         for c, name in enumerate(data.classnames)]}
@@ -205,7 +226,7 @@ def run(args):
     embeds = E_T_raw[index.to(E_T_raw.device)].cpu() * mask[..., None]          # (C, M, D)
     save_checkpoint(run_file(args, "anchor_embeds"), {
         **checkpoint_meta(args, "anss", data.num_classes), "init": args.init, "select": args.select,
-        "embeds": embeds, "mask": mask, "args": vars(args)})
+        "embeds": embeds, "mask": mask, "args": vars(args), "made_from": made_from})
     print(f"anss: {args.select}, M = {args.M}, {int(mask.sum())} anchors for {data.num_classes} classes "
           f"({int((~mask).any(1).sum())} classes padded); wrote {os.path.basename(run_file(args, 'anchors', '.json'))}, "
           f"{os.path.basename(run_file(args, 'anchor_embeds'))} in {args.out}")

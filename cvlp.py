@@ -8,7 +8,6 @@ each image, one sentence drawn uniformly from its class's corpus; the loss pulls
 towards all sentences of its class (Eq. 2), and a frozen CLIP teacher's similarities are distilled
 into the student (Eq. 3). The training loop and checkpoints are engine.py's, the CLIP models clip_models.py's.
 """
-import argparse
 import math
 import os
 
@@ -18,16 +17,17 @@ import torch.nn.functional as F
 
 from data import (DATASETS, accuracy_by_shot, add_common_args, corpus_tokens, fill_defaults, image_transform, load_data,
                   make_loader)
-from util import shapes_lt
+from util import flags, shapes_lt
 from util.clip_models import (create_clip, encode_images, encode_text_trimmed, encode_texts, load_clip_file,
                               pretrained_weights)
 from util.distributed import distribute, gather, init_distributed, rank_world
 from util.engine import (add_training_args, checkpoint_meta, fit, optimizer_and_schedule, parameter_groups, prepare_out,
                          run_stage, seed_everything)
+from util.run_folder import already_finished
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="VL-LTR stage 1: class-wise visual-linguistic pre-training")
+    p = flags.Parser(description="VL-LTR stage 1: class-wise visual-linguistic pre-training")
     add_common_args(p)
     add_training_args(p, "cvlp.pt")
     p.add_argument("--init", default="clip", choices=["clip", "scratch"],
@@ -35,9 +35,9 @@ def get_args(argv=None):
     p.add_argument("--variant", default="paper", choices=["paper", "official"],
                    help="the paper's equations and settings, or the official code's where they differ "
                    "(docs/design.md §3)")
-    p.add_argument("--lam", type=float, default=0.5, help="Eq. (8) weight of L_ccl (Sec. 3.4 and Table 9: 0.5); 1 "
+    p.add_argument("--lam", type=flags.unit_interval, default=0.5, help="Eq. (8) weight of L_ccl (Sec. 3.4 and Table 9: 0.5); 1 "
                    "turns L_dis off (Table 4 #4)")
-    p.add_argument("--tau", type=float, default=None, help="initial temperature, learnable (Sec. 3.2: 0.07, the "
+    p.add_argument("--tau", type=flags.positive, default=None, help="initial temperature, learnable (Sec. 3.2: 0.07, the "
                    "default; --variant official: CLIP's own learned value, as the official code loads it)")
     p.add_argument("--text", default="wiki+prompt", choices=["wiki+prompt", "prompt"],
                    help="text source (Table 10: 'prompt only' keeps the 80 templates)")
@@ -216,11 +216,13 @@ def run(args):
     seed_everything(args.seed)
     rngs = {"sampler": torch.Generator().manual_seed(args.seed), "text": torch.Generator().manual_seed(args.seed + 1)}
     prepare_out(args)
+    path = os.path.join(args.out, "cvlp.pt")
+    if already_finished(path, args):                             # never trains over a checkpoint by accident
+        return
     rank, world_size = rank_world()
     if rank > 0:                          # torchrun: wait while rank 0 makes the caches (world, CLIP stand-in, tokens)
         torch.distributed.barrier()
     data = load_data(args.data, args.data_root, args.seed, text=args.text, skip_bad_images=args.skip_bad_images)
-    path = os.path.join(args.out, "cvlp.pt")
 
     teacher = load_clip(args, args.device).eval().requires_grad_(False) if args.lam < 1 else None   # L_dis's frozen CLIP
     if args.init == "clip":

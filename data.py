@@ -13,7 +13,6 @@ Every dataset becomes an `LTData` here: the class names, three `Split`s (train /
 sampling), `corpus_tokens` and `shot_split` from here. The real datasets' files are read in readers.py,
 the embedded shapes_lt world is generated in shapes_lt.py.
 """
-import argparse
 import os
 import signal
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from util import shapes_lt
+from util import flags, shapes_lt
 from util.clip_models import cache_dir, context_length, default_tag, tokenize_corpus
 from util.distributed import rank_world
 from util.errors import DataError, fail, warn
@@ -118,16 +117,18 @@ def add_common_args(p):
                    "sets QuickGELU or GELU, mean / std and resizing as those weights were trained, and names what a "
                    "--clip-weights file holds (default: openai, the paper's; shapes-tiny: standin; the later stages "
                    "must use cvlp.py's)")
-    p.add_argument("--image-size", type=int, default=None, help="input size (default: per dataset, 224 for CLIP "
+    p.add_argument("--image-size", type=flags.image_size, default=None, help="input size, a multiple of the "
+                   "backbone's stride (default: per dataset, 224 for CLIP "
                    "backbones; 384 for the iNat ViT-B/16-384 row; CIFAR-100-LT's 32 px images are upsampled to it, as "
                    "LIFT and BALLAD do)")
-    p.add_argument("--workers", type=int, default=None, help="data loader processes (default: up to 8; 0 on shapes_lt)")
+    p.add_argument("--workers", type=flags.count_or_zero, default=None, help="data loader processes, 0: load in the "
+                   "main process (default: up to 8; 0 on shapes_lt)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (counted, one warning) instead of stopping")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="run folder (default runs/<data>/<backbone>, runs/<data>/<backbone>-<tag> "
                    "for a --pretrained other than the default)")
-    p.add_argument("--seed", type=int, default=0, help="seeds training and the shapes_lt world")
+    p.add_argument("--seed", type=flags.seed, default=0, help="seeds training and the shapes_lt world")
     return p
 
 
@@ -145,7 +146,11 @@ def fill_defaults(args, stage=None):
     d = DATASETS[args.data]
     args.backbone = args.backbone or d["backbone"]
     args.pretrained = args.pretrained or default_tag(args.backbone)
-    args.image_size = args.image_size or d["image_size"]
+    args.image_size = d["image_size"] if args.image_size is None else args.image_size
+    try:
+        flags.check_image_size(args.image_size, args.backbone)
+    except DataError as e:
+        fail(e)
     args.data_root = args.data_root or d["root"]
     args.workers = args.workers if args.workers is not None else (0 if args.data in SHAPES_WORLDS else default_workers())
     folder = args.backbone if args.pretrained == default_tag(args.backbone) else f"{args.backbone}-{args.pretrained}"
@@ -484,12 +489,12 @@ def summary(data):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = flags.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="shapes_lt", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-root", default=None, help="dataset folder (default: DATASETS[data]['root'])")
     p.add_argument("--imbalance", type=int, default=None, choices=CIFAR_IMBALANCES,
                    help="--data cifar100_lt: n_max / n_min of the training counts (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="shapes_lt world seed")
+    p.add_argument("--seed", type=flags.seed, default=0, help="shapes_lt world seed")
     p.add_argument("--sheet", default=None, help="contact sheet PNG (default: runs/<run name>/contact_sheet.png)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="decode every image once; report and leave out the unreadable ones (checks a download)")

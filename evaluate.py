@@ -39,15 +39,17 @@ from cvlp import load_clip
 from data import (DATASETS, accuracy_by_shot, add_common_args, corpus_tokens, fill_defaults, image_transform, load_data,
                   make_loader, official_accuracy, prompt_only, prompt_sentences)
 from lgr import Recognizer, build_recognizer, predict
+from util import flags
 from util.clip_models import (context_length, create_clip, default_tag, embed_dim, encode_images, encode_texts,
                               tokenize_exact)
 from util.engine import (best_path, check_meta, checkpoint_meta, load_checkpoint, one_process_only,
-                         run_file, run_stage)
+                         prepare_out, run_file, run_stage)
 from util.errors import CheckpointError, DataError, StageError, fail, out_of_memory, warn
 from util.files import atomic_write
 from util.images import clip_transform
 from util.progress import progress
 from util.records import run_header
+from util.run_folder import check_folder, states
 
 # --variant official: the row of the prediction behind the official code's many / medium / few columns.
 LOGIT_SUM = "logit sum"
@@ -56,15 +58,15 @@ LOGIT_SUM_NOTE = ("logit sum: argmax of logits_I + logits_T, the prediction the 
 
 def get_parser(add_help=True):
     """The evaluation options (experiments.py's `table` reuses them)."""
-    p = argparse.ArgumentParser(description="VL-LTR evaluation: top-1 overall / many / medium / few", add_help=add_help)
+    p = flags.Parser(description="VL-LTR evaluation: top-1 overall / many / medium / few", add_help=add_help)
     add_common_args(p)
     p.add_argument("--split", default="test", choices=["val", "test"], help="Sec. 4.1: report test, tune on val")
-    p.add_argument("--knn-k", type=int, default=5, help="KNN head (Table 4 #6): the nearest sentences that vote (the "
+    p.add_argument("--knn-k", type=flags.count, default=5, help="KNN head (Table 4 #6): the nearest sentences that vote (the "
                    "official evaluation's 5; the paper does not say)")
     p.add_argument("--knn-sentences", default="corpus", choices=["corpus", "anchors"], help="KNN head: vote over every "
                    "sentence of the class corpora (the official evaluation's; Table 4 #6 has no sentence selection) or "
                    "over the AnSS anchors alone")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=flags.count, default=256, help="images evaluated at once")
     p.add_argument("--head-form", default=None, choices=["paper", "gram"], help="how the LGR head computes Eq. (4)-(7) "
                    "(the same predictions; default: the dataset's, DATASETS head_form; gram is faster at batch 1)")
     p.add_argument("--checkpoint", default="last", choices=["last", "best"],
@@ -242,6 +244,7 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
     failed}). A head that fails (out of memory, a bad file) is reported in
     one line and skipped, and the others still run; on_result(results, preds, found) is called after every head
     (run() rewrites eval.json then, so a long evaluation keeps what it has computed)."""
+    check_folder(args.out)                                       # no head read beside files of another state
     counts, split = data.counts, getattr(data, args.split)
     loader = make_loader(split, image_transform(args, train=False), args)
     results, preds, found, failed = {}, {}, [], {}
@@ -319,6 +322,7 @@ def evaluate_folder(args, data, zero_shot=True, on_result=None):
 
 
 def run(args):
+    prepare_out(args)
     data = load_data(args.data, args.data_root, args.seed, skip_bad_images=args.skip_bad_images)
     args.num_classes = data.num_classes
     path = os.path.join(args.out, "eval.json")
@@ -327,7 +331,11 @@ def run(args):
     report = {}
 
     def save(results, preds, found):                             # after every head: a later failure loses nothing
-        report.update({"header": header, "data": args.data, "backbone": args.backbone, "split": args.split,
+        read = [os.path.basename(c["path"]) for c in found]     # eval.json names the state of every file it read
+        read += [f for f in ("cvlp.pt", "anchor_embeds.pt", "anchor_embeds_clip.pt") if os.path.exists(
+            os.path.join(args.out, f))]
+        report.update({"header": header, "made_from": states(args.out, read), "data": args.data,
+                       "backbone": args.backbone, "split": args.split,
                        "checkpoint": args.checkpoint, "checkpoints": found,
                        "results": {k: {**v, "confusions": confusions(*preds[k], data.classnames)}
                                    for k, v in results.items()},

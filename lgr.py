@@ -20,12 +20,14 @@ from anss import load_anchor_embeds, load_encoder
 from cvlp import inverse_tau_limit, temperature
 from data import (DATASETS, accuracy_by_shot, add_common_args, fill_defaults, image_transform, load_data, make_loader,
                   official_setting)
+from util import flags
 from util.clip_models import create_clip, embed_dim
 from util.distributed import distribute, init_distributed, rank_world
 from util.engine import (add_training_args, best_path, checkpoint_meta, eval_precision, fit, optimizer_and_schedule,
                          parameter_groups, prepare_out, run_file, run_stage, seed_everything)
 from util.errors import CheckpointError, DataError
 from util.progress import progress
+from util.run_folder import already_finished, check_file, states
 
 # --variant official: the learning rate of the LGR attention's parameters (its fine-tuning configs' text_lr; its
 # optimiser gives every parameter without "visual" in its name this rate, the MLP ("visual_fc") the lr).
@@ -33,7 +35,7 @@ OFFICIAL_TEXT_LR = 1e-6
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="VL-LTR stage 2b: language-guided recognition fine-tuning")
+    p = flags.Parser(description="VL-LTR stage 2b: language-guided recognition fine-tuning")
     add_common_args(p)
     add_training_args(p, "<head>.pt: lgr.pt, fc.pt, fc_clip.pt")
     p.add_argument("--init", default="cvlp", choices=["cvlp", "clip"],
@@ -45,7 +47,7 @@ def get_args(argv=None):
     p.add_argument("--freeze-visual", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the visual encoder fixed (default: fine-tuned, Sec. 3.1; --variant official: frozen on "
                    "ImageNet-LT and Places-LT, fine-tuned on iNat, as its configs)")
-    p.add_argument("--tau", type=float, default=None, help="Eq. (7)'s tau (default: the encoder's own learned "
+    p.add_argument("--tau", type=flags.positive, default=None, help="Eq. (7)'s tau (default: the encoder's own learned "
                    "temperature, CVLP's, or CLIP's with --init clip, fixed, as the official code loads it; the paper "
                    "does not say)")
     p.add_argument("--learn-tau", action="store_true", help="let Eq. (7)'s tau learn from there (the project's option; "
@@ -246,6 +248,12 @@ class Recognizer(nn.Module):
         return self.anchors_mean, self.anchors_std, self.anchors_gram
 
 
+def inputs(args):
+    """The files of the run folder a fine-tuning run starts from: cvlp.pt (--init cvlp) and the anchors (--head lgr)."""
+    return ((["cvlp.pt"] if args.init == "cvlp" else []) +
+            ([os.path.basename(run_file(args, "anchor_embeds"))] if args.head == "lgr" else []))
+
+
 def build_recognizer(args, device, ckpt=None):
     """Visual encoder from cvlp.pt (or CLIP) and a fresh head, or both from a saved lgr.py checkpoint;
     anchors from anchor_embeds.pt (frozen buffers, not part of the checkpoint). A fresh LGR head's tau: --tau, else
@@ -260,6 +268,7 @@ def build_recognizer(args, device, ckpt=None):
     head_args = {}
     if args.head == "lgr":
         anchors, mask = load_anchor_embeds(args)
+        check_file(run_file(args, "anchor_embeds"))              # made from the cvlp.pt there now (run_folder.py)
         if anchors.shape[-1] != D:
             raise DataError(f"anchor_embeds.pt has D = {anchors.shape[-1]}, the encoder D = {D}; rerun anss.py")
         official = args.variant == "official"
@@ -365,6 +374,9 @@ def run(args):
     args.num_classes = data.num_classes
     path = run_file(args, args.head)                             # lgr.pt, fc.pt; fc_clip.pt = the baseline
     model = build_recognizer(args, args.device)
+    made_from = states(args.out, inputs(args))
+    if already_finished(path, args, made_from):                  # never trains over a checkpoint by accident
+        return
     if args.freeze_visual:
         model.visual.requires_grad_(False)
     if args.compile:                       # in place (nn.Module.compile): parameter names, checkpoints unchanged
@@ -397,7 +409,8 @@ def run(args):
           f"lr {args.lr}, visual {'frozen' if args.freeze_visual else 'fine-tuned'}, variant {args.variant}"
           + (", mixup" if args.mixup else "") + f", device {args.device}")
     train_mode()
-    meta = {**checkpoint_meta(args, "lgr", data.num_classes), "head": args.head, "init": args.init}
+    meta = {**checkpoint_meta(args, "lgr", data.num_classes), "head": args.head, "init": args.init,
+            "made_from": made_from}
     if fit(model, lambda x, y: lgr_loss(train_model, x, y, args.mixup), loader, opt, sched, args, path, meta, rngs,
            validate):
         print(f"wrote {path} (last) and {os.path.basename(best_path(path))} (best val)")

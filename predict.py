@@ -9,7 +9,6 @@ The run folder needs lgr.pt (lgr.py), anchors.json and anchor_embeds.pt (anss.py
 backbone, CLIP weights' tag, image size, variant) is read from lgr.pt. The class names and anchor sentences
 come from anchors.json, so a real dataset's run works without its images. --demo also needs the run's dataset.
 """
-import argparse
 import json
 import os
 from argparse import Namespace
@@ -20,22 +19,25 @@ from PIL import Image
 
 from data import DATASETS, image_transform, load_data, shot_split
 from lgr import build_recognizer, lgr_probabilities
+from util import flags
 from util.engine import eval_precision, load_checkpoint, run_stage
 from util.errors import DataError
 from util.images import load_rgb
+from util.run_folder import check_file
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="VL-LTR prediction with its reasons: top classes, P, P^I, P^T, anchors")
+    p = flags.Parser(description="VL-LTR prediction with its reasons: top classes, P, P^I, P^T, anchors")
     p.add_argument("images", nargs="*", help="image files (any format PIL reads)")
     p.add_argument("--run", default=os.path.join("runs", "shapes_lt", "shapes-tiny"),
                    help="a finished run folder: lgr.pt, anchors.json, anchor_embeds.pt")
-    p.add_argument("--top", type=int, default=5, help="classes listed per image")
-    p.add_argument("--sentences", type=int, default=3, help="anchor sentences listed under each class")
+    p.add_argument("--top", type=flags.count, default=5, help="classes listed per image")
+    p.add_argument("--sentences", type=flags.count_or_zero, default=3,
+                   help="anchor sentences listed under each class (0: none)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--demo", action="store_true", help="explain a few test images of few-shot classes of the "
                    "run's dataset and draw them into --demo-out (needs matplotlib)")
-    p.add_argument("--demo-images", type=int, default=4, help="--demo: how many images (one per class)")
+    p.add_argument("--demo-images", type=flags.count, default=4, help="--demo: how many images (one per class)")
     p.add_argument("--demo-out", default=None, help="--demo: the PNG (default <run>/predict_demo.png)")
     p.add_argument("--data-root", default=None, help="--demo: the dataset folder (default: the one lgr.pt names)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -62,6 +64,8 @@ def load_run(run, device):
         raise DataError(f"no lgr.pt in {run}; point --run at a finished run folder (`python cvlp.py && python "
                         "anss.py && python lgr.py` make runs/<data>/<backbone>)")
     ckpt = load_checkpoint(path, "lgr", f"python lgr.py --out {run}")
+    check_file(os.path.join(run, "anchor_embeds.pt"))            # made from the cvlp.pt there now (run_folder.py)
+    check_file(path, ckpt)                                       # and lgr.pt from those anchors
     if ckpt.get("head") != "lgr" or ckpt.get("init") != "cvlp":
         raise DataError(f"{path} is not a VL-LTR (LGR on CVLP) checkpoint (head {ckpt.get('head')}, init "
                         f"{ckpt.get('init')}); point --run at a folder where `python lgr.py` wrote lgr.pt")

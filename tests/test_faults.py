@@ -206,8 +206,8 @@ def cvlp_on_tree_with_a_corrupt_image(tmp_path, tiny_clip, *extra):
 
 
 def test_corrupt_image_stops_cvlp_naming_image_and_split_line(tmp_path, tiny_clip, capsys):
-    write(tmp_path / "run/cvlp.pt", b"the checkpoint of an earlier run")
-    code, root = cvlp_on_tree_with_a_corrupt_image(tmp_path, tiny_clip)
+    write(tmp_path / "run/cvlp.pt", b"the checkpoint of an earlier run")    # replaced only by a first save
+    code, root = cvlp_on_tree_with_a_corrupt_image(tmp_path, tiny_clip, "--overwrite")
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert errors_and_warnings(err) == [

@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from anss import anchor_scores
 import cvlp
 import data
-from util import clip_models, engine, images
+from util import clip_models, engine, flags, images
 
 SECTIONS = ("cvlp", "loader", "decode", "anss")
 PATHS = ("plain", "fast", "fast+compile")
@@ -52,30 +52,33 @@ PATHS = ("plain", "fast", "fast+compile")
 def common_args(p):
     """The options bench.py and bench_heads.py share: the model, the device, the sizes of a timing, the output."""
     p.add_argument("--backbone", default="RN50", help="RN50 | ViT-B-16 | shapes-tiny (random weights)")
-    p.add_argument("--image-size", type=int, default=None, help="default 224; 32 for shapes-tiny")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 CUDA, 3 CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first, compiling included (default 3 CUDA, 1 CPU)")
-    p.add_argument("--classes", type=int, default=1000, help="C (ImageNet-LT: 1000)")
+    p.add_argument("--image-size", type=flags.image_size, default=None, help="default 224; 32 for shapes-tiny")
+    p.add_argument("--steps", type=flags.count, default=None, help="timed steps (default 20 CUDA, 3 CPU)")
+    p.add_argument("--warmup", type=flags.count_or_zero, default=None,
+                   help="untimed steps first, compiling included (0: none; default 3 CUDA, 1 CPU)")
+    p.add_argument("--classes", type=flags.count, default=1000, help="C (ImageNet-LT: 1000)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file, after "
                    "each section (a run cut short keeps what it measured)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's; 1 on a shared machine "
-                   "keeps many-small-op paths from stalling on preempted threads)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=flags.count, default=None, help="torch CPU threads (default torch's; 1 on a "
+                   "shared machine keeps many-small-op paths from stalling on preempted threads)")
+    p.add_argument("--seed", type=flags.seed, default=0)
 
 
 def fill_common(args):
     cuda = str(args.device).startswith("cuda")
-    args.image_size = args.image_size or (32 if args.backbone == "shapes-tiny" else 224)
-    args.steps = args.steps or (20 if cuda else 3)
+    if args.image_size is None:
+        args.image_size = 32 if args.backbone == "shapes-tiny" else 224
+    if args.steps is None:
+        args.steps = 20 if cuda else 3
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     return args
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="VL-LTR benchmarks: CVLP step plain vs fast, loader, decoders, AnSS")
+    p = flags.Parser(description="VL-LTR benchmarks: CVLP step plain vs fast, loader, decoders, AnSS")
     common_args(p)
-    p.add_argument("--batch", type=int, default=256, help="CVLP batch (Sec. 4.3: 256) and loader batch")
+    p.add_argument("--batch", type=flags.count, default=256, help="CVLP batch (Sec. 4.3: 256) and loader batch")
     p.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS,
                    help=f"which sections to run (default all): {' '.join(SECTIONS)}")
     p.add_argument("--paths", nargs="*", default=None, choices=PATHS,
@@ -84,19 +87,21 @@ def get_args(argv=None):
     p.add_argument("--profile", action="store_true", help="after timing, torch.profiler over 3 steps of the last "
                    "path: the operators that take the most device time")
     p.add_argument("--loaders", nargs="*", default=["pil", "gpu"], help="loaders to time (none: skip the section)")
-    p.add_argument("--loader-batches", type=int, default=None, help="batches per loader (default 20 CUDA, 4 CPU)")
-    p.add_argument("--workers", type=int, default=min(16, os.cpu_count()), help="loader processes")
-    p.add_argument("--decode-images", type=int, default=200, help="JPEGs each decoder decodes (section decode)")
-    p.add_argument("--anss-sentences", type=int, default=None,
+    p.add_argument("--loader-batches", type=flags.count, default=None,
+                   help="batches per loader (default 20 CUDA, 4 CPU)")
+    p.add_argument("--workers", type=flags.count_or_zero, default=min(16, os.cpu_count()), help="loader processes")
+    p.add_argument("--decode-images", type=flags.count, default=200, help="JPEGs each decoder decodes (section decode)")
+    p.add_argument("--anss-sentences", type=flags.count, default=None,
                    help="sentences to embed and score (default 127000 = ImageNet-LT's wiki corpus on CUDA; 4096 CPU)")
-    p.add_argument("--anss-images", type=int, default=None,
+    p.add_argument("--anss-images", type=flags.count, default=None,
                    help="images in I' (default 50000 = 50 per class x 1000 on CUDA; 2048 CPU)")
     args = fill_common(p.parse_args(argv))
     args.paths = args.paths or ["plain", "fast+compile" if args.compile else "fast"]
     cuda = str(args.device).startswith("cuda")
-    args.loader_batches = args.loader_batches or (20 if cuda else 4)
-    args.anss_sentences = args.anss_sentences or (127000 if cuda else 4096)
-    args.anss_images = args.anss_images or (50000 if cuda else 2048)
+    defaults = {"loader_batches": 20 if cuda else 4, "anss_sentences": 127000 if cuda else 4096,
+                "anss_images": 50000 if cuda else 2048}
+    for k, v in defaults.items():                                # None, never 0, means the default
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     return args
 
 

@@ -12,7 +12,6 @@ BENCHMARKS.md holds the results. The training and data paths are tools/bench.py'
        prlimit --as=$((16 << 30)) python -m tools.bench_heads --backbone shapes-tiny --device cpu \
            --head-shapes imagenet_lt inat2018 inat2018_vit      # the paper form at iNat needs ~33 GiB: --head-batch 16
 """
-import argparse
 import time
 
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import lgr
-from util import clip_models, engine
+from util import clip_models, engine, flags
 from util.errors import out_of_memory
 from tools.bench import common_args, fill_common, median_seconds, peak_memory, row, start, sync
 
@@ -30,7 +29,7 @@ HEAD_SHAPES = {"imagenet_lt": (1000, 1024), "inat2018": (8142, 1024), "inat2018_
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="VL-LTR benchmarks: the LGR head against the FC head, and its two forms")
+    p = flags.Parser(description="VL-LTR benchmarks: the LGR head against the FC head, and its two forms")
     common_args(p)
     p.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS,
                    help=f"which sections to run (default all): {' '.join(SECTIONS)}")
@@ -38,7 +37,7 @@ def get_args(argv=None):
                    help="LGR head training step, paper vs gram form, at these (C, D): run = --classes and the "
                    "backbone's D; imagenet_lt 1000, 1024; inat2018 8142, 1024 (RN50); inat2018_vit 8142, 512 "
                    "(ViT-B/16); none: skip the section")
-    p.add_argument("--head-batch", type=int, default=128, help="batch of the LGR head step (Sec. 4.3: 128)")
+    p.add_argument("--head-batch", type=flags.count, default=128, help="batch of the LGR head step (Sec. 4.3: 128)")
     return fill_common(p.parse_args(argv))
 
 

@@ -10,7 +10,6 @@ several seeds, and the learning curves of runs side by side. Evaluation itself i
 every run folder on the test split (evaluate.evaluate_folder), then writes results/<data>.json and .md (mean
 and std over seeds) and the README's plots.
 """
-import argparse
 import functools
 import glob
 import json
@@ -29,6 +28,7 @@ from evaluate import evaluate_folder
 import evaluate
 from lgr import build_recognizer, lgr_probabilities
 import lgr
+from util import flags
 from util.engine import load_checkpoint, one_process_only, run_file, run_stage
 from util.errors import DataError
 from util.files import atomic_write
@@ -37,11 +37,11 @@ from util.records import epoch_records, read_records
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="VL-LTR experiments: the results tables over seeds, learning curves")
+    p = flags.Parser(description="VL-LTR experiments: the results tables over seeds, learning curves")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("table", parents=[evaluate.get_parser(add_help=False)],
                        help="run and evaluate every Table 8 and Table 4 row for each of --seeds (run_table)")
-    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    t.add_argument("--seeds", type=flags.seed, nargs="+", default=[0, 1, 2],
                    help="seeds (each a new world, CLIP stand-in and training run)")
     t.add_argument("--table-out", default=os.path.join("runs", "table"), help="run folders <this>/<data>/seed<s>/<row>")
     t.add_argument("--results", default="results", help="where <data>.json, <data>.md and the plots go")

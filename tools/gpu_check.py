@@ -19,9 +19,9 @@ Parts, in order, each a subprocess with its own time limit, all under one --budg
 
 OUT receives gpu_check.log (every part's output, as it comes), gpu_check.json (every part's status, time and
 numbers; rewritten after each part, so a run cut short keeps what it measured) and the rehearsal's report. This
-file imports nothing outside the standard library: open_clip may be missing until --wheels installs it.
+file imports nothing outside the standard library (and util/flags.py, which imports only it): open_clip may be
+missing until --wheels installs it.
 """
-import argparse
 import glob
 import json
 import os
@@ -33,6 +33,8 @@ import sys
 import tempfile
 import threading
 import time
+
+from util import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: the stage scripts
 PARTS = ("env", "tests", "bench_rn50", "bench_vit", "loaders", "heads", "demo", "rehearse")
@@ -69,11 +71,11 @@ print(json.dumps(info))
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = flags.Parser(description=__doc__.split("\n")[0])
     p.add_argument("out", help="folder for gpu_check.log, gpu_check.json and the rehearsal's report")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, run in the order given (default: "
                    f"{','.join(PARTS)})")
-    p.add_argument("--budget", type=float, default=450, help="seconds for the whole run: a part gets at most what is "
+    p.add_argument("--budget", type=flags.positive, default=450, help="seconds for the whole run: a part gets at most what is "
                    "left, and parts that would start with under 10 s left are skipped")
     p.add_argument("--wheels", default=None, metavar="DIR", help="install DIR/*.whl (open_clip_torch, ftfy, wcwidth, "
                    "torchcodec) into a private folder first, for a machine whose Python lacks them and cannot download")

@@ -17,7 +17,6 @@
    per process), so a runaway stage fails instead of taking the machine down. Writes <root>/rehearsal_<data>.json
    and .md (for BENCHMARKS.md), with a growth column (full / tenth) once both sizes have run.
 """
-import argparse
 import json
 import os
 import re
@@ -29,30 +28,32 @@ import sys
 import time
 
 from tools.rehearsal_tree import SIZES, TREE_VERSION, disk_use, read_json, write_text, write_tree
+from util import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: the stage scripts
 STAGES = ("data", "cvlp", "anss", "lgr", "fc_clip", "evaluate", "predict")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = flags.Parser(description=__doc__.split("\n")[0])
     p.add_argument("data", choices=list(SIZES), help="the dataset whose official layout and size to rehearse")
-    p.add_argument("--fraction", type=float, default=1.0, help="share of the classes (and so of the images) to "
-                   "generate; 0.1: a tenth, with the same per-class profile (at least 10 classes)")
+    p.add_argument("--fraction", type=flags.Range(float, 0, 1, lo_open=True), default=1.0, help="share of the "
+                   "classes (and so of the images) to generate; 0.1: a tenth, with the same per-class profile (at "
+                   "least 10 classes)")
     p.add_argument("--root", default=None, help="the generated tree (default data/rehearsal/<data>[_<fraction>])")
     p.add_argument("--regenerate", action="store_true", help="delete and write the tree again")
-    p.add_argument("--seed", type=int, default=0, help="seeds the tree, the tiny CLIP weights and the stages")
+    p.add_argument("--seed", type=flags.seed, default=0, help="seeds the tree, the tiny CLIP weights and the stages")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}; "
                    "with cvlp in it the run folder <root>/run starts empty (token caches included)")
-    p.add_argument("--stop-after-steps", type=int, default=200, help="optimiser steps of each training run "
-                   "(cvlp, lgr, fc_clip); the cost of the rest of an epoch is not measured")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of every stage")
+    p.add_argument("--stop-after-steps", type=flags.count_or_zero, default=200, help="optimiser steps of each "
+                   "training run (cvlp, lgr, fc_clip; 0: whole epochs); the cost of the rest of an epoch is not measured")
+    p.add_argument("--workers", type=flags.count_or_zero, default=2, help="DataLoader workers of every stage")
     p.add_argument("--device", default="cpu", help="where every stage runs: cpu, or cuda (then each stage's peak "
                    "GPU memory is measured too)")
     p.add_argument("--mem-cap", default=None, help="address-space limit per stage process (RLIMIT_AS): 16G, "
                    "512M, or 0 for none (default 16G on the CPU; none on a GPU, whose driver maps far more address "
                    "space than it uses)")
-    p.add_argument("--timeout", type=float, default=0, help="seconds after which a stage is stopped (0: never)")
+    p.add_argument("--timeout", type=flags.non_negative, default=0, help="seconds after which a stage is stopped (0: never)")
     args = p.parse_args(argv)
     args.root = args.root or default_root(args.data, args.fraction)
     args.mem_cap = args.mem_cap or ("0" if args.device.startswith("cuda") else "16G")
@@ -99,9 +100,11 @@ def stage_commands(args, tree, run):
               "--device", args.device, "--out", run, "--seed", str(args.seed)]
     clip = ["--clip-weights", os.path.join(args.root, "shapes_tiny_clip.pt")]
     stop = ["--stop-after-steps", str(args.stop_after_steps)]
+    again = ["--overwrite"]                  # each stage is measured anew: it replaces the last rehearsal's file
     return {"data": ["data.py", *data, "--sheet", os.path.join(run, "sheet.png")],
-            "cvlp": ["cvlp.py", *common, *clip, *stop], "anss": ["anss.py", *common], "lgr": ["lgr.py", *common, *stop],
-            "fc_clip": ["lgr.py", *common, *clip, "--init", "clip", "--head", "fc", *stop],
+            "cvlp": ["cvlp.py", *common, *clip, *stop, *again], "anss": ["anss.py", *common, *again],
+            "lgr": ["lgr.py", *common, *stop, *again],
+            "fc_clip": ["lgr.py", *common, *clip, "--init", "clip", "--head", "fc", *stop, *again],
             "evaluate": ["evaluate.py", *common, *clip],
             "predict": ["predict.py", *tree["predict_images"], "--run", run, "--device", args.device]}
 

@@ -7,22 +7,21 @@ it. The first thing to run after a night of training, or after a preemption.
 
 Reads the .jsonl records (util/records.py) and only the small entries of the checkpoints (torch.load with mmap: the
 weights stay on disk). The commands repeat the run's own flags (those that differ from the defaults), from the
-arguments its checkpoints and records keep.
+arguments its checkpoints and records keep (util/run_folder.command, which also names the command that makes a stale
+file again).
 """
 import argparse
-import importlib
 import json
 import os
-import shlex
 import time
-
-import torch
 
 from data import DATASETS, add_common_args
 from evaluate import format_table, table_title
+from util import flags
 from util.engine import best_path, run_stage
 from util.errors import DataError
 from util.records import epoch_records, read_records, records_path
+from util.run_folder import command, small_entries
 
 # The run folder's files in the pipeline's order: (file, the script that makes it, the flags that name this file).
 PIPELINE = [("cvlp.pt", "cvlp", []), ("anchor_embeds.pt", "anss", []), ("lgr.pt", "lgr", []),
@@ -31,11 +30,10 @@ PIPELINE = [("cvlp.pt", "cvlp", []), ("anchor_embeds.pt", "anss", []), ("lgr.pt"
 OPTIONAL = [("anchor_embeds_clip.pt", "anss", ["--init", "clip"]), ("lgr_clip.pt", "lgr", ["--init", "clip"]),
             ("fc.pt", "lgr", ["--head", "fc"])]
 COMMON = set(vars(add_common_args(argparse.ArgumentParser()).parse_args([])))   # --data, --out, ... every stage takes
-NOT_REPEATED = {"resume", "stop_after_steps", "num_classes"}   # not flags to repeat (num_classes: set by the run)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="VL-LTR: the state of run folders at a glance")
+    p = flags.Parser(description="VL-LTR: the state of run folders at a glance")
     p.add_argument("folders", nargs="*", metavar="RUN_FOLDER", help="default: every run folder under runs/")
     return p.parse_args(argv)
 
@@ -100,14 +98,6 @@ def training_status(path, script):
     return lines
 
 
-def small_entries(path):
-    """A checkpoint's dict with its tensors left on disk (mmap: only what is read is read), or None if unreadable."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return None
-
-
 def val_summary(path, pos):
     """"; val 66.0 (many 80.1 / medium 63.2 / few 40.3), best 67.2 at epoch 8 (lgr_best.pt)", from the .jsonl
     records, else from the checkpoint's history; "" without a val score."""
@@ -166,43 +156,6 @@ def run_headers(path):
             return [h for h in [json.load(f).get("header")] if h]
     records = records_path(path)
     return [r["header"] for r in read_records(records) if "header" in r] if os.path.exists(records) else []
-
-
-def command(script, saved, extra=(), keys=None, resume=False, world_size=1):
-    """`python SCRIPT.py ...` with `extra` and the flags of `saved` (a run's arguments; only `keys` of them, when
-    given) whose values differ from the script's defaults, then --resume if asked. torchrun runs (world_size > 1)
-    get torchrun's launcher."""
-    module = importlib.import_module(script)
-    wanted = {k: v for k, v in saved.items() if k not in NOT_REPEATED and (keys is None or k in keys)}
-    if world_size > 1 and str(wanted.get("device", "")).startswith("cuda"):
-        wanted.pop("device")                                     # torchrun gives each rank its own GPU
-    argv = ["--data", str(saved["data"]), *extra]
-    defaults = parsed(module, argv)
-    for k in sorted(wanted, key=lambda k: k not in ("backbone", "pretrained", "init", "head")):   # they set others
-        differs = k in defaults and defaults[k] != wanted[k] or not defaults and k != "data"   # {}: not yet parsable
-        if differs and flag(k, wanted[k]):
-            argv += flag(k, wanted[k])
-            defaults = parsed(module, argv)
-    launcher = f"torchrun --standalone --nproc-per-node {world_size}" if world_size > 1 else "python"
-    return f"{launcher} {script}.py " + " ".join(shlex.quote(a) for a in argv + ["--resume"] * resume)
-
-
-def parsed(module, argv):
-    """vars() of the script's arguments for argv, with its per-dataset defaults filled in; {} when refused."""
-    try:
-        return vars(module.get_args(argv))
-    except SystemExit:
-        return {}
-
-
-def flag(key, value):
-    """The command-line words that set argument `key` to `value` ([] for None, which no flag sets)."""
-    name = "--" + key.replace("_", "-")
-    if value is None:
-        return []
-    if isinstance(value, bool):
-        return [name] if value else ["--no-" + key.replace("_", "-")]
-    return [name, *map(str, value)] if isinstance(value, list) else [name, str(value)]
 
 
 def cell(value):

@@ -19,12 +19,14 @@ import time
 import numpy as np
 import torch
 
+from util import flags
 from util.distributed import agree, rank_world, stop_signal
 from util.errors import (CheckpointError, DataError, DiskError, DivergedError, GPUMemoryError, StageError, fail,
                          warn)
-from util.files import atomic_write
+from util.files import atomic_write, remove_stale_temporaries, temporary_name
 from util.progress import progress
 from util.records import run_records
+from util.run_folder import best_path, state_hash
 
 CODE_VERSION = "0.2.0"   # recorded in every checkpoint
 
@@ -94,13 +96,10 @@ def run_file(args, stem, ext=".pt"):
     return os.path.join(args.out, f"{stem}{'_clip' if getattr(args, 'init', None) == 'clip' else ''}{ext}")
 
 
-def best_path(path):
-    """<out>/<stem>_best.pt, the checkpoint of a run's best val epoch, beside <out>/<stem>.pt."""
-    return os.path.splitext(path)[0] + "_best.pt"
-
-
 def save_checkpoint(path, ckpt):
-    """Atomically torch.save a plain dict (tensors, numbers, strings, dicts): loadable with weights_only."""
+    """Atomically torch.save a plain dict (tensors, numbers, strings, dicts): loadable with weights_only. It gets its
+    "state_hash" (run_folder.state_hash), by which the files made from it name it."""
+    ckpt = {**ckpt, "state_hash": state_hash(ckpt)}
     try:
         atomic_write(path, lambda f: torch.save(ckpt, f))
     except OSError as e:
@@ -126,11 +125,16 @@ def load_checkpoint(path, stage, made_by):
 
 
 def prepare_out(args):
-    """Create the run folder and make sure we can write there before any work is done."""
+    """Create the run folder and make sure we can write there before any work is done; remove the temporary files
+    that stopped processes of this machine left there (files.remove_stale_temporaries: one process per machine
+    under torchrun, its LOCAL_RANK 0)."""
     try:
         os.makedirs(args.out, exist_ok=True)
-        test = os.path.join(args.out, f".write_test{os.getpid()}")        # per process: torchrun ranks share --out
-        atomic_write(test, lambda f: f.write(b"ok"))
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            remove_stale_temporaries(args.out)
+        test = temporary_name(os.path.join(args.out, ".write_test"))    # per process: torchrun ranks share --out
+        with open(test, "wb") as f:
+            f.write(b"ok")
         os.remove(test)
     except OSError as e:
         raise DiskError(f"cannot write to --out {args.out} ({e.strerror}); choose a writable folder with free space")
@@ -160,16 +164,18 @@ def check_meta(ckpt, meta, path):
 
 def add_training_args(p, stage):
     """The training flags of cvlp.py and lgr.py. --epochs, --lr and --batch default to the dataset's row of
-    data.DATASETS (data.fill_defaults(args, stage))."""
-    p.add_argument("--epochs", type=int, default=None, help="default: the dataset's (data.DATASETS; paper Sec. 4.3, 4.5)")
-    p.add_argument("--batch", type=int, default=None, help="default: the dataset's (Sec. 4.3: CVLP 256, LGR 128); per "
+    data.DATASETS (data.fill_defaults(args, stage)). Each number's range is its type (util/flags.py)."""
+    p.add_argument("--epochs", type=flags.count, default=None,
+                   help="default: the dataset's (data.DATASETS; paper Sec. 4.3, 4.5)")
+    p.add_argument("--batch", type=flags.count, default=None,
+                   help="default: the dataset's (Sec. 4.3: CVLP 256, LGR 128); per "
                    "process under torchrun (global batch N x --batch)")
-    p.add_argument("--lr", type=float, default=None, help="default: the dataset's (Sec. 4.3, 4.5)")
-    p.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay (Sec. 4.3) on weight matrices and kernels; "
+    p.add_argument("--lr", type=flags.positive, default=None, help="default: the dataset's (Sec. 4.3, 4.5)")
+    p.add_argument("--wd", type=flags.non_negative, default=0.05, help="AdamW weight decay (Sec. 4.3) on weight matrices and kernels; "
                    "none on norms, biases (the official code's groups) and temperatures (parameter_groups)")
-    p.add_argument("--warmup", type=float, default=None, help="warm-up epochs before the cosine decay (default: the "
+    p.add_argument("--warmup", type=flags.non_negative, default=None, help="warm-up epochs before the cosine decay (default: the "
                    "dataset's; the official code's: 5 in CVLP, 0 in fine-tuning)")
-    p.add_argument("--min-lr", type=float, default=None, help="learning rate the cosine decay ends at (default: the "
+    p.add_argument("--min-lr", type=flags.non_negative, default=None, help="learning rate the cosine decay ends at (default: the "
                    "dataset's; the official code's: 0, 1e-5 in iNat's CVLP)")
     p.add_argument("--sampling", default="sqrt", choices=["sqrt", "instance"], help="Sec. 4.3: square-root")
     p.add_argument("--augment", default=None, choices=["randaug", "crop-flip"], help="training images (default: the "
@@ -178,16 +184,40 @@ def add_training_args(p, stage):
     p.add_argument("--loader", default="pil", choices=["pil", "gpu"],
                    help="gpu: workers only read the files; decoding and augmentation run batched on --device")
     p.add_argument("--resume", action="store_true", help=f"continue this stage from its checkpoint in --out ({stage})")
-    p.add_argument("--save-every", type=float, default=0, metavar="MINUTES", help="also save the checkpoint every this "
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out with a new run (its "
+                   "record moves to <out>/replaced/); without it a stage never trains over a checkpoint: finished with "
+                   "the same settings it says so and stops, else it asks for --resume, another --out or --overwrite")
+    p.add_argument("--save-every", type=flags.non_negative, default=0, metavar="MINUTES",
+                   help="also save the checkpoint every this "
                    "many minutes mid-epoch (0: after each epoch only): a run killed without warning loses at most that "
                    "much (with torchrun --max-restarts and --resume it goes on from there); the training is unchanged")
-    p.add_argument("--accum", type=int, default=1, help="optimiser step every N batches (effective batch N x --batch)")
-    p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
-    p.add_argument("--stop-after-steps", type=int, default=0, help="debug: stop (and save) after this many steps")
+    p.add_argument("--accum", type=flags.count, default=1,
+                   help="optimiser step every N batches (effective batch N x --batch)")
+    p.add_argument("--clip-grad", type=flags.non_negative, default=0.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--stop-after-steps", type=flags.count_or_zero, default=0, help="debug: stop (and save) after this "
+                   "many steps (0: off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder(s) (faster steps on a GPU "
                    "after a minute or so of compiling; the same maths, checkpoints unchanged)")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True, help="also write every "
                    "epoch's scalars as TensorBoard events under <out>/tb/ (the JSON lines beside the checkpoint: always)")
+
+
+def global_rng_states():
+    """The random states a training step draws from besides its own generators, for the checkpoint: torch's, and
+    Python's and numpy's (the official augmentation, timm's RandAugment and random erasing, draws from these), as
+    plain tensors and tuples that weights_only loading reads."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+
+
+def set_global_rng_states(rng):
+    """global_rng_states, put back (a checkpoint of an older version holds torch's alone)."""
+    torch.set_rng_state(rng["torch"])
+    if "python" in rng:
+        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+        name, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 def seed_everything(seed):
@@ -318,7 +348,7 @@ class Training:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.pos = {"epoch": 0, "batch": 0, "best": None, "history": [], "sampler_epoch": rngs["sampler"].get_state(),
                     "sums": {}, "n": 0, "wall_s": 0.0}       # sums, n: this epoch's so far; wall_s: at `started`
-        self.torch_rng = None                                    # torch's random state to restore (--resume)
+        self.global_rng = None                                    # the global random states to restore (--resume)
         self.received = []                                       # signals so far: finish the step, save, stop
         self.saved_at = self.started = time.time()               # --save-every and wall_s count from here
         self.resumed_at, self.record = None, None                # --resume: (epoch, batch); rank 0's RunRecord
@@ -339,7 +369,7 @@ class Training:
         self.sched.load_state_dict(ckpt["scheduler"])
         for k, g in self.rngs.items():
             g.set_state(ckpt["rng"][k])
-        self.pos, self.torch_rng, self.started = ckpt["position"], ckpt["rng"]["torch"], time.time()
+        self.pos, self.global_rng, self.started = ckpt["position"], ckpt["rng"], time.time()
         self.resumed_at = (self.pos["epoch"], self.pos["batch"])
         print(f"resumed from {path} at epoch {self.pos['epoch'] + 1}, batch {self.pos['batch']}"
               + (f" (torchrun restart {restart})" if restart else ""))
@@ -348,7 +378,7 @@ class Training:
         ckpt = {**self.meta, "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 "args": vars(self.args), "epoch": position["epoch"], "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "position": position,
-                "rng": {**{k: g.get_state() for k, g in self.rngs.items()}, "torch": torch.get_rng_state()}}
+                "rng": {**{k: g.get_state() for k, g in self.rngs.items()}, **global_rng_states()}}
         save_checkpoint(target, ckpt)
 
     @contextlib.contextmanager
@@ -373,13 +403,13 @@ class Training:
         self.sums, self.n = (dict(pos.get("sums", {})), pos.get("n", 0)) if pos["batch"] else ({}, 0)
         self.rngs["sampler"].set_state(pos["sampler_epoch"])
         loader.sampler.skip = pos["batch"] * self.args.batch * self.world_size   # samples of the global stream
-        if self.torch_rng is not None and pos["batch"] == 0:         # resumed between epochs: iter() below draws
-            torch.set_rng_state(self.torch_rng)                       # from torch's generator too
-            self.torch_rng = None
+        if self.global_rng is not None and pos["batch"] == 0:         # resumed between epochs: iter() below draws
+            set_global_rng_states(self.global_rng)                     # from torch's generator too
+            self.global_rng = None
         batches = iter(loader)
-        if self.torch_rng is not None:                               # resumed mid-epoch: the saved augmentation
-            torch.set_rng_state(self.torch_rng)                       # randomness is past this epoch's iter() draw
-            self.torch_rng = None
+        if self.global_rng is not None:                               # resumed mid-epoch: the saved augmentation
+            set_global_rng_states(self.global_rng)                     # randomness is past this epoch's iter() draw
+            self.global_rng = None
         return batches
 
     def one_epoch(self, epoch, loader, batch_loss):

@@ -18,6 +18,15 @@ class CheckpointError(StageError):
     """A run's own file is missing, unreadable, or made by another run (dataset, backbone, weights, classes)."""
 
 
+class OverwriteError(CheckpointError):
+    """A training stage would overwrite a checkpoint in --out that is unfinished or was made with other settings."""
+
+
+class StaleError(CheckpointError):
+    """A file of the run was made from another state of a file it depends on (cvlp.pt -> anchors -> lgr.pt): reading
+    the two together would mix two runs."""
+
+
 class DivergedError(StageError):
     """The training loss became NaN or infinite."""
 
