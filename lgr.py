@@ -21,8 +21,8 @@ from cvlp import temperature
 from data import DATASETS, accuracy_by_shot, add_common_args, fill_defaults, load_data, make_loader
 from util.clip_models import create_clip, embed_dim
 from util.distributed import distribute, init_distributed, rank_world
-from util.engine import (add_training_args, best_path, checkpoint_meta, eval_precision, fit, optimizer_and_schedule,
-                         prepare_out, run_file, run_stage, seed_everything)
+from util.engine import (add_training_args, best_path, checkpoint_meta, eval_precision, fit, host_to_device,
+                         optimizer_and_schedule, prepare_out, run_file, run_stage, seed_everything)
 from util.errors import DataError
 from util.images import clip_transform
 from util.progress import progress
@@ -302,7 +302,8 @@ def run(args):
           f"lr {args.lr}, visual {'frozen' if args.freeze_visual else 'fine-tuned'}, device {args.device}")
     train_mode()
     meta = {**checkpoint_meta(args, "lgr", data.num_classes), "head": args.head, "init": args.init}
-    if fit(model, lambda x, y: lgr_loss(train_model, x, y), loader, opt, sched, args, path, meta, rngs, validate):
+    batch_loss = lambda x, y: lgr_loss(train_model, x, host_to_device(y, args.device))   # y: the loader's, on the host
+    if fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate):
         print(f"wrote {path} (last) and {os.path.basename(best_path(path))} (best val)")
 
 
