@@ -2,16 +2,20 @@
 The LGR head against the FC head, and its two forms, are tools/bench_heads.py's.
 
     python -m tools.bench --backbone shapes-tiny --device cpu     # about a minute on a 2-core CPU
-    python -m tools.bench --backbone RN50 --batch 256             # one GPU; likewise --backbone ViT-B-16
-    python -m tools.bench --sections cvlp --paths plain fast fast+compile --profile --json out.json
+    python -m tools.bench --backbone RN50 --batch 256 --compile   # one GPU; likewise --backbone ViT-B-16
+    python -m tools.bench --sections cvlp --paths plain packed+compile --profile --json out.json
+    python -m tools.bench --backbone RN50 --narrow --device cpu --sections cvlp --count-ops   # operators per step
 
 1. cvlp: one CVLP step (student image + text forward and backward, frozen teacher forward, Eq. 2, 3, 8, AdamW):
    plain = open_clip's full-context text forward and the teacher's text forward every step;
-   fast = cvlp.py's path: the batch's sentences in 4 length groups, each cut to its own longest sentence
-   (clip_models.encode_text_trimmed), the teacher's text looked up in a cache made once (clip_models.encode_texts);
-   fast+compile = fast with both image encoders torch.compiled (cvlp.py --compile).
-   All in bf16 autocast with fused AdamW on CUDA, fp32 on a CPU. Samples/s, ms/step, peak memory, achieved
-   TFLOP/s (torch.utils.flop_counter, counted once per path) and the loss difference on the same batch.
+   fast = the step cvlp.py ran before: the batch's sentences in 4 length groups, each cut to its own longest sentence
+   (clip_models.encode_text_trimmed), the teacher's text looked up in a cache made once (clip_models.encode_texts),
+   and the training loop's host reads; fast+compile = fast with both image encoders torch.compiled;
+   packed = the step cvlp.py runs: the sentences in one packed pass (clip_models.encode_text_packed), no host
+   waits, on CUDA the layouts of cvlp.prepare_step; packed+compile = with the whole loss compiled (--compile).
+   All in bf16 autocast on CUDA, fp32 on a CPU, fused AdamW on both. Samples/s, ms/step, peak memory, achieved
+   TFLOP/s (torch.utils.flop_counter, counted once per path), the first call's time (compiling), operator calls
+   per step (--count-ops) and the loss on the same batch (cvlp_step_bench).
 2. loader: data.make_loader with args.loader "pil" (decode and augment in worker processes) or "gpu"
    (workers read JPEG bytes; decode and augment on args.device), over generated ImageNet-sized JPEGs.
 3. decode: one JPEG decoder against another on the same files, one thread: PIL (the "pil" loader's), TorchCodec
@@ -21,7 +25,8 @@ The LGR head against the FC head, and its two forms, are tools/bench_heads.py's.
    against N' images, in fp32 as anss.py embeds them (engine.eval_precision).
 
 Synthetic data and random weights (clip_models.create_clip): nothing is downloaded, and speed does not depend
-on the weights. Timings are medians after warm-up iterations, with torch.cuda.synchronize() on CUDA.
+on the weights. Timings are medians after warm-up iterations, with torch.cuda.synchronize() on CUDA (the CVLP
+step's after each block of 5 steps run in a row, as training runs them: steps_in_a_row).
 """
 import argparse
 import copy
@@ -282,14 +287,12 @@ def cvlp_step_bench(args, student0, teacher, x, y, corpus, offsets, done=lambda 
         return (compiled or cvlp.cvlp_loss)(s, t, x, y_device, T, loss_args, E_T_teacher)
 
     losses = {"plain": plain, "fast": fast, "fast+compile": fast, "packed": packed, "packed+compile": packed}
-    student = on_device(student0)
-    with torch.no_grad(), engine.autocast(args.device):          # the losses on the same weights and sentences
-        same = {"plain": lambda: plain_loss(student, frozen, x, y, corpus[k].long().to(args.device)),
-                "fast": lambda: cvlp.cvlp_loss(student, frozen, x, y, corpus[k], loss_args, cache[k.to(args.device)]),
-                "packed": lambda: cvlp.cvlp_loss(student, frozen, x, y, clip_models.pack_sentences(corpus[k], args.device),
-                                                 loss_args, cache[k.to(args.device)])}
-        values = {name: same[name.split("+")[0]]()[0].float().item() for name in args.paths}
-    del student, frozen
+    T_k = {"plain": corpus[k].long().to(args.device), "fast": corpus[k],     # the loss check's sentences, each path's way
+           "packed": clip_models.pack_sentences(corpus[k], args.device)}
+    same_batch = {"plain": lambda s, t, compiled: plain_loss(s, t, x, y, T_k["plain"]),
+                  "fast": lambda s, t, compiled: cvlp.cvlp_loss(s, t, x, y, T_k["fast"], loss_args, cache[k.to(args.device)]),
+                  "packed": lambda s, t, compiled: (compiled or cvlp.cvlp_loss)(s, t, x, y, T_k["packed"], loss_args,
+                                                                                cache[k.to(args.device)])}
 
     def run_path(name):
         torch.backends.cudnn.benchmark = False                   # the paths of before ran without it
@@ -318,23 +321,27 @@ def cvlp_step_bench(args, student0, teacher, x, y, corpus, offsets, done=lambda 
         if name.endswith("+compile") and not new:
             for model in (student, frozen):
                 model.visual.compile(**({"backend": args.compile_backend} if args.compile_backend else {}))
+        t0 = time.perf_counter()
+        with engine.autocast(args.device):                       # L_pre on the same weights and sentences as every path;
+            loss = same_batch[name.split("+")[0]](student, frozen, compiled)[0].float().item()   # a compiled one compiles
+        first_s = time.perf_counter() - t0                       # here (forward and backward graphs), timed
         with FlopCounterMode(display=False) as counter:          # forward + backward, counted once
             with torch.compiler.set_stance("force_eager"):     # uncompiled
                 step()
         t0 = time.perf_counter()
         seconds = steps_in_a_row(step, args.device, args.steps, args.warmup)
-        first = time.perf_counter() - t0 - seconds * args.steps   # the warm-up steps: compiling, for +compile
+        warmup_s = time.perf_counter() - t0 - seconds * args.steps
         ops = count_ops(step, args.device) if args.count_ops else None
         if name in (args.profile or []):
             profile_steps(step, args.device, min(3, args.steps))
-        return seconds, counter.get_total_flops(), first, ops
+        return seconds, counter.get_total_flops(), loss, first_s, warmup_s, ops
 
     results = {}
     for name in args.paths:
-        (seconds, flop, warmup_s, ops), peak, how = peak_memory(lambda: run_path(name), args.device)
+        (seconds, flop, loss, first_s, warmup_s, ops), peak, how = peak_memory(lambda: run_path(name), args.device)
         results[name] = {"seconds": seconds, "samples_s": args.batch / seconds, "peak_gib": peak, "memory": how,
-                         "flop": flop, "tflop_s": flop / seconds / 1e12, "warmup_s": warmup_s, "loss": values[name],
-                         **({"ops": ops} if ops else {})}
+                         "flop": flop, "tflop_s": flop / seconds / 1e12, "loss": loss,
+                         "first_call_s": first_s, "warmup_s": warmup_s, **({"ops": ops} if ops else {})}
         if cuda:
             torch.cuda.empty_cache()
         torch._dynamo.reset()
@@ -539,7 +546,7 @@ def main(argv=None):
         row(f"peak memory GiB ({next(iter(res.values()))['memory']})", *(f"{r['peak_gib']:.2f}" for r in res.values()))
         row("GFLOP/step (flop_counter)", *(f"{r['flop'] / 1e9:.1f}" for r in res.values()))
         row("achieved TFLOP/s", *(f"{r['tflop_s']:.3f}" for r in res.values()))
-        row("warm-up steps (compiling), s", *(f"{r['warmup_s']:.1f}" for r in res.values()))
+        row("first call (compiling), s", *(f"{r['first_call_s']:.1f}" for r in res.values()))
         positions = {"plain": f"{context}", "fast": f"{text_positions(T, groups=4):.1f}", "packed": f"{text_positions(T, len(T)):.1f}"}
         row("text positions per sentence", *(positions[p.split("+")[0]] for p in res))
         print(f"  (sentence lengths: mean {text_positions(T, len(T)):.1f} tokens; the longest in the batch "
