@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cvlp
-from tools.bench import narrow_clip
 from util import clip_models, engine
 from util.errors import DivergedError
 
@@ -387,13 +386,22 @@ def test_a_training_step_reads_its_loss_only_after_backward_and_a_nan_never_reac
 # What a GPU wants, its maths held on the CPU: the teacher's weights cast once, RN50 in channels_last
 
 
+def small_clip(backbone):
+    """A CLIP of RN50's kind (open_clip's ModifiedResNet: BatchNorm, an attention pool) or of ViT-B/16's, one block a
+    stage (two for the ViT), 64 px: every kind of layer the real ones have, cheaply."""
+    torch.manual_seed(0)
+    vision = (dict(image_size=64, layers=(1, 1, 1, 1), width=8) if backbone == "RN50"
+              else dict(image_size=64, patch_size=16, layers=2, width=64, head_width=32))
+    return open_clip.CLIP(embed_dim=32, vision_cfg=vision, quick_gelu=True,
+                          text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=2))
+
+
 @pytest.mark.parametrize("backbone", ["RN50", "ViT-B-16"])
 def test_the_teachers_weights_cast_once_give_bitwise_what_autocast_computes(backbone):
     """cvlp.prepare_step on a GPU, here under a CPU bf16 autocast. nn.MultiheadAttention takes its fast path under a
     CPU autocast (not under CUDA's), a kernel chosen by the weights' dtype: it is turned off here so that the ViT's
     attention weights are cast as on a GPU (with it on, cast_frozen_weights sees the outputs change and casts none)."""
-    torch.manual_seed(0)
-    teacher = narrow_clip(backbone, 64).eval().requires_grad_(False)
+    teacher = small_clip(backbone).eval().requires_grad_(False)
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -412,20 +420,19 @@ def test_the_teachers_weights_cast_once_give_bitwise_what_autocast_computes(back
     assert "visual.conv1.weight" in cast and not [n for n in cast if "ln_" in n or ".bn" in n or "text" in n
                                                   or n.startswith(("token_embedding", "transformer."))]
     with torch.no_grad():                                        # autocast off (a CPU's training): nothing to cast
-        fp32 = narrow_clip(backbone, 64).eval().requires_grad_(False)
+        fp32 = small_clip(backbone).eval().requires_grad_(False)
         assert clip_models.cast_frozen_weights(fp32, lambda: fp32.encode_image(x[:2]), engine.autocast("cpu")) == {}
 
 
 def test_rn50_in_channels_last_is_the_same_maths():
     """cvlp.prepare_step's layout for RN50 on a GPU, on the CPU: the image embeddings, every gradient and the batch
     norms' running statistics of a training step as in NCHW; a ViT is left as it is."""
-    torch.manual_seed(0)
-    nchw = narrow_clip("RN50", 64).train()
+    nchw = small_clip("RN50").train()
     nhwc = copy.deepcopy(nchw)
-    assert clip_models.channels_last(nhwc) and not clip_models.channels_last(narrow_clip("ViT-B-16", 64))
+    assert clip_models.channels_last(nhwc) and not clip_models.channels_last(small_clip("ViT-B-16"))
     assert nhwc.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(2))
+    w = torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
     out = {}
     for name, model in (("nchw", nchw), ("nhwc", nhwc)):
         E = model.encode_image(x)
