@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from data import (DATASETS, accuracy_by_shot, add_common_args, corpus_tokens, fill_defaults, image_transform, load_data,
                   make_loader)
 from util import flags, shapes_lt
-from util.clip_models import (create_clip, encode_images, encode_text_trimmed, encode_texts, load_clip_file,
+from util.clip_models import (PackedText, cast_frozen_weights, channels_last, create_clip, encode_images,
+                              encode_sentences, encode_texts, load_clip_file, pack_sentences, packable,
                               pretrained_weights)
 from util.distributed import distribute, gather, init_distributed, rank_world
-from util.engine import (add_training_args, checkpoint_meta, fit, optimizer_and_schedule, parameter_groups, prepare_out,
-                         run_stage, seed_everything)
+from util.engine import (add_training_args, autocast, checkpoint_meta, fit, host_to_device, optimizer_and_schedule,
+                         parameter_groups, prepare_out, run_stage, seed_everything)
 from util.run_folder import already_finished
 
 
@@ -41,6 +42,9 @@ def get_args(argv=None):
                    "default; --variant official: CLIP's own learned value, as the official code loads it)")
     p.add_argument("--text", default="wiki+prompt", choices=["wiki+prompt", "prompt"],
                    help="text source (Table 10: 'prompt only' keeps the 80 templates)")
+    p.add_argument("--text-pass", default="packed", choices=["packed", "groups"], help="the student's text tower in a "
+                   "step: packed, every sentence up to its EOT in one pass; groups, 4 length groups each cut to its "
+                   "longest sentence (the readable form; the same embeddings, tests/test_fast_path.py)")
     p.add_argument("--val-every-epoch", action="store_true", help="print the val top-1 of sentence-mean class "
                    "prototypes after every epoch and keep the best epoch in cvlp_best.pt (the over-fitting check of "
                    "the README's L_dis experiment; the training itself is unchanged)")
@@ -142,11 +146,24 @@ def load_clip(args, device="cpu"):
 
 
 def sample_sentences(offsets, y, generator):
-    """For each image label y_i, the index of one sentence of class y_i, drawn uniformly (Sec. 3.2)."""
+    """For each image label y_i, the index of one sentence of class y_i, drawn uniformly (Sec. 3.2). y on the host."""
     sizes = offsets[1:] - offsets[:-1]                           # (C,)
     rank, world_size = rank_world()                              # torchrun: draw for the global batch, keep ours
     u = torch.rand(len(y) * world_size, generator=generator)[rank * len(y):(rank + 1) * len(y)]
     return offsets[y] + (u * sizes[y]).long()                     # (N,)
+
+
+def batch_text(student, text, teacher_text, y, generator, args):
+    """A batch's sentences, drawn from the loader's labels y (N,) on the host, and what the step reads with them:
+    (T, the text tower's input on args.device: a PackedText for --text-pass packed (where the tower packs), else
+    (N, L) tokens; y on args.device; E_T_teacher (N, D), the teacher's cached embeddings of the sentences, or None).
+    Nothing here waits for the device: the draw reads host labels, the copies leave pinned memory without blocking."""
+    k = sample_sentences(text["offsets"], y, generator)         # (N,) one sentence per image
+    T = text["tokens"][k]                                        # (N, L) on the host
+    if getattr(args, "text_pass", "packed") == "packed" and packable(student):
+        T = pack_sentences(T, args.device)
+    y, k = host_to_device(y, args.device), host_to_device(k, args.device)
+    return T, y, (teacher_text[k] if teacher_text is not None else None)
 
 
 class Encoders(nn.Module):
@@ -158,34 +175,80 @@ class Encoders(nn.Module):
         self.clip = clip
 
     def forward(self, x, T):
-        return self.clip.encode_image(x), encode_text_trimmed(self.clip, T, groups=4)
+        return self.clip.encode_image(x), encode_sentences(self.clip, T)
 
 
 def cvlp_loss(student, teacher, x, y, T, args, E_T_teacher=None, ddp=None):
-    """The loss of one CVLP batch: images x (N, 3, H, W) with labels y (N,), one sentence T (N, L) of each
-    image's class, so the sentence labels are t = y. E_T_teacher (N, D): the frozen teacher's embeddings of
-    these sentences, looked up in run()'s cache (computed here when None). Returns L_pre and its parts for the log.
-
-    torchrun (ddp: the DistributedDataParallel of Encoders(student)): each rank holds b of the global batch's
-    N * b pairs; the embeddings are gathered, so S is the global (N b, N b) matrix and every rank computes
-    the one-process loss L. Gradients: all_gather's backward sums the N ranks' (equal) dL/dE of this rank's
-    share, N dL/dE, and DDP divides the sum of the ranks' gradients by N: sum over ranks of dL/dtheta through
-    each share, the one-process gradient. tau is used on every rank outside the gather: mean of N equal
-    gradients, again the one-process gradient."""
-    E_I, E_T = ddp(x, T) if ddp else (student.encode_image(x), encode_text_trimmed(student, T, groups=4))   # Eq. (1)
-    E_I, E_T, y = gather(E_I), gather(E_T), gather(y)                # torchrun: the global batch (else as is)
+    """The loss of one CVLP batch: images x (N, 3, H, W) with labels y (N,), one sentence of each image's class in T
+    (the text tower's input: a clip_models.PackedText, or (N, L) tokens), so the sentence labels are t = y.
+    E_T_teacher (N, D): the frozen teacher's embeddings of these sentences, from run()'s cache (computed here when
+    None); ddp: torchrun's DistributedDataParallel of Encoders(student). Returns L_pre and its parts for the log."""
+    E_I, E_T = ddp(x, T) if ddp else (student.encode_image(x), encode_sentences(student, T))   # Eq. (1)
+    E_I, E_T, y = global_batch(E_I), global_batch(E_T), global_batch(y)   # torchrun: every rank's pairs
     S = cosine_similarity_matrix(E_I.float(), E_T.float())              # (N, N)
     tau = temperature(student.logit_scale, inverse_tau_limit(args.variant))   # learnable (Sec. 3.2)
     L_ccl = class_wise_contrastive_loss(S, y, y, tau, args.variant)      # Eq. (2)
     if args.lam < 1:
-        with torch.no_grad():                                           # frozen CLIP teacher, same inputs
-            if E_T_teacher is None:
-                E_T_teacher = encode_text_trimmed(teacher, T, groups=4)
-            S_t = cosine_similarity_matrix(gather(teacher.encode_image(x).float()), gather(E_T_teacher.float()))
-        L_dis = distillation_loss(S, S_t, tau, args.variant)            # Eq. (3)
+        L_dis = distillation_loss(S, teacher_similarities(teacher, x, T, E_T_teacher), tau, args.variant)   # Eq. (3)
     else:
         L_dis = torch.zeros((), device=S.device)
     return pretraining_loss(L_ccl, L_dis, args.lam), {"L_ccl": L_ccl, "L_dis": L_dis, "tau": tau}   # Eq. (8)
+
+
+@torch.no_grad()
+def teacher_similarities(teacher, x, T, E_T_teacher=None):
+    """S' of Eq. (3): the frozen CLIP teacher's cosine similarities of the batch's images and sentences (N, N),
+    over the global batch under torchrun. E_T_teacher (N, D): its text embeddings from the cache, else its forward."""
+    if E_T_teacher is None:
+        E_T_teacher = encode_sentences(teacher, T)
+    return cosine_similarity_matrix(global_batch(teacher.encode_image(x).float()), global_batch(E_T_teacher.float()))
+
+
+def global_batch(t):
+    """torchrun: each rank's (b, ...) share of the global batch's N * b pairs, gathered in rank order, so that S is
+    the global (N b, N b) matrix and every rank computes the one-process loss L; one process: t itself.
+    Gradients: all_gather's backward sums the N ranks' (equal) dL/dE of this rank's share, N dL/dE, and DDP
+    divides the sum of the ranks' gradients by N: the sum over ranks of dL/dtheta through each share, the
+    one-process gradient. tau is used on every rank outside the gather: the mean of N equal gradients, again
+    the one-process gradient."""
+    return gather(t)
+
+
+def prepare_step(student, teacher, args):
+    """Once before training, what the device wants of the step; the same maths (tests/test_fast_path.py on the CPU,
+    tests/test_cuda.py on a GPU). CUDA: cuDNN's autotuner (the step's image shapes never change: drop_last), RN50's
+    convolutions in channels_last, the frozen teacher's weights cast once to the precision autocast computes them in.
+    --compile: in one process, the whole loss (both encoders, the teacher, Eq. 2-8) as one compiled graph and its
+    backward as another (fused AdamW is a handful of kernels already); under torchrun the image encoders, in place
+    (DistributedDataParallel wraps a plain module). Returns the compiled loss, or None (the step calls cvlp_loss)."""
+    models = (student, teacher) if args.lam < 1 else (student,)
+    if str(args.device).startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+        for model in models:
+            channels_last(model)
+        if args.lam < 1:
+            probe = torch.zeros(2, 3, args.image_size, args.image_size, device=args.device)
+            cast_frozen_weights(teacher, lambda: teacher.encode_image(probe), autocast(args.device))
+    if not args.compile:
+        return None
+    if rank_world()[1] > 1:
+        for model in models:
+            model.visual.compile()
+        return None
+    return compiled_loss()
+
+
+def compiled_loss():
+    """torch.compile of cvlp_loss, called as it is. The sentences' total length P changes from batch to batch, so
+    the packed rows are marked dynamic: one graph for every batch, not one per length."""
+    step = torch.compile(cvlp_loss)
+
+    def loss(student, teacher, x, y, T, *rest):
+        if isinstance(T, PackedText):
+            for t in (T.tokens, T.positions, T.rows):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        return step(student, teacher, x, y, T, *rest)
+    return loss
 
 
 @torch.no_grad()
@@ -244,15 +307,12 @@ def run(args):
                          generator=rngs["sampler"])
     opt, sched, steps = optimizer_and_schedule(parameter_groups(student, args.wd, args.variant)[0], loader, args)
 
-    if args.compile:                       # in place (nn.Module.compile): parameter names, checkpoints unchanged
-        for model in (student, teacher) if args.lam < 1 else (student,):
-            model.visual.compile()
+    compiled = prepare_step(student, teacher, args)             # layouts and casts the GPU wants; --compile
     ddp = distribute(Encoders(student), args) if world_size > 1 else None   # torchrun: gradients synced
 
-    def batch_loss(x, y):
-        k = sample_sentences(text["offsets"], y.cpu(), rngs["text"])   # (N,) one sentence per image
-        E_T_teacher = teacher_text[k.to(args.device)] if teacher_text is not None else None   # (N, D) cached
-        return cvlp_loss(student, teacher, x, y, text["tokens"][k], args, E_T_teacher, ddp)
+    def batch_loss(x, y):                                        # y: the loader's labels, on the host
+        T, y, E_T_teacher = batch_text(student, text, teacher_text, y, rngs["text"], args)
+        return (compiled or cvlp_loss)(student, teacher, x, y, T, args, E_T_teacher, ddp)
 
     print(f"cvlp: {args.data} {args.backbone} {len(data.train.labels)} images, {len(text['tokens'])} sentences, "
           f"{args.epochs} epochs x {steps} steps, lam {args.lam}, variant {args.variant}, device {args.device}")

@@ -23,8 +23,8 @@ from data import (DATASETS, accuracy_by_shot, add_common_args, fill_defaults, im
 from util import flags
 from util.clip_models import create_clip, embed_dim
 from util.distributed import distribute, init_distributed, rank_world
-from util.engine import (add_training_args, best_path, checkpoint_meta, eval_precision, fit, optimizer_and_schedule,
-                         parameter_groups, prepare_out, run_file, run_stage, seed_everything)
+from util.engine import (add_training_args, best_path, checkpoint_meta, eval_precision, fit, host_to_device,
+                         optimizer_and_schedule, parameter_groups, prepare_out, run_file, run_stage, seed_everything)
 from util.errors import CheckpointError, DataError
 from util.progress import progress
 from util.run_folder import already_finished, check_file, states
@@ -411,8 +411,8 @@ def run(args):
     train_mode()
     meta = {**checkpoint_meta(args, "lgr", data.num_classes), "head": args.head, "init": args.init,
             "made_from": made_from}
-    if fit(model, lambda x, y: lgr_loss(train_model, x, y, args.mixup), loader, opt, sched, args, path, meta, rngs,
-           validate):
+    batch_loss = lambda x, y: lgr_loss(train_model, x, host_to_device(y, args.device), args.mixup)   # y: the loader's
+    if fit(model, batch_loss, loader, opt, sched, args, path, meta, rngs, validate):
         print(f"wrote {path} (last) and {os.path.basename(best_path(path))} (best val)")
 
 

@@ -5,12 +5,16 @@
 Each test runs the project's own code on the GPU and compares with a reference the CPU tests already trust:
 bf16 autocast against fp32 (within bf16's rounding), the LGR head's gram form against Eq. (4)-(7) as written,
 fused AdamW against the plain loop, nvjpeg decoding against PIL, torch.compile against eager, evaluation on the
-GPU against evaluation on the CPU, and a GPU out of memory ending in the one-line error of every stage.
+GPU against evaluation on the CPU, and a GPU out of memory ending in the one-line error of every stage. And the step
+cvlp.py runs (the CPU tests hold its maths, tests/test_fast_path.py): the packed text tower with flash's
+variable-length attention, a step that waits for nothing, the teacher's weights cast once, RN50 in channels_last,
+the whole loss compiled (BatchNorm's running statistics included).
 """
 import argparse
 import copy
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +22,8 @@ import torch.nn.functional as F
 import cvlp
 import data
 import lgr
-from util import clip_models, images
+from tools.bench import narrow_clip
+from util import clip_models, engine, images
 from tests.test_data import make_imagenet_tree
 from tests.test_gpu_loader import save_images
 
@@ -226,7 +231,7 @@ def test_cvlp_anss_and_lgr_run_on_cuda_with_the_gpu_loader(tmp_path, tiny_clip):
     root = make_imagenet_tree(tmp_path / "imagenet")
     common = ["--data", "imagenet_lt", "--data-root", str(root), "--backbone", "shapes-tiny", "--image-size", "32",
               "--workers", "0", "--device", DEVICE, "--out", str(tmp_path / "run")]
-    train = ["--epochs", "1", "--batch", "2", "--loader", "gpu"]
+    train = ["--epochs", "1", "--batch", "2", "--loader", "gpu", "--augment", "crop-flip"]
     cvlp.main([*common, *train, "--clip-weights", str(tiny_clip), "--text", "prompt"])
     anss.main([*common, "--text", "prompt"])
     lgr.main([*common, *train])
@@ -254,3 +259,151 @@ def test_gpu_out_of_memory_ends_in_one_line_not_a_traceback(tmp_path, tiny_clip,
     assert errors == ["error: GPU out of memory with --batch 2; pass a smaller --batch, or --batch 1 --accum 2 to "
                       "keep the effective batch"], err
     assert not any("Traceback" in line for line in err)
+
+
+# ----------------------------------------------------------------------------------------------
+# The CVLP step cvlp.py runs: packed text, no host waits, the layouts and casts the GPU wants, the compiled loss
+
+
+def packed_and_plain(model, tokens, w, precision):
+    """{"varlen" | "padded" | "plain": (the text embeddings (N, D), the gradients of (E * w).sum())} on CUDA."""
+    out = {}
+    packed = clip_models.pack_sentences(tokens, DEVICE)
+    forms = {"varlen": lambda: clip_models.encode_text_packed(model, packed),
+             "padded": lambda: clip_models.encode_text_packed(model, packed._replace(varlen=False)),
+             "plain": lambda: model.encode_text(tokens.long().to(DEVICE))}
+    for name, form in forms.items():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            E = form()
+        (E.float() * w).sum().backward()
+        out[name] = E.detach().float(), grads(model)
+    return packed, out
+
+
+def test_packed_text_on_cuda_equals_the_full_context_forward():
+    model = clip_models.create_clip("shapes-tiny", 32).to(DEVICE)
+    T, _ = sentences(24, 4)
+    T[-1, 1:] = torch.randint(1, 49000, (31,), generator=torch.Generator().manual_seed(3))
+    T[-1, -1] = EOT                                              # one sentence cut at the context
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    _, fp32 = packed_and_plain(model, T, w, "fp32")              # fp32: the padded form (flash's kernel needs bf16)
+    assert relative_error(fp32["padded"][0], fp32["plain"][0]) < 1e-5
+    assert relative_error(fp32["padded"][1], fp32["plain"][1]) < 1e-4
+    packed, bf16 = packed_and_plain(model, T, w, "bf16")
+    print(f"packed text, bf16: flash variable-length kernel {'used' if packed.varlen else 'not available'}; "
+          f"relative error against fp32 (values, gradients): varlen {relative_error(bf16['varlen'][0], fp32['plain'][0]):.1e}, "
+          f"{relative_error(bf16['varlen'][1], fp32['plain'][1]):.1e}; open_clip's forward "
+          f"{relative_error(bf16['plain'][0], fp32['plain'][0]):.1e}, {relative_error(bf16['plain'][1], fp32['plain'][1]):.1e}")
+    assert packed.varlen == (torch.cuda.get_device_capability()[0] >= 8 and clip_models.VARLEN_CAUSAL is not None)
+    for name in ("varlen", "padded"):                            # within bf16's rounding, as open_clip's own forward
+        E, g = bf16[name]
+        assert relative_error(E, fp32["plain"][0]) < 2e-2 and relative_error(g, fp32["plain"][1]) < 5e-2, name
+        assert relative_error(E, fp32["plain"][0]) < 2 * relative_error(bf16["plain"][0], fp32["plain"][0]) + 1e-3, name
+
+
+def test_a_cvlp_step_on_cuda_waits_for_nothing():
+    """The step as Training.one_epoch and cvlp.py's batch_loss run it: sentences drawn from the host labels and
+    packed, copied from pinned memory, the loss, its logged values on their way to the host, backward, fused AdamW
+    told to skip a non-finite step; under torch.cuda.set_sync_debug_mode("error"), which raises at any host wait."""
+    student, teacher = random_clip(0).to(DEVICE), random_clip(1).to(DEVICE).eval().requires_grad_(False)
+    T, t = sentences(64, 8)
+    order = t.argsort()
+    text = {"tokens": T[order], "offsets": torch.searchsorted(t[order], torch.arange(9))}   # class c's sentences
+    cache = clip_models.encode_texts(teacher, text["tokens"], DEVICE, training_precision=True)
+    args = argparse.Namespace(lam=0.5, variant="paper", device=DEVICE, text_pass="packed")
+    x, y = torch.randn(16, 3, 32, 32, device=DEVICE), torch.randint(0, 8, (16,)).pin_memory()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        with engine.autocast(DEVICE):
+            T, y_device, E_T_teacher = cvlp.batch_text(student, text, cache, y, g, args)
+            loss, stats = cvlp.cvlp_loss(student, teacher, x, y_device, T, args, E_T_teacher)
+        names, host, event = engine.values_to_host({"loss": loss, **stats})
+        loss.backward()
+        assert engine.skip_if_not_finite(opt, [loss.detach()])
+        opt.step()
+        del opt.found_inf
+        opt.zero_grad(set_to_none=True)
+        return host, event
+
+    step()                                                       # the first step initialises the libraries
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        host, event = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    event.synchronize()
+    assert np.isfinite(host.tolist()).all()
+
+
+@pytest.mark.parametrize("backbone", ["RN50", "ViT-B-16"])
+def test_the_step_layouts_on_cuda_are_the_same_maths(backbone):
+    """cvlp.prepare_step on CUDA: the teacher's image embeddings bitwise what autocast computes from its fp32 weights
+    (in the same layout), and the student's (RN50 in channels_last, cuDNN's autotuner on) embeddings and gradients
+    as in NCHW, in fp32."""
+    torch.manual_seed(0)
+    student = narrow_clip(backbone, 64).to(DEVICE)
+    teacher = narrow_clip(backbone, 64).to(DEVICE).eval().requires_grad_(False)
+    nchw, fp32_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    args = argparse.Namespace(lam=0.5, device=DEVICE, image_size=64, compile=False)
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        assert cvlp.prepare_step(student, teacher, args) is None and torch.backends.cudnn.benchmark
+        assert clip_models.channels_last(fp32_teacher) == (backbone == "RN50")           # the same layout, fp32
+        with torch.no_grad(), engine.autocast(DEVICE):
+            assert torch.equal(teacher.encode_image(x), fp32_teacher.encode_image(x))   # bitwise
+        assert teacher.visual.conv1.weight.dtype == torch.bfloat16
+        assert student.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last) == (backbone == "RN50")
+        out = {}
+        for name, model in (("nchw", nchw), ("prepared", student)):
+            E = model.encode_image(x)
+            (E * w).sum().backward()
+            out[name] = E.detach(), grads(model)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+    assert relative_error(out["prepared"][0], out["nchw"][0]) < 1e-5
+    assert relative_error(out["prepared"][1], out["nchw"][1]) < 1e-4
+
+
+def test_the_compiled_loss_on_cuda_equals_eager_with_batchnorm_statistics():
+    """--compile (cvlp.compiled_loss, inductor) against eager, in fp32: a small RN50-like CLIP (BatchNorm in training
+    mode, channels_last once prepared) on two batches of other packed lengths: the losses, the gradients and the
+    running statistics after both, one compiled graph."""
+    torch.manual_seed(0)
+    model = open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=32, layers=(1, 1, 1, 1), width=8),
+                           text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=2),
+                           quick_gelu=True).to(DEVICE).train()
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    args = argparse.Namespace(lam=0.5, variant="paper", device=DEVICE, image_size=32, compile=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    benchmark, runs = torch.backends.cudnn.benchmark, {}
+    try:
+        for name in ("eager", "compiled"):
+            student = copy.deepcopy(model)
+            # prepare_step casts its teacher's weights for the training's bf16 autocast: this fp32 test keeps its own
+            loss_fn = cvlp.prepare_step(student, copy.deepcopy(teacher), args) if name == "compiled" else cvlp.cvlp_loss
+            losses, gradients = [], []
+            for seed in (0, 1):
+                T, y = sentences(16, 4, seed=seed)
+                x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+                student.zero_grad(set_to_none=True)
+                loss, _ = loss_fn(student, teacher, x, y.to(DEVICE), clip_models.pack_sentences(T, DEVICE), args, None)
+                loss.backward()
+                losses.append(loss.item())
+                gradients.append(grads(student))
+            stats = {k: v.float() for k, v in student.state_dict().items() if "running" in k}
+            runs[name] = losses, gradients, stats
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+    (l_e, g_e, s_e), (l_c, g_c, s_c) = runs["eager"], runs["compiled"]
+    assert np.allclose(l_c, l_e, rtol=1e-5), (l_c, l_e)
+    assert all(relative_error(c, e) < 1e-3 for c, e in zip(g_c, g_e))     # another summation order, no more
+    assert s_e.keys() == s_c.keys() and all(relative_error(s_c[k], s_e[k]) < 1e-5 for k in s_e)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()

@@ -91,9 +91,9 @@ def assert_same_weights(a, b, lr):
     """Every weight equal to 1e-4, a fifth of one AdamW step at lr 5e-4 (a rank that skipped the gradient sync
     would be off by about a whole step, lr, in most entries). Not 1e-6: AdamW divides a step by the gradient's
     own size, so where the exact gradient is near 0 its rounding noise becomes a visible step, and the rounding
-    differs here: each rank cuts its own 8 sentences into length groups (clip_models.encode_text_trimmed) where one
-    process groups all 16, the same numbers computed in other shapes (seen: 2.6e-5 in a text-tower matrix after
-    3 steps). Where the exact gradient IS 0, the key's shift in
+    differs here: each rank packs its own 8 sentences (clip_models.pack_sentences) where one process packs all 16,
+    the same numbers computed in other shapes (seen: 2.6e-5 in a text-tower matrix after 3 steps, when the
+    sentences ran in length groups). Where the exact gradient IS 0, the key's shift in
     attention (rows D:2D of in_proj_bias; LGR's W_k and ln_k biases: Q K^T changes by the same amount for
     every key, which the softmax ignores), the step is noise of size up to lr: compared to 2 lr a step."""
     assert a.keys() == b.keys()

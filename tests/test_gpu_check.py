@@ -13,9 +13,13 @@ def test_dry_run_runs_every_part_and_keeps_their_numbers(tmp_path):
     assert list(parts) == list(gpu_check.PARTS) and all(p["status"] == "ok" for p in parts.values()), parts
     assert parts["env"]["results"]["torch"] and parts["env"]["results"]["bf16_matmul_tflops"] > 0
     assert parts["tests"]["results"]["counts"]["skipped"] >= 7                 # the CUDA tests, skipped on the CPU
-    for name in ("bench_rn50", "bench_vit"):
-        cvlp = parts[name]["results"]["cvlp"]
-        assert set(cvlp) == {"plain", "fast"} and all(r["samples_s"] > 0 and r["peak_gib"] >= 0 for r in cvlp.values())
+    for backbone, (paths, _) in gpu_check.STEP_PATHS.items():              # the new step against the best of before
+        step = parts["step"]["results"][backbone]
+        assert list(step["paths"]) == paths and step["left_for_a_second_run"] == [], step
+        assert all(r["samples_s"] > 0 and r["peak_gib"] >= 0 for r in step["paths"].values())
+        assert set(step["compile_s"]) == {p for p in paths if p.endswith("+compile")} and step["new_over_old"] > 0
+        losses = [r["loss"] for r in step["paths"].values()]
+        assert max(losses) - min(losses) < 1e-4                              # the same L_pre on the same batch
     assert set(parts["loaders"]["results"]["loader"]["images_s"]) == {"pil", "gpu"}
     assert set(parts["heads"]["results"]["heads"]) == {"fc", "lgr"} and parts["heads"]["results"]["head_step"]
     demo = parts["demo"]["results"]

@@ -175,7 +175,7 @@ def test_unreadable_file_is_load_rgbs_one_line_error(tmp_path):
 def cvlp_gpu_loader(root, out, tiny_clip, *extra):
     cvlp.main(["--data", "imagenet_lt", "--data-root", str(root), "--backbone", "shapes-tiny", "--image-size", "32",
                "--clip-weights", str(tiny_clip), "--epochs", "2", "--batch", "2", "--text", "prompt",
-               "--loader", "gpu", "--workers", "0", "--device", "cpu", "--out", str(out), *extra])
+               "--loader", "gpu", "--augment", "crop-flip", "--workers", "0", "--device", "cpu", "--out", str(out), *extra])
     return torch.load(out / "cvlp.pt", weights_only=True)
 
 

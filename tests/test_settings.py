@@ -399,3 +399,21 @@ def test_cvlp_student_mode_follows_the_datasets_train_mode(monkeypatch, shapes_e
     cvlp.main(["--data-root", str(shapes_env["root"]), "--clip-weights", str(shapes_env["clip"]), "--lam", "1",
                "--out", str(tmp_path), "--device", "cpu"])
     assert modes == [train_mode]
+
+
+def test_randaugments_strongest_posterize_gives_a_black_image_instead_of_an_error():
+    """timm's PosterizeIncreasing asks for 0 bits at level 10, which rand-m9-mstd0.5's noise reaches (P(N(9, 0.5) >=
+    10) is 2%); Pillow refuses 0 bits, PIL once gave black. Every training image must go through."""
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert np.asarray(images.posterize_zero_bits_black(img, 0)).max() == 0
+    assert images.posterize_zero_bits_black(img, 2).getpixel((0, 0)) == (192, 64, 0)   # 200 & 0b11000000, ...
+    args = cvlp.get_args(["--data", "imagenet_lt", "--image-size", "32"])
+    t = data.image_transform(args, train=True)
+    ops = [op for step in t.per_image.transforms[1].transforms for op in getattr(step, "ops", [])]
+    posterize = [op for op in ops if op.name == "PosterizeIncreasing"]
+    assert len(posterize) == 1 and posterize[0].aug_fn is images.posterize_zero_bits_black
+    posterize[0].prob, posterize[0].magnitude, posterize[0].magnitude_std = 1.0, 10, 0   # its strongest, every time
+    for op in ops:
+        if op is not posterize[0]:
+            op.prob = 0.0
+    assert t(Image.new("RGB", (40, 40), (200, 100, 50))).shape == (3, 32, 32)

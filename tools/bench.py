@@ -2,16 +2,20 @@
 The LGR head against the FC head, and its two forms, are tools/bench_heads.py's.
 
     python -m tools.bench --backbone shapes-tiny --device cpu     # about a minute on a 2-core CPU
-    python -m tools.bench --backbone RN50 --batch 256             # one GPU; likewise --backbone ViT-B-16
-    python -m tools.bench --sections cvlp --paths plain fast fast+compile --profile --json out.json
+    python -m tools.bench --backbone RN50 --batch 256 --compile   # one GPU; likewise --backbone ViT-B-16
+    python -m tools.bench --sections cvlp --paths plain packed+compile --profile --json out.json
+    python -m tools.bench --backbone RN50 --narrow --device cpu --sections cvlp --count-ops   # operators per step
 
 1. cvlp: one CVLP step (student image + text forward and backward, frozen teacher forward, Eq. 2, 3, 8, AdamW):
    plain = open_clip's full-context text forward and the teacher's text forward every step;
-   fast = cvlp.py's path: the batch's sentences in 4 length groups, each cut to its own longest sentence
-   (clip_models.encode_text_trimmed), the teacher's text looked up in a cache made once (clip_models.encode_texts);
-   fast+compile = fast with both image encoders torch.compiled (cvlp.py --compile).
-   All in bf16 autocast with fused AdamW on CUDA, fp32 on a CPU. Samples/s, ms/step, peak memory, achieved
-   TFLOP/s (torch.utils.flop_counter, counted once per path) and the loss difference on the same batch.
+   fast = the step cvlp.py ran before: the batch's sentences in 4 length groups, each cut to its own longest sentence
+   (clip_models.encode_text_trimmed), the teacher's text looked up in a cache made once (clip_models.encode_texts),
+   and the training loop's host reads; fast+compile = fast with both image encoders torch.compiled;
+   packed = the step cvlp.py runs: the sentences in one packed pass (clip_models.encode_text_packed), no host
+   waits, on CUDA the layouts of cvlp.prepare_step; packed+compile = with the whole loss compiled (--compile).
+   All in bf16 autocast on CUDA, fp32 on a CPU, fused AdamW on both. Samples/s, ms/step, peak memory, achieved
+   TFLOP/s (torch.utils.flop_counter, counted once per path), the first call's time (compiling), operator calls
+   per step (--count-ops) and the loss on the same batch (cvlp_step_bench).
 2. loader: data.make_loader with args.loader "pil" (decode and augment in worker processes) or "gpu"
    (workers read JPEG bytes; decode and augment on args.device), over generated ImageNet-sized JPEGs.
 3. decode: one JPEG decoder against another on the same files, one thread: PIL (the "pil" loader's), TorchCodec
@@ -21,7 +25,8 @@ The LGR head against the FC head, and its two forms, are tools/bench_heads.py's.
    against N' images, in fp32 as anss.py embeds them (engine.eval_precision).
 
 Synthetic data and random weights (clip_models.create_clip): nothing is downloaded, and speed does not depend
-on the weights. Timings are medians after warm-up iterations, with torch.cuda.synchronize() on CUDA.
+on the weights. Timings are medians after warm-up iterations, with torch.cuda.synchronize() on CUDA (the CVLP
+step's after each block of 5 steps run in a row, as training runs them: steps_in_a_row).
 """
 import argparse
 import copy
@@ -36,6 +41,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -46,7 +52,7 @@ import data
 from util import clip_models, engine, flags, images
 
 SECTIONS = ("cvlp", "loader", "decode", "anss")
-PATHS = ("plain", "fast", "fast+compile")
+PATHS = ("plain", "fast", "fast+compile", "packed", "packed+compile")
 
 
 def common_args(p):
@@ -68,7 +74,7 @@ def common_args(p):
 def fill_common(args):
     cuda = str(args.device).startswith("cuda")
     if args.image_size is None:
-        args.image_size = 32 if args.backbone == "shapes-tiny" else 224
+        args.image_size = 32 if args.backbone == "shapes-tiny" else 64 if getattr(args, "narrow", False) else 224
     if args.steps is None:
         args.steps = 20 if cuda else 3
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
@@ -81,11 +87,17 @@ def get_args(argv=None):
     p.add_argument("--batch", type=flags.count, default=256, help="CVLP batch (Sec. 4.3: 256) and loader batch")
     p.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS,
                    help=f"which sections to run (default all): {' '.join(SECTIONS)}")
-    p.add_argument("--paths", nargs="*", default=None, choices=PATHS,
-                   help="CVLP step paths to time (default plain fast; with --compile plain fast+compile)")
-    p.add_argument("--compile", action="store_true", help="the fast path also torch.compiles the image encoders")
-    p.add_argument("--profile", action="store_true", help="after timing, torch.profiler over 3 steps of the last "
-                   "path: the operators that take the most device time")
+    p.add_argument("--paths", nargs="*", default=None, choices=PATHS, help="CVLP step paths to time, in this order "
+                   "(default plain fast packed; with --compile plain fast+compile packed+compile)")
+    p.add_argument("--compile", action="store_true", help="default paths: the compiled ones")
+    p.add_argument("--compile-backend", default=None, help="torch.compile's backend for the +compile paths (default "
+                   "inductor; aot_eager: the same graphs without inductor's kernels, in seconds on a CPU)")
+    p.add_argument("--profile", nargs="*", default=None, metavar="PATH", help="after timing, torch.profiler over 3 steps "
+                   "of these paths (alone: the last): the operators that take the most device time")
+    p.add_argument("--count-ops", action="store_true", help="also count each path's operator calls per step "
+                   "(torch.profiler on the host: count_ops)")
+    p.add_argument("--narrow", action="store_true", help="--backbone RN50 / ViT-B-16 at a small width, the same layers "
+                   "(narrow_clip; image size default 64): a step's operators on a CPU")
     p.add_argument("--loaders", nargs="*", default=["pil", "gpu"], help="loaders to time (none: skip the section)")
     p.add_argument("--loader-batches", type=flags.count, default=None,
                    help="batches per loader (default 20 CUDA, 4 CPU)")
@@ -96,7 +108,9 @@ def get_args(argv=None):
     p.add_argument("--anss-images", type=flags.count, default=None,
                    help="images in I' (default 50000 = 50 per class x 1000 on CUDA; 2048 CPU)")
     args = fill_common(p.parse_args(argv))
-    args.paths = args.paths or ["plain", "fast+compile" if args.compile else "fast"]
+    args.paths = args.paths or (["plain", "fast+compile", "packed+compile"] if args.compile else ["plain", "fast", "packed"])
+    if args.profile == []:
+        args.profile = args.paths[-1:]
     cuda = str(args.device).startswith("cuda")
     defaults = {"loader_batches": 20 if cuda else 4, "anss_sentences": 127000 if cuda else 4096,
                 "anss_images": 50000 if cuda else 2048}
@@ -184,6 +198,18 @@ def synthetic_sentences(n, context, generator):
     return tokens
 
 
+def narrow_clip(backbone, image_size=64):
+    """`backbone`'s open_clip architecture (RN50, ViT-B-16) at a small width: the same layers, so the same operators
+    in a step, for counting them on a CPU and for the tests. RN50: stem width 8 (4 attention-pool heads of 64),
+    ViT-B-16: width 64 (2 heads), the text tower: width 64 (2 heads), 12 layers, 77 tokens; D 64; QuickGELU."""
+    cfg = copy.deepcopy(open_clip.get_model_config(backbone))
+    vision = cfg["vision_cfg"]
+    vision.update(image_size=image_size, **({"width": 8} if isinstance(vision["layers"], (list, tuple))
+                                             else {"width": 64, "head_width": 32}))
+    cfg["text_cfg"].update(width=64, heads=2)
+    return open_clip.CLIP(**{**cfg, "embed_dim": 64}, quick_gelu=True)
+
+
 def text_positions(T, groups=1):
     """Positions per sentence the text tower runs: each of `groups` length groups cut to its longest sentence."""
     lengths = (T.argmax(dim=-1) + 1).sort().values               # (N,)
@@ -208,7 +234,7 @@ def write_jpegs(folder, n, seed):
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. One CVLP step, plain and fast
+# 1. One CVLP step: plain, fast (the step of before), packed (the step cvlp.py runs)
 
 
 def plain_loss(student, teacher, x, y, T, lam=0.5):
@@ -219,59 +245,168 @@ def plain_loss(student, teacher, x, y, T, lam=0.5):
     with torch.no_grad():
         S_t = cvlp.cosine_similarity_matrix(teacher.encode_image(x).float(), teacher.encode_text(T).float())
     L_ccl, L_dis = cvlp.class_wise_contrastive_loss(S, y, y, tau), cvlp.distillation_loss(S, S_t, tau)
-    return cvlp.pretraining_loss(L_ccl, L_dis, lam)
+    return cvlp.pretraining_loss(L_ccl, L_dis, lam), {}
 
 
-def cvlp_step_bench(args, student0, teacher, x, y, k, corpus, done=lambda results: None):
+def read_before_backward(loss, stats):
+    """What the training loop of before read on the host ahead of backward(), for its log: loss.item() and each
+    logged value (a port of the official code reads loss.item() there too). On a GPU each read waits for the device."""
+    return [loss.item()] + [float(v) for v in stats.values()]
+
+
+def cvlp_step_bench(args, student0, teacher, x, y, corpus, offsets, done=lambda results: None):
     """Each of args.paths from the same initial weights (student0, teacher on the CPU: only the path being timed
-    is on the device). Returns {path: {measure: value}}; done(results) is called after each path."""
+    is on the device). x, y: the batch on the device; each step draws its sentences anew from y's classes
+    (corpus (S, L) tokens, offsets (C + 1,): class c owns corpus[offsets[c]:offsets[c + 1]]), as cvlp.py does.
+    Returns {path: {measure: value}}; done(results) is called after each path.
+      plain: plain_loss, and loss.item() before backward;
+      fast, fast+compile: the step of before: the labels read back from the device to draw the sentences, their
+        rows of the teacher-text cache looked up by indices copied from pageable memory, the text in 4 length groups
+        (clip_models.encode_text_trimmed), loss.item() and every logged value read before backward; +compile: both
+        image encoders compiled;
+      packed, packed+compile: the step cvlp.py runs: cvlp.batch_text (sentences drawn from the host labels, packed,
+        copied from pinned memory), cvlp.prepare_step (on CUDA: cuDNN's autotuner, RN50 in channels_last, the
+        teacher's weights cast once; +compile: the whole loss compiled), the logged values copied to the host without
+        a wait (engine.values_to_host), and fused AdamW told to skip a non-finite step (engine.skip_if_not_finite)."""
+    cuda = str(args.device).startswith("cuda")
     on_device = lambda model: copy.deepcopy(model).to(args.device)
     frozen = on_device(teacher)
-    cache = clip_models.encode_texts(frozen, corpus, args.device, training_precision=True)   # the fast path's teacher
-                                                                                             # text, made once (S, D)
-    T_device = corpus[k].long().to(args.device)
-    loss_args = argparse.Namespace(lam=0.5, variant="paper")
-    plain = lambda s, t: plain_loss(s, t, x, y, T_device)
-    fast = lambda s, t: cvlp.cvlp_loss(s, t, x, y, corpus[k], loss_args, cache[k.to(args.device)])[0]
-    losses = {"plain": plain, "fast": fast, "fast+compile": fast}
-    student = on_device(student0)
-    with torch.no_grad(), engine.autocast(args.device):          # the losses on the same weights and batch
-        values = {name: losses[name](student, frozen).float().item() for name in args.paths}
-    del student, frozen
+    cache = clip_models.encode_texts(frozen, corpus, args.device, training_precision=True)   # the teacher's text, (S, D)
+    text, y_host = {"tokens": corpus, "offsets": offsets}, y.cpu()
+    k = cvlp.sample_sentences(offsets, y_host, torch.Generator().manual_seed(args.seed))      # (N,) for the loss check
+    loss_args = argparse.Namespace(lam=0.5, variant="paper", device=args.device, image_size=args.image_size,
+                                   compile=False, text_pass="packed")
+    g = torch.Generator().manual_seed(args.seed)
+
+    def plain(s, t, compiled):
+        T = corpus[cvlp.sample_sentences(offsets, y_host, g)].long().to(args.device)
+        return plain_loss(s, t, x, y, T)
+
+    def fast(s, t, compiled):
+        k = cvlp.sample_sentences(offsets, y.cpu(), g)
+        return cvlp.cvlp_loss(s, t, x, y, corpus[k], loss_args, cache[k.to(args.device)])
+
+    def packed(s, t, compiled):
+        T, y_device, E_T_teacher = cvlp.batch_text(s, text, cache, y_host, g, loss_args)
+        return (compiled or cvlp.cvlp_loss)(s, t, x, y_device, T, loss_args, E_T_teacher)
+
+    losses = {"plain": plain, "fast": fast, "fast+compile": fast, "packed": packed, "packed+compile": packed}
+    T_k = {"plain": corpus[k].long().to(args.device), "fast": corpus[k],     # the loss check's sentences, each path's way
+           "packed": clip_models.pack_sentences(corpus[k], args.device)}
+    same_batch = {"plain": lambda s, t, compiled: plain_loss(s, t, x, y, T_k["plain"]),
+                  "fast": lambda s, t, compiled: cvlp.cvlp_loss(s, t, x, y, T_k["fast"], loss_args, cache[k.to(args.device)]),
+                  "packed": lambda s, t, compiled: (compiled or cvlp.cvlp_loss)(s, t, x, y, T_k["packed"], loss_args,
+                                                                                cache[k.to(args.device)])}
 
     def run_path(name):
+        torch.backends.cudnn.benchmark = False                   # the paths of before ran without it
         student, frozen = on_device(student0), on_device(teacher)
-        opt = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=0.05,
-                                fused=str(args.device).startswith("cuda"))
+        opt = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=0.05, fused=True)   # CPU too (torch 2.4+)
+        new = name.startswith("packed")
+        compiled = None
+        if new:
+            compiled = with_backend(args.compile_backend, cvlp.prepare_step, student, frozen,
+                                    argparse.Namespace(**{**vars(loss_args), "compile": name.endswith("+compile")}))
 
         def step():
             with engine.autocast(args.device):
-                loss = losses[name](student, frozen)
+                loss, stats = losses[name](student, frozen, compiled)
+            if new:
+                engine.values_to_host({"loss": loss, **stats})
+            else:
+                read_before_backward(loss, stats)
             loss.backward()
+            if new:
+                engine.skip_if_not_finite(opt, [loss.detach()])
             opt.step()
+            opt.__dict__.pop("found_inf", None)
             opt.zero_grad(set_to_none=True)
 
-        with FlopCounterMode(display=False) as counter:          # forward + backward, counted once, uncompiled
-            step()
-        if name == "fast+compile":
-            student.visual.compile()
-            frozen.visual.compile()
+        if name.endswith("+compile") and not new:
+            for model in (student, frozen):
+                model.visual.compile(**({"backend": args.compile_backend} if args.compile_backend else {}))
         t0 = time.perf_counter()
-        seconds = median_seconds(step, args.device, args.steps, args.warmup)
-        first = time.perf_counter() - t0 - seconds * args.steps   # the warm-up steps: compiling, for fast+compile
-        if args.profile and name == args.paths[-1]:
-            profile_steps(step, args.device)
-        return seconds, counter.get_total_flops(), first
+        with engine.autocast(args.device):                       # L_pre on the same weights and sentences as every path;
+            loss = same_batch[name.split("+")[0]](student, frozen, compiled)[0].float().item()   # a compiled one compiles
+        first_s = time.perf_counter() - t0                       # here (forward and backward graphs), timed
+        with FlopCounterMode(display=False) as counter:          # forward + backward, counted once
+            with torch.compiler.set_stance("force_eager"):     # uncompiled
+                step()
+        t0 = time.perf_counter()
+        seconds = steps_in_a_row(step, args.device, args.steps, args.warmup)
+        warmup_s = time.perf_counter() - t0 - seconds * args.steps
+        ops = count_ops(step, args.device) if args.count_ops else None
+        if name in (args.profile or []):
+            profile_steps(step, args.device, min(3, args.steps))
+        return seconds, counter.get_total_flops(), loss, first_s, warmup_s, ops
 
     results = {}
     for name in args.paths:
-        (seconds, flop, warmup_s), peak, how = peak_memory(lambda: run_path(name), args.device)
+        (seconds, flop, loss, first_s, warmup_s, ops), peak, how = peak_memory(lambda: run_path(name), args.device)
         results[name] = {"seconds": seconds, "samples_s": args.batch / seconds, "peak_gib": peak, "memory": how,
-                         "flop": flop, "tflop_s": flop / seconds / 1e12, "warmup_s": warmup_s, "loss": values[name]}
-        if str(args.device).startswith("cuda"):
+                         "flop": flop, "tflop_s": flop / seconds / 1e12, "loss": loss,
+                         "first_call_s": first_s, "warmup_s": warmup_s, **({"ops": ops} if ops else {})}
+        if cuda:
             torch.cuda.empty_cache()
+        torch._dynamo.reset()
         done(results)
+    torch.backends.cudnn.benchmark = False
     return results
+
+
+def with_backend(backend, fn, *args):
+    """fn(*args) with torch.compile's backend set to `backend` (None: torch's default, inductor)."""
+    if not backend:
+        return fn(*args)
+    real = torch.compile
+    torch.compile = lambda f, **k: real(f, **{**k, "backend": backend})
+    try:
+        return fn(*args)
+    finally:
+        torch.compile = real
+
+
+def steps_in_a_row(step, device, steps, warmup=1):
+    """Seconds per step, the median of blocks of steps run in a row as training runs them, one sync after each block
+    (on CUDA blocks of 5: the host may run ahead of the device within a block, as it can in training; on a CPU,
+    where every operation is done when it returns, blocks of 1)."""
+    inner = 5 if str(device).startswith("cuda") and steps >= 5 else 1
+    return median_seconds(lambda: [step() for _ in range(inner)], device, max(1, steps // inner), warmup) / inner
+
+
+# Operators that only make a view or an allocation, no kernel: left out of the operator count.
+NO_KERNEL = {"aten::" + n for n in ("view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "as_strided",
+                                    "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes", "chunk",
+                                    "unbind", "detach", "alias", "empty", "empty_like", "empty_strided", "resize_",
+                                    "lift_fresh", "unflatten", "flatten", "narrow", "diagonal", "contiguous", "numpy_T",
+                                    "result_type", "is_nonzero", "set_", "_reshape_alias", "view_as", "expand_as")}
+
+
+def count_ops(step, device, steps=2):
+    """Operator calls per step, from torch.profiler on the host: the aten operators called from Python or by
+    autograd's backward, not from inside another operator (a fair proxy for a GPU's kernel launches; an operator that
+    only makes a view or an allocation, NO_KERNEL, left out); at every level, the matmuls (mm, addmm, bmm, baddbmm),
+    copies (copy_), in-place adds (add_) and convolutions; and the reads of a value on the host outside the optimiser
+    (item(), float(t), int(t)), each of which waits for a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+
+    def under(e, prefix):
+        while e.cpu_parent is not None:
+            e = e.cpu_parent
+            if e.name.startswith(prefix):
+                return True
+        return False
+    aten = [e for e in prof.events() if e.name.startswith("aten::")]
+    count = lambda *ops: sum(e.name in ops for e in aten) / steps
+    return {"operators": sum(e.name not in NO_KERNEL and not under(e, "aten::") for e in aten) / steps,
+            "matmul": count("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+            "copy_": count("aten::copy_"), "add_": count("aten::add_"),
+            "convolution": count("aten::convolution", "aten::convolution_backward"),
+            "host_reads": sum(e.name == "aten::_local_scalar_dense" and not under(e, "Optimizer.step") for e in aten) / steps}
 
 
 def profile_steps(step, device, steps=3, rows=15):
@@ -390,7 +525,8 @@ def start(args, title):
 def main(argv=None):
     args = get_args(argv)
     save = start(args, f"bench, batch {args.batch}")
-    student0 = clip_models.create_clip(args.backbone, args.image_size)                 # on the CPU until used
+    student0 = (narrow_clip(args.backbone, args.image_size) if args.narrow            # on the CPU until used
+                else clip_models.create_clip(args.backbone, args.image_size))
     teacher = copy.deepcopy(student0).eval().requires_grad_(False)
     with torch.no_grad():                                        # a teacher unlike the student, as after training
         for p in teacher.parameters():
@@ -401,26 +537,31 @@ def main(argv=None):
     # 1. One CVLP step
     if "cvlp" in args.sections:
         corpus = synthetic_sentences(max(4096, 4 * args.batch), context, g)          # (S, L)
-        k = torch.randint(0, len(corpus), (args.batch,), generator=g)                # (N,) one sentence per image
+        offsets = torch.linspace(0, len(corpus), args.classes + 1).round().long()    # (C + 1,) each class's sentences
         x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(args.device)
         y = torch.randint(0, args.classes, (args.batch,), generator=g).to(args.device)
-        res = cvlp_step_bench(args, student0, teacher, x, y, k, corpus, lambda r: save("cvlp", r))
+        res = cvlp_step_bench(args, student0, teacher, x, y, corpus, offsets, lambda r: save("cvlp", r))
+        T = corpus[cvlp.sample_sentences(offsets, y.cpu(), torch.Generator().manual_seed(args.seed))]   # (N, L)
         print(f"\n1. CVLP step: student image+text fwd+bwd, teacher fwd, Eq. 2+3+8, AdamW "
-              f"(median of {args.steps} steps after {args.warmup})")
+              f"(median of {args.steps} steps after {args.warmup}{', in blocks of 5 in a row' if args.steps >= 5 and 'cuda' in str(args.device) else ''})")
         row("", *res)
         row("samples/s", *(f"{r['samples_s']:.0f}" for r in res.values()))
         row("ms/step", *(f"{1e3 * r['seconds']:.1f}" for r in res.values()))
         row(f"peak memory GiB ({next(iter(res.values()))['memory']})", *(f"{r['peak_gib']:.2f}" for r in res.values()))
         row("GFLOP/step (flop_counter)", *(f"{r['flop'] / 1e9:.1f}" for r in res.values()))
         row("achieved TFLOP/s", *(f"{r['tflop_s']:.3f}" for r in res.values()))
-        row("warm-up steps (compiling), s", *(f"{r['warmup_s']:.1f}" for r in res.values()))
-        row("text positions per sentence", *(f"{context}" if p == "plain" else f"{text_positions(corpus[k], groups=4):.1f}"
-                                             for p in res))
-        print(f"  (sentence lengths: mean {text_positions(corpus[k], len(k)):.1f} tokens; the longest in the batch "
-              f"{text_positions(corpus[k]):.0f}; cvlp.py runs 4 length groups)")
+        row("first call (compiling), s", *(f"{r['first_call_s']:.1f}" for r in res.values()))
+        positions = {"plain": f"{context}", "fast": f"{text_positions(T, groups=4):.1f}", "packed": f"{text_positions(T, len(T)):.1f}"}
+        row("text positions per sentence", *(positions[p.split("+")[0]] for p in res))
+        print(f"  (sentence lengths: mean {text_positions(T, len(T)):.1f} tokens; the longest in the batch "
+              f"{text_positions(T):.0f}; fast: 4 length groups; packed: every sentence to its EOT, one pass)")
+        for key in ("operators", "matmul", "copy_", "add_", "convolution", "host_reads"):
+            if any("ops" in r for r in res.values()):
+                row(f"{key} per step (profiler)", *(f"{r['ops'][key]:.0f}" if "ops" in r else "" for r in res.values()))
         row("L_pre on the same batch", *(f"{r['loss']:.6f}" for r in res.values()))
         if "plain" in res and len(res) > 1:
-            print(f"  |L_pre plain - fast| = {abs(res['plain']['loss'] - list(res.values())[-1]['loss']):.2e}")
+            print("  |L_pre plain - other| = " + ", ".join(f"{p} {abs(res['plain']['loss'] - r['loss']):.2e}"
+                                                       for p, r in res.items() if p != "plain"))
 
     # 2. The loader
     if "loader" in args.sections and args.loaders:

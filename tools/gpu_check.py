@@ -1,6 +1,7 @@
 """The GPU check: every measurement of this project that needs a CUDA GPU, in one run, most valuable first.
 
-    python -m tools.gpu_check OUT                         # on a CUDA machine: about 8 minutes on an H200
+    python -m tools.gpu_check OUT                         # on a CUDA machine: the parts that fit in --budget (450 s)
+    python -m tools.gpu_check OUT --parts env,tests,step  # the CVLP step's new path against the old: 8 minutes at most
     python -m tools.gpu_check OUT --wheels .whl           # open_clip, torchcodec not installed: wheels from a folder
     python -m tools.gpu_check OUT --parts demo,rehearse   # some parts only (names below), in the order given
     python -m tools.gpu_check OUT --dry-run               # tiny sizes on the CPU, about a minute: the script checked
@@ -8,9 +9,11 @@
 Parts, in order, each a subprocess with its own time limit, all under one --budget:
   env       torch / CUDA / GPU versions, a bf16 matmul and a device-to-device copy: the machine's two ceilings
   tests     tests/test_cuda.py: the CUDA path against the CPU and fp32 paths (bf16, LGR head, fused AdamW, nvjpeg,
-            compile, evaluation, out of memory)
-  bench_rn50, bench_vit   bench.py's CVLP step at batch 256, 224 px: plain, fast, fast + compile, peak memory
-            (and a torch.profiler table of the fast + compile RN50 step)
+            compile, evaluation, out of memory, the packed text tower, a step without host waits)
+  step      bench.py's CVLP step at batch 256, 224 px, as cvlp.py runs it (packed text, no host waits, channels_last,
+            the teacher cast once, the compiled loss) against the best paths of before, ViT-B/16 (plain) then RN50
+            (plain, fast + compile): samples/s, peak memory, compile time, a torch.profiler table of each new
+            compiled step; 5 minutes at most, compiling included (what does not fit is named for a second run)
   loaders   bench.py's loader section: --loader pil and gpu feeding 224 px training crops; and its decoders
   heads     bench_heads.py: inference of the LGR head against the FC head (batch 1 latency, batch 256), and the
             LGR head's training step, Eq. 4-7 as written against the gram form, at ImageNet-LT and iNat shapes
@@ -37,9 +40,18 @@ import time
 from util import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: the stage scripts
-PARTS = ("env", "tests", "bench_rn50", "bench_vit", "loaders", "heads", "demo", "rehearse")
-LIMITS = {"env": 40, "tests": 120, "bench_rn50": 130, "bench_vit": 120, "loaders": 50, "heads": 45, "demo": 100,
+PARTS = ("env", "tests", "step", "loaders", "heads", "demo", "rehearse")
+LIMITS = {"env": 40, "tests": 150, "step": 300, "loaders": 50, "heads": 45, "demo": 100,
           "rehearse": 240}   # seconds each part may take at most on the GPU; the --budget may leave it less
+# part step: the CVLP step's targets, twice the official code's samples/s on one H100 within its memory
+STEP_TARGETS = {"ViT-B-16": {"samples_s": 2060, "peak_gib": 29.6}, "RN50": {"samples_s": 2250, "peak_gib": 20.6}}
+# part step: per backbone, the paths in the order they run (most valuable first: a command stopped at its limit
+# keeps what it measured) and the share of the part's time its command may take at most (RN50: all that is left).
+# The best paths of before: ViT-B/16 plain; RN50 fast + compile, with plain, the best uncompiled one, before it in case
+# its compile does not fit (it took 73 s on an H200, and the new step's compile is larger; torch.compile's caches
+# on disk shorten a second run's).
+STEP_PATHS = {"ViT-B-16": (["packed+compile", "plain", "packed"], 0.45),
+              "RN50": (["packed+compile", "plain", "packed", "fast+compile"], 1.0)}
 
 ENV_PROBE = r"""
 import json, platform, sys, time
@@ -192,21 +204,40 @@ def bench(run, limit, name, flags, tool="tools.bench"):
     path = os.path.join(run.work, f"{name}.json")
     sizes = []
     if run.args.dry_run:
-        sizes = ["--backbone", "shapes-tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--classes", "50"]
+        sizes = ["--backbone", "shapes-tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--classes", "50",
+                 "--threads", "1"]                                # two threads on a busy CPU stall on each other
         sizes += (["--head-shapes", "run"] if tool == "tools.bench_heads" else
                   ["--batch", "16", "--loader-batches", "2", "--workers", "0", "--decode-images", "8"])
     c = run.command(["python", "-m", tool, *flags, *sizes, "--json", path], limit)
     return [c], read_json(path) or {}
 
 
-def part_bench_rn50(run, limit):
-    paths = ["plain", "fast"] if run.args.dry_run else ["plain", "fast", "fast+compile"]
-    return bench(run, limit, "bench_rn50", ["--backbone", "RN50", "--sections", "cvlp", "--paths", *paths, "--profile"])
-
-
-def part_bench_vit(run, limit):
-    paths = ["plain", "fast"] if run.args.dry_run else ["plain", "fast", "fast+compile"]
-    return bench(run, limit, "bench_vit", ["--backbone", "ViT-B-16", "--sections", "cvlp", "--paths", *paths])
+def part_step(run, limit):
+    """bench.py's CVLP step for ViT-B/16, then RN50 (the rest of the part's time), the new paths first; each
+    +compile path's compile time (its first call: the compiles and one forward) and what did not fit, left for a
+    second run (torch.compile's caches on disk make a second run's compiles much shorter)."""
+    commands, results, t0 = [], {}, time.time()
+    for backbone, (paths, share) in STEP_PATHS.items():
+        left = limit - (time.time() - t0)
+        flags = ["--backbone", backbone, "--sections", "cvlp", "--paths", *paths, "--profile", "packed+compile"]
+        if run.args.dry_run:
+            flags += ["--compile-backend", "eager"]
+        c, found = bench(run, min(left, share * limit), f"step_{backbone}", flags)
+        commands += c
+        cvlp = found.get("cvlp", {})
+        measured = {p: {k: r[k] for k in ("samples_s", "seconds", "peak_gib", "flop", "tflop_s", "loss", "first_call_s")}
+                    for p, r in cvlp.items()}
+        steps = found.get("args", {}).get("steps", 0)
+        compile_s = {p: round(r["first_call_s"], 1) for p, r in cvlp.items() if p.endswith("+compile")}   # with 1 forward
+        new = max((r["samples_s"] for p, r in cvlp.items() if p.startswith("packed")), default=None)
+        old = max((r["samples_s"] for p, r in cvlp.items() if not p.startswith("packed")), default=None)
+        target = STEP_TARGETS[backbone]
+        results[backbone] = {"paths": measured, "compile_s": compile_s, "steps": steps,
+                             "left_for_a_second_run": [p for p in paths if p not in cvlp],
+                             "new_over_old": round(new / old, 2) if new and old else None, "target": target,
+                             "met": bool(new and new >= target["samples_s"] and all(
+                                 r["peak_gib"] <= target["peak_gib"] for p, r in cvlp.items() if p.startswith("packed")))}
+    return commands, results
 
 
 def part_loaders(run, limit):

@@ -8,12 +8,15 @@
     tokenize_exact(sentences, L)               open_clip's BPE tokens, and which sentences did not fit
     tokenize_corpus(corpus, L, cache_dir)      a dataset's class corpora tokenised once, cached between runs
     encode_texts / encode_images               normalised embeddings of a corpus / a loader, in chunks
+    pack_sentences, encode_text_packed         a training batch's sentences through the text tower in one pass
+    channels_last, cast_frozen_weights         the layouts and casts a GPU wants of the step's models, the same maths
 
 The stages build and load their CLIPs through this file; engine.py holds the training machinery.
 """
 import contextlib
 import functools
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -22,14 +25,18 @@ import urllib.parse
 import urllib.request
 import warnings
 import zipfile
+from typing import NamedTuple
 
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.transformer import ResidualAttentionBlock
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from util.engine import autocast, eval_precision
+from util.engine import autocast, eval_precision, host_to_device
 from util.files import atomic_write
 from util.errors import DataError, warn
 from util.progress import progress
@@ -309,6 +316,198 @@ def encode_text_trimmed(model, tokens, groups=1):
     x = x[torch.arange(len(T), device=device), T.argmax(dim=-1)]                 # (N, W) at each EOT
     proj = tower.text_projection
     return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj           # (N, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# The text tower in one pass: a batch's sentences packed end to end (the training step's; encode_text_trimmed's
+# length groups are the readable form it replaces, open_clip's full-context encode_text the reference of both)
+
+
+class PackedText(NamedTuple):
+    """N sentences packed for one pass of the text tower (pack_sentences): P rows, the sum of their lengths (SOT to
+    EOT), instead of N x L positions. At batch 256 with ImageNet-LT's ~29-token sentences: 29 rows a sentence,
+    against 77 in open_clip's forward and about 39 in encode_text_trimmed's 4 length groups.
+
+    tokens (P,) int64: every sentence's tokens up to its EOT, one sentence after another
+    positions (P,) int64: each token's position in its sentence, which picks its positional embedding
+    rows (P,) int64: each token's row in the padded (N * width) layout, n * width + position (padded_causal_attention)
+    eot (N,) int64: each sentence's EOT row in the packing, the row open_clip pools (the tokens' argmax)
+    cu_seqlens (N + 1,) int32: sentence n owns rows cu_seqlens[n]:cu_seqlens[n + 1] (varlen_causal_attention)
+    width: the longest sentence rounded up to a multiple of 8 (a handful of shapes for a compiled step), at most L
+    varlen: flash's variable-length attention can run on these tensors (CUDA, compute capability 8.0 or more)
+    """
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    rows: torch.Tensor
+    eot: torch.Tensor
+    cu_seqlens: torch.Tensor
+    width: int
+    varlen: bool
+
+
+def varlen_causal_attention_fn():
+    """torch's flash variable-length attention (torch.nn.attention.varlen.varlen_attn), asked for a causal mask as
+    this torch version asks (window_size=(-1, 0); its first versions: is_causal=True); None where torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        return functools.partial(varlen_attn, window_size=(-1, 0))
+    return functools.partial(varlen_attn, is_causal=True) if "is_causal" in params else None
+
+
+VARLEN_CAUSAL = varlen_causal_attention_fn()
+
+
+def varlen_available(device):
+    """True where varlen_causal_attention can run: a CUDA device of compute capability 8.0 or more (flash)."""
+    return (VARLEN_CAUSAL is not None and str(device).startswith("cuda")
+            and torch.cuda.get_device_capability(torch.device(device))[0] >= 8)
+
+
+def pack_sentences(tokens, device="cpu"):
+    """(N, L) tokens on the host -> PackedText on `device`. Worked out on the host (numpy) from each sentence's EOT
+    position, its argmax as open_clip pools it, and moved in one copy from pinned memory (engine.host_to_device):
+    nothing here waits for the device."""
+    T = tokens.cpu().numpy()
+    N, L = T.shape
+    lengths = T.argmax(axis=1) + 1                                       # (N,) SOT .. EOT
+    cu = np.concatenate([[0], np.cumsum(lengths)])                       # (N + 1,)
+    sentence = np.repeat(np.arange(N), lengths)                          # (P,) the sentence of each packed row
+    positions = np.arange(cu[-1]) - cu[sentence]                         # (P,)
+    width = min(L, -(-int(lengths.max()) // 8) * 8)
+    P = len(positions)
+    host = torch.from_numpy(np.concatenate([T[sentence, positions], positions, sentence * width + positions,
+                                            cu[1:] - 1, cu]).astype(np.int64))
+    tokens, positions, rows, eot, cu_seqlens = host_to_device(host, device).split([P, P, P, N, N + 1])
+    return PackedText(tokens, positions, rows, eot, cu_seqlens.to(torch.int32), width, varlen_available(device))
+
+
+def packable(model):
+    """True when the text tower is open_clip's causal transformer with EOT (argmax) pooling and plain blocks
+    (open_clip's ResidualAttentionBlock around nn.MultiheadAttention without dropout), which encode_text_packed
+    runs; another kind of tower runs in length groups (encode_text_trimmed), or whole."""
+    tower = getattr(model, "text", model)
+    if (getattr(tower, "text_pool_type", getattr(tower, "pool_type", None)) != "argmax"
+            or getattr(tower, "attn_mask", None) is None or getattr(tower, "cls_emb", None) is not None
+            or getattr(tower, "use_pad_mask", False) or tower.transformer.grad_checkpointing):
+        return False
+    plain = lambda a: (type(a) is torch.nn.MultiheadAttention and a._qkv_same_embed_dim and a.in_proj_bias is not None
+                       and a.bias_k is None and not a.add_zero_attn and a.dropout == 0)
+    return all(type(b) is ResidualAttentionBlock and plain(b.attn) for b in tower.transformer.resblocks)
+
+
+def encode_text_packed(model, packed):
+    """model.encode_text of the packed sentences in one pass: PackedText -> (N, D), the same embeddings as the full
+    77-token forward (tests/test_fast_path.py: values and gradients, fp32). Exact for the reason trimming is: under
+    the causal mask no token sees a later one, so a sentence's rows never need the padding after its EOT, and
+    each sentence attends to its own rows only (packed_causal_attention). Every other layer works row by row."""
+    tower = getattr(model, "text", model)
+    cast = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(packed.tokens).to(cast) + tower.positional_embedding[packed.positions].to(cast)  # (P, W)
+    for block in tower.transformer.resblocks:                  # open_clip's ResidualAttentionBlock.forward, on rows
+        x = x + block.ls_1(packed_causal_attention(block.attn, block.ln_1(x), packed))
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    x = tower.ln_final(x[packed.eot])                          # (N, W): LayerNorm is per row, so pooling first is exact
+    proj = tower.text_projection
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj if proj is not None else x   # (N, D)
+
+
+def packed_causal_attention(attn, x, packed):
+    """nn.MultiheadAttention's causal self-attention as open_clip's text blocks call it, on packed rows: x (P, W) ->
+    (P, W), each sentence attending to its own earlier rows. The projections are attn's own; the attention is flash's
+    variable-length kernel on the rows themselves where it runs (bf16 / fp16 on CUDA), else the padded form."""
+    P, W = x.shape
+    H = attn.num_heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(P, 3, H, W // H)   # (P, 3, H, d)
+    if packed.varlen and qkv.dtype in (torch.float16, torch.bfloat16):
+        out = varlen_causal_attention(qkv, packed)
+    else:
+        out = padded_causal_attention(qkv, packed)
+    return attn.out_proj(out.reshape(P, W))                    # (P, W)
+
+
+def varlen_causal_attention(qkv, packed):
+    """Causal attention of each packed sentence over its own rows, by flash's variable-length kernel (CUDA only):
+    qkv (P, 3, H, d) -> (P, H, d). width bounds every sentence's length, as the kernel's max_seqlen asks."""
+    q, k, v = qkv.unbind(1)                                    # 3 x (P, H, d)
+    return VARLEN_CAUSAL(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.width, packed.width)
+
+
+def padded_causal_attention(qkv, packed):
+    """Causal attention of each packed sentence over its own rows, on any device: qkv (P, 3, H, d) -> (P, H, d).
+    The rows go to a zero-padded (N, width) grid, one sentence a row starting at position 0, run through scaled
+    dot-product attention with is_causal (a flash kernel on a GPU), and come back. Exact: a sentence's positions see
+    only its own earlier ones, never the padding after it; the padding's own outputs are never read."""
+    P, _, H, d = qkv.shape
+    N, width = packed.eot.shape[0], packed.width
+    grid = qkv.new_zeros(N * width, 3, H, d).index_copy(0, packed.rows, qkv)          # (N width, 3, H, d)
+    q, k, v = grid.view(N, width, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)          # 3 x (N, H, width, d)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)                    # (N, H, width, d)
+    return out.transpose(1, 2).reshape(N * width, H, d).index_select(0, packed.rows)  # (P, H, d)
+
+
+def encode_sentences(model, T):
+    """The text tower on a training batch's sentences: T a PackedText (one pass, encode_text_packed) or (N, L) tokens
+    (4 length groups, encode_text_trimmed, the readable form) -> (N, D)."""
+    return encode_text_packed(model, T) if isinstance(T, PackedText) else encode_text_trimmed(model, T, groups=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a GPU wants of the step's models: the same maths, other layouts and casts
+
+
+def channels_last(model):
+    """RN50's image tower (open_clip's ModifiedResNet) in channels_last, the layout of cuDNN's fastest convolutions
+    (its NHWC kernels transpose an NCHW tensor before and after each). The same maths: only the memory order of
+    the weights and, from the first convolution on, of the activations changes. True when applied; a ViT's
+    one convolution (the patch embedding) is left as it is."""
+    if type(getattr(model, "visual", None)).__name__ != "ModifiedResNet":
+        return False
+    model.visual.to(memory_format=torch.channels_last)
+    return True
+
+
+def cast_frozen_weights(model, forward, precision):
+    """Cast, once, the frozen weights that autocast casts in every call. autocast keeps its cast of a weight for the
+    rest of the region only when the weight requires a gradient, so a frozen model's weights (CVLP's teacher) are
+    cast again in every forward. forward() runs the model on a probe batch inside the `precision` context
+    (engine.autocast); every frozen weight that autocast cast there to a lower precision, and that no operation
+    read uncast, is stored in that precision. The same operations then get the same rounded copy; the probe is run
+    again and, unless its outputs are bitwise the same, the weights go back (a module that chooses its kernel by its
+    weights' dtype, as nn.MultiheadAttention's fast path does under a CPU autocast, would compute otherwise).
+    Returns {name: dtype} of the weights cast (none where autocast is off)."""
+    frozen = {(p.data_ptr(), p.shape, p.stride(), p.dtype): name for name, p in model.named_parameters()
+              if p.is_floating_point() and not p.requires_grad}
+    cast, raw = {}, set()
+
+    class Probe(TorchDispatchMode):                            # sees the operations autocast lets through, its casts too
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            for a in pytree.tree_leaves((args, kwargs)):
+                name = frozen.get((a.data_ptr(), a.shape, a.stride(), a.dtype)) if isinstance(a, torch.Tensor) else None
+                if name is None:
+                    continue
+                if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") in (torch.bfloat16, torch.float16):
+                    cast[name] = kwargs["dtype"]
+                else:
+                    raw.add(name)
+            return func(*args, **kwargs)
+
+    with torch.no_grad(), precision:
+        with Probe():
+            before = forward()
+        params, kept = dict(model.named_parameters()), {}
+        for name in set(cast) - raw:
+            kept[name], params[name].data = params[name].data, params[name].data.to(cast[name])
+        after = forward() if kept else before
+    if not all(torch.equal(a, b) for a, b in zip(pytree.tree_leaves(before), pytree.tree_leaves(after))):
+        for name, data in kept.items():
+            params[name].data = data
+        return {}
+    return {name: cast[name] for name in sorted(kept)}
 
 
 def tokenize_corpus(corpus, context_length=77, cache_dir=None):

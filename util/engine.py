@@ -86,6 +86,50 @@ def eval_precision(device, precision="fp32"):
         yield
 
 
+def host_to_device(t, device):
+    """A host tensor on `device` without the host waiting: copied from pinned (page-locked) memory, non_blocking (a
+    copy from pageable memory waits for the work queued before it). t itself on a CPU."""
+    if not str(device).startswith("cuda"):
+        return t
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
+def values_to_host(values):
+    """Logged values {name: tensor or number} on their way to the host without a wait: the tensors as fp32 in one
+    non-blocking copy into pinned memory -> (the tensors' names, their (K,) values on the host, a CUDA event recorded
+    after the copy, which the host can ask about without waiting; None off CUDA, where the values are there)."""
+    names = [k for k, v in values.items() if torch.is_tensor(v)]
+    numbers = torch.stack([values[k].detach().float().reshape(()) for k in names]) if names else torch.zeros(0)
+    if not numbers.is_cuda:
+        return names, numbers, None
+    host = torch.empty(numbers.shape, pin_memory=True)
+    host.copy_(numbers, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return names, host, event
+
+
+def states_like_params(opt):
+    """Each optimiser state of a parameter's shape in that parameter's memory layout. Fused AdamW steps a parameter
+    and its states as flat arrays, so a state saved in another layout (a checkpoint of an RN50 trained in
+    channels_last on a GPU, resumed where it is not, or the reverse) would be read in the wrong order."""
+    for p, state in opt.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
+def skip_if_not_finite(opt, losses):
+    """Have the optimiser's next step() leave the weights and its state as they are when any of `losses` (device
+    scalars) is not finite, decided on the device, so that nothing waits for the losses: an optimiser that takes
+    GradScaler's found_inf (fused AdamW) skips its update where found_inf is 1. True when it will; False when the
+    optimiser cannot (the caller reads the losses before the step). Training.optimizer_step removes found_inf."""
+    if not getattr(opt, "_step_supports_amp_scaling", False):
+        return False
+    opt.found_inf = (~torch.isfinite(torch.stack(losses).float())).any().float()
+    return True
+
+
 # ----------------------------------------------------------------------------------------------
 # Files and checkpoints: plain dicts, written atomically, checked before use
 
@@ -196,8 +240,9 @@ def add_training_args(p, stage):
     p.add_argument("--clip-grad", type=flags.non_negative, default=0.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--stop-after-steps", type=flags.count_or_zero, default=0, help="debug: stop (and save) after this "
                    "many steps (0: off)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder(s) (faster steps on a GPU "
-                   "after a minute or so of compiling; the same maths, checkpoints unchanged)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step: cvlp.py the whole loss (under "
+                   "torchrun the image encoders), lgr.py the image encoder (faster steps on a GPU after a minute or two "
+                   "of compiling; the same maths, checkpoints unchanged)")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True, help="also write every "
                    "epoch's scalars as TensorBoard events under <out>/tb/ (the JSON lines beside the checkpoint: always)")
 
@@ -366,6 +411,7 @@ class Training:
         check_meta(ckpt, meta, path)
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
+        states_like_params(self.opt)
         self.sched.load_state_dict(ckpt["scheduler"])
         for k, g in self.rngs.items():
             g.set_state(ckpt["rng"][k])
@@ -413,35 +459,66 @@ class Training:
         return batches
 
     def one_epoch(self, epoch, loader, batch_loss):
-        """The epoch's steps -> {name: mean over its batches}, "img_s"; None when --stop-after-steps stopped it."""
+        """The epoch's steps -> {name: mean over its batches}, "img_s"; None when --stop-after-steps stopped it.
+        batch_loss(x, y) gets x on the device and y as the loader gives it, on the host. In one process no step
+        waits for the device: the logged values are read once the device has them (read_later, settle), and a
+        non-finite loss is kept from the weights by the optimiser itself (skip_if_not_finite), or read before the
+        optimiser step where the optimiser cannot skip one."""
         args, self.t0, self.done = self.args, time.time(), 0
-        bar = progress(self.start_epoch(loader), total=len(loader), desc=f"{self.meta['stage']} {epoch + 1}/{args.epochs}",
-                       unit="batch")
-        stop = None
-        for i, (x, y) in enumerate(bar, start=self.pos["batch"]):
-            x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
+        self.bar = progress(self.start_epoch(loader), total=len(loader),
+                            desc=f"{self.meta['stage']} {epoch + 1}/{args.epochs}", unit="batch")
+        stop, self.pending, window = None, [], []
+        for i, (x, y) in enumerate(self.bar, start=self.pos["batch"]):
             with autocast(args.device):
-                loss, stats = batch_loss(x, y)
+                loss, stats = batch_loss(x.to(args.device, non_blocking=True), y)
+            (loss / args.accum).backward()
+            self.done, window = self.done + 1, window + [loss.detach()]
             if self.world_size == 1:
-                value = loss.item()                                    # one host sync per batch, for the log
+                self.read_later(epoch, i, {"loss": loss, **stats})
             else:                                                      # torchrun: global loss; a signal on any rank
                 value, stop = agree(loss, self.received)
-            if not math.isfinite(value):
-                raise DivergedError(f"loss is {value} at epoch {epoch + 1}, batch {i + 1}; stopped before it reached "
-                                    f"the weights ({self.path} holds the last good state); lower --lr or set --clip-grad")
-            for k, v in {"loss": value, **stats}.items():   # read before backward() is queued: a GPU need not finish it
-                self.sums[k] = self.sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-            self.n, self.done = self.n + 1, self.done + 1
-            (loss / args.accum).backward()
-            bar.set_postfix(loss=f"{value:.3f}", img_s=f"{self.done * len(y) / (time.time() - self.t0):.0f}")
+                self.read_later(epoch, i, {"loss": value, **stats})
+                self.settle(wait=True)
             if (i + 1) % args.accum == 0:
+                if not skip_if_not_finite(self.opt, window):           # this optimiser cannot skip a step itself:
+                    self.settle(wait=True)                             # the losses are read before it
                 self.optimizer_step()
+                window = []
                 if self.world_size == 1:
                     stop = stop_signal(self.received)
                 if self.stopped(stop, epoch, i):
                     return None
+            self.settle()
         self.opt.zero_grad(set_to_none=True)                           # drop a partial accumulation
+        self.settle(wait=True)
         return self.means()
+
+    def read_later(self, epoch, i, values):
+        """Queue batch i's logged values {name: tensor or number} for settle(), on their way to the host."""
+        names, numbers, event = values_to_host(values)
+        self.pending.append((epoch, i, list(values), names, numbers, event,
+                             {k: v for k, v in values.items() if not torch.is_tensor(v)}))
+
+    def settle(self, wait=False):
+        """Account the queued batches, in order, whose values the device has finished (wait: all of them): the
+        epoch's sums and the progress line. A non-finite loss stops the run here (DivergedError), before anything
+        later is saved (every save settles first); the optimiser has left the weights as they were (one_epoch)."""
+        while self.pending:
+            epoch, i, order, names, numbers, event, known = self.pending[0]
+            if event is not None and not wait and not event.query():
+                return
+            if event is not None:
+                event.synchronize()
+            self.pending.pop(0)
+            values = {**known, **dict(zip(names, numbers.tolist()))}
+            value = values["loss"]
+            if not math.isfinite(value):
+                raise DivergedError(f"loss is {value} at epoch {epoch + 1}, batch {i + 1}; stopped before it reached "
+                                    f"the weights ({self.path} holds the last good state); lower --lr or set --clip-grad")
+            for k in order:
+                self.sums[k] = self.sums.get(k, 0.0) + float(values[k])
+            self.n += 1
+            self.bar.set_postfix(loss=f"{value:.3f}", img_s=f"{self.done * self.args.batch / (time.time() - self.t0):.0f}")
 
     def means(self):
         """The epoch's mean losses so far, {name: mean}, and the images per second of this process's batches."""
@@ -456,6 +533,7 @@ class Training:
         if self.args.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.params, self.args.clip_grad)
         self.opt.step()
+        self.opt.__dict__.pop("found_inf", None)                      # skip_if_not_finite's, for this step only
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -464,9 +542,16 @@ class Training:
         exits); every --save-every minutes, save it (and a record of the epoch so far) and go on. True when the
         run stops here."""
         args = self.args
+        stops = stop or (args.stop_after_steps and self.sched.last_epoch >= args.stop_after_steps)
+        # Rank 0 alone decides and writes, so the ranks need not agree on the clock; nothing here draws from a
+        # generator, so the training is the same with or without --save-every.
+        saves = args.save_every and self.rank == 0 and time.time() - self.saved_at >= 60 * args.save_every
+        if not (stops or saves):
+            return False
+        self.settle(wait=True)                                         # the losses so far read before a save
         here = {**self.pos, "epoch": epoch, "batch": i + 1, "sums": dict(self.sums), "n": self.n,   # mid-epoch
                 "wall_s": self.wall_s()}
-        if stop or (args.stop_after_steps and self.sched.last_epoch >= args.stop_after_steps):
+        if stops:
             if self.rank == 0:
                 self.save(self.path, here)
             why = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}.get(
@@ -475,13 +560,10 @@ class Training:
             if stop:
                 sys.exit(128 + stop)                                   # 130 Ctrl-C, 143 SIGTERM, as the shell reports
             return True
-        # Rank 0 alone decides and writes, so the ranks need not agree on the clock; nothing here draws from a
-        # generator, so the training is the same with or without --save-every.
-        if args.save_every and self.rank == 0 and time.time() - self.saved_at >= 60 * args.save_every:
-            if self.record is not None:
-                self.record.add({"epoch": epoch + 1, "batch": i + 1}, self.sched, self.means(), here["wall_s"])
-            self.save(self.path, here)
-            self.saved_at = time.time()
+        if self.record is not None:
+            self.record.add({"epoch": epoch + 1, "batch": i + 1}, self.sched, self.means(), here["wall_s"])
+        self.save(self.path, here)
+        self.saved_at = time.time()
         return False
 
     def end_epoch(self, epoch, means, validate):

@@ -135,9 +135,14 @@ class Transform:
 
         if self.randaug:                         # PIL's image operations, image by image, as the official code runs them
             from timm.data import create_transform
-            self.per_image = v2.Compose([v2.ToPILImage(), create_transform(
-                image_size, is_training=True, scale=crop_scale, interpolation=interpolation, mean=mean, std=std,
-                auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", re_count=1)])
+            official = create_transform(image_size, is_training=True, scale=crop_scale, interpolation=interpolation,
+                                        mean=mean, std=std, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
+                                        re_mode="pixel", re_count=1)
+            for t in official.transforms:
+                for op in getattr(t, "ops", []):                 # RandAugment's operations
+                    if op.name == "PosterizeIncreasing":
+                        op.aug_fn = posterize_zero_bits_black
+            self.per_image = v2.Compose([v2.ToPILImage(), official])
 
     def __call__(self, img):
         return self.per_image(img)
@@ -163,6 +168,18 @@ class Transform:
     def normalise(self, x):
         """(B, 3, S, S) float in uint8 levels -> normalised with the CLIP mean and std, on x's device."""
         return (x / 255 - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+def posterize_zero_bits_black(img, bits_to_keep, **_):
+    """RandAugment's PosterizeIncreasing: keep the `bits_to_keep` high bits of each channel. At its strongest level
+    (the magnitude noise of rand-m9-mstd0.5 reaches it now and then) timm asks for 0 bits, which PIL once turned into
+    a black image and Pillow now refuses ("bits must be between or equal to 1 and 8"): 0 bits give the black image."""
+    from PIL import ImageOps
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 def random_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), tries=10):

@@ -39,10 +39,10 @@ STATE_KEYS = ("model", "embeds", "mask")
 # Flags that do not change what a training run computes, left out when a checkpoint's settings are compared with a
 # command's (other_settings): where it runs and how fast (device, workers, loader, compile), what else it writes
 # (tensorboard, save_every), how it starts or stops (resume, overwrite, stop_after_steps: a finished checkpoint ran
-# every epoch), out, which is the folder itself (spelt one way or another), and head_form, the LGR head's two exact forms
+# every epoch), out, which is the folder itself (spelt one way or another), and head_form and text_pass, two exact forms
 # of one computation (the same values and gradients up to rounding).
 SAME_RESULT = {"device", "workers", "loader", "compile", "tensorboard", "save_every", "stop_after_steps", "resume",
-               "overwrite", "out", "head_form"}
+               "overwrite", "out", "head_form", "text_pass"}
 NOT_REPEATED = {"resume", "stop_after_steps", "num_classes", "overwrite"}   # not repeated in a command()
 # The files a run folder may hold whose lineage evaluate.py checks, in the pipeline's order.
 CHECKED = ("anchor_embeds.pt", "anchor_embeds_clip.pt", "lgr.pt", "lgr_best.pt", "fc.pt", "fc_best.pt",
