@@ -289,26 +289,26 @@ def test_a_tags_weights_offline_without_a_cache_are_one_line_at_once(empty_cache
 def test_interpolate_pos_embed_keeps_class_token_and_a_constant_grid_constant():
     sd = {k: v.clone() for k, v in clip_models.create_clip("shapes-tiny", 32).state_dict().items()}
     key = "visual.positional_embedding"
-    assert sd[key].shape == (1 + 8 * 8, 64)                           # patch 4 on 32 px: 8 x 8 grid
+    assert sd[key].shape == (1 + 4 * 4, 64)                           # patch 8 on 32 px: 4 x 4 grid
     v = torch.arange(64, dtype=torch.float32) / 100                   # one vector, the same at every position
     sd[key][1:] = v
     class_row = sd[key][0].clone()
     model = clip_models.create_clip("shapes-tiny", 64)
     out = clip_models.interpolate_pos_embed(dict(sd), model)
-    assert out[key].shape == (1 + 16 * 16, 64)                        # 64 px: 16 x 16 grid
+    assert out[key].shape == (1 + 8 * 8, 64)                          # 64 px: 8 x 8 grid
     assert torch.equal(out[key][0], class_row)
-    assert out[key][1:].numpy() == pytest.approx(np.tile(v.numpy(), (256, 1)), abs=1e-6)
+    assert out[key][1:].numpy() == pytest.approx(np.tile(v.numpy(), (64, 1)), abs=1e-6)
     model.load_state_dict(out, strict=True)
 
 
 def test_interpolate_pos_embed_keeps_the_grid_orientation():
     sd = {k: v.clone() for k, v in clip_models.create_clip("shapes-tiny", 32).state_dict().items()}
     key = "visual.positional_embedding"
-    col = torch.arange(8, dtype=torch.float32).repeat(8)             # position (r, c) = row-major r * 8 + c -> c
+    col = torch.arange(4, dtype=torch.float32).repeat(4)             # position (r, c) = row-major r * 4 + c -> c
     sd[key][1:, 0] = col                                              # dimension 0 encodes the column
     sd[key][1:, 1] = 5.0                                              # dimension 1 is constant
     out = clip_models.interpolate_pos_embed(dict(sd), clip_models.create_clip("shapes-tiny", 64))
-    grid = out[key][1:, 0].reshape(16, 16)                            # (row, column)
-    assert torch.allclose(grid, grid[0].expand(16, 16), atol=1e-5)  # every row alike: depends on the column only
-    assert (grid[0, 1:] >= grid[0, :-1] - 1e-5).all() and grid[0, -1] - grid[0, 0] > 6
-    assert out[key][1:, 1].numpy() == pytest.approx(np.full(256, 5.0), abs=1e-5)
+    grid = out[key][1:, 0].reshape(8, 8)                              # (row, column)
+    assert torch.allclose(grid, grid[0].expand(8, 8), atol=1e-5)    # every row alike: depends on the column only
+    assert (grid[0, 1:] >= grid[0, :-1] - 1e-5).all() and grid[0, -1] - grid[0, 0] > 2.5
+    assert out[key][1:, 1].numpy() == pytest.approx(np.full(64, 5.0), abs=1e-5)

@@ -202,7 +202,7 @@ def kill_rank_1_on_first_attempt(stage, batch):
     stage.fit = fit_killed_once
 
 
-def torchrun(*argv, timeout=240):
+def torchrun(*argv, timeout=900):
     """`python -m torch.distributed.run --standalone --nproc-per-node 2 ARGV` from the repository: the finished
     process (stdout, stderr, returncode). Past `timeout` s it is stopped as a scheduler would (SIGTERM to the
     agent, which passes it to its workers and SIGKILLs them 30 s later) and the test fails."""

@@ -167,3 +167,21 @@ def test_knn_in_blocks_votes_as_counter_most_common_over_the_whole_matrix(chunk)
                     if n == max(collections.Counter(t[row].tolist()).values())}) > 1 for row in nearest)
     assert ties > 0
     assert knn_predict(E_I, E_T, t, k=4, num_classes=3, chunk=chunk).tolist() == want
+
+
+@pytest.mark.parametrize("interpolation, size, scale", [("bicubic", 32, (0.5, 1.0)), ("bilinear", 24, (0.08, 1.0))])
+def test_batched_resized_crops_equal_one_resize_per_image(interpolation, size, scale):
+    """Transform.batch crops and resizes a whole batch in two matrix products (images.resized_crops_batched) where
+    the plain form calls F.interpolate once per image: the same weights, so equal to float rounding before the uint8
+    rounding, and after it at most one level apart on the rare pixel that sat on a .5 boundary."""
+    from util import images
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (48, 3, 32, 40), dtype=torch.uint8, generator=g)      # not square: rows and columns
+    torch.manual_seed(0)
+    boxes = images.random_crop_boxes(48, 32, 40, scale)                              # up- and downscaling boxes
+    plain = images.resized_crops(x, boxes, size, interpolation)
+    batched = images.resized_crops_batched(x, boxes, size, interpolation)
+    assert batched.shape == plain.shape == (48, 3, size, size)
+    assert (batched - plain).abs().max() < 2e-4
+    levels = (batched.clamp(0, 255).round() - plain.clamp(0, 255).round()).abs()
+    assert levels.max() <= 1 and (levels > 0).float().mean() < 1e-3

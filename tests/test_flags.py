@@ -151,8 +151,8 @@ def test_the_walk_catches_a_numeric_flag_declared_without_a_range():
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--image-size", "30"], "error: --image-size 30 does not fit --backbone shapes-tiny: it takes multiples of 4 "
-                             "(e.g. 28 or 32)"),
+    (["--image-size", "30"], "error: --image-size 30 does not fit --backbone shapes-tiny: it takes multiples of 8 "
+                             "(e.g. 24 or 32)"),
     (["--data", "imagenet_lt", "--image-size", "200"], "error: --image-size 200 does not fit --backbone RN50: it "
                                                        "takes multiples of 32 (e.g. 192 or 224)"),
     (["--data", "imagenet_lt", "--backbone", "ViT-B-16", "--image-size", "200"],

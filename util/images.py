@@ -6,6 +6,7 @@ settings of each --pretrained tag come from clip_models.clip_preprocess). Images
 augmented a whole batch at a time (`Transform.batch`), image files one at a time in the loader's workers.
 Which images belong to which split and class is data.py's business.
 """
+import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -162,7 +163,8 @@ class Transform:
     def crop_flip(self, images, boxes, flip):
         """The train geometry for given draws: images (B, 3, H, W) or [B] (3, H_k, W_k), boxes (B, 4), flip (B,)
         bool -> (B, 3, S, S) float: each box resized (resized_crops), rounded to uint8 levels, mirrored where flip."""
-        x = resized_crops(images, boxes, self.size, self.interpolation).clamp_(0, 255).round_()
+        crops = resized_crops_batched if torch.is_tensor(images) else resized_crops   # one size: one batched product
+        x = crops(images, boxes, self.size, self.interpolation).clamp_(0, 255).round_()
         return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
 
     def normalise(self, x):
@@ -212,6 +214,28 @@ def resized_crops(x, boxes, size, interpolation="bicubic"):
     return torch.cat([F.interpolate(x[k][None, :, t:t + h, l:l + w].float(), size=(size, size), mode=interpolation,
                                     align_corners=False, antialias=True)
                       for k, (t, l, h, w) in enumerate(boxes.tolist())])
+
+
+def resized_crops_batched(x, boxes, size, interpolation="bicubic"):
+    """resized_crops for a (B, C, H, W) batch in two batched matrix products, without a resize per image. Resizing is
+    linear and separable: a crop's rows resized to `size` are R @ crop with R the (size, h) matrix of the resize's
+    weights (resize_weights), its columns crop @ C^T likewise; a box is R and C placed at its offsets in (size, H) and
+    (size, W) matrices of zeros. The same weights as F.interpolate's, summed in another order: equal to float rounding
+    (tests/test_exact_forms.py). -> (B, C, size, size) float."""
+    B, C, H, W = x.shape
+    rows, cols = x.new_zeros(B, size, H, dtype=torch.float32), x.new_zeros(B, size, W, dtype=torch.float32)
+    for k, (t, l, h, w) in enumerate(boxes.tolist()):
+        rows[k, :, t:t + h] = resize_weights(h, size, interpolation)
+        cols[k, :, l:l + w] = resize_weights(w, size, interpolation)
+    return rows[:, None] @ x.float() @ cols[:, None].transpose(-1, -2)                    # (B, C, size, size)
+
+
+@functools.lru_cache(maxsize=None)
+def resize_weights(n, size, interpolation="bicubic"):
+    """(size, n): the weights with which F.interpolate (antialias) resizes a length-n signal to `size`, read off by
+    resizing the n x n identity along its rows (its columns n -> n: unchanged)."""
+    return F.interpolate(torch.eye(n)[None, None], size=(size, n), mode=interpolation, align_corners=False,
+                         antialias=True)[0, 0]                                           # (size, n)
 
 
 # ----------------------------------------------------------------------------------------------

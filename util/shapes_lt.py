@@ -273,12 +273,12 @@ def load_world(root, seed):
 # ----------------------------------------------------------------------------------------------
 # The world's CLIP: a small stand-in for OpenAI's, trained on first use
 
-STANDIN_VERSION = 3   # bump when the stand-in's recipe changes: cached weights are keyed by it and the world's
+STANDIN_VERSION = 4   # bump when the stand-in's recipe changes: cached weights are keyed by it and the world's
 # Seed 0's stand-in, trained once and kept in the repository (a megabyte: the token rows its captions never use are
 # left out), so that the first command does not spend minutes training it. `python -m tools.standin` remakes it and
 # prints the hash to write here; a file that does not match is not used (the stand-in is trained instead).
 STANDIN_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_lt_standin_seed0.pt")
-STANDIN_SHA256 = "3064cd8e0a1371782430f42c5c7f32bf9a78b9bd6cda593a6d573b055c9fec40"
+STANDIN_SHA256 = "4d2731c4827b5720755118cd5e7c80d257f5dd267a4ba94e44793d0fbe541b11"
 STANDIN_UNUSED_ROWS_SEED = 0   # the token rows left out of the file are drawn again from N(0, 0.02^2) with this seed
 
 
