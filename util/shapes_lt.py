@@ -81,7 +81,8 @@ def shapes_classes(seed):
 
 def _shape_mask(shape, x, y):
     """Boolean mask of a unit-size shape on coordinates x, y (in units of the shape radius)."""
-    r, th = np.hypot(x, y), np.arctan2(y, x)
+    r = np.hypot(x, y)
+    th = np.arctan2(y, x) if shape in ("triangle", "star") else None      # the angle only where a shape needs it
     if shape == "circle":
         return r < 0.9
     if shape == "square":
@@ -158,7 +159,7 @@ def render_shapes(shape_idx, colour_idx, rng, size=32, session=None, chunk=1024)
                 sel = shape[sl] == s
                 if sel.any():
                     mask[sel] = _shape_mask(name, x[sel], y[sel])
-            cover = mask.reshape(-1, size, 2, size, 2).mean((2, 4), dtype=np.float32)[..., None]   # (n, size, size, 1)
+            cover = mask.reshape(-1, size, 2, size, 2).sum((2, 4), dtype=np.uint8).astype(np.float32)[..., None] / 4
             pixels = cover * f32(colour[sl])[:, None, None, :] * brightness[sl] + (1 - cover) * pixels
         noise = np.random.default_rng([noise_seed, lo]).normal(0, 10, pixels.shape).astype(np.float32)
         out[sl] = np.clip(pixels + noise, 0, 255).astype(np.uint8)
