@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 import cvlp
+from data import DATASETS
 import lgr
 from util import engine
 from util.resumable_sampler import ResumableSampler
@@ -88,9 +89,9 @@ def weights(out, name):
 
 
 def assert_same_weights(a, b, lr):
-    """Every weight equal to 1e-4, a fifth of one AdamW step at lr 5e-4 (a rank that skipped the gradient sync
-    would be off by about a whole step, lr, in most entries). Not 1e-6: AdamW divides a step by the gradient's
-    own size, so where the exact gradient is near 0 its rounding noise becomes a visible step, and the rounding
+    """Every weight equal to 1e-4, a tenth of one AdamW step or less at the stage's lr (a rank that skipped the
+    gradient sync would be off by about a whole step, lr, in most entries). Not 1e-6: AdamW divides a step by the
+    gradient's own size, so where the exact gradient is near 0 its rounding noise becomes a visible step, and the rounding
     differs here: each rank packs its own 8 sentences (clip_models.pack_sentences) where one process packs all 16,
     the same numbers computed in other shapes (seen: 2.6e-5 in a text-tower matrix after 3 steps, when the
     sentences ran in length groups). Where the exact gradient IS 0, the key's shift in
@@ -136,7 +137,8 @@ def test_cvlp_on_two_ranks_computes_the_global_batch_loss_and_the_same_weights(r
     assert len(runs["one_cvlp"]) == STEPS
     for rank in (0, 1):
         assert runs["two"][0, rank] == pytest.approx(runs["one_cvlp"], abs=1e-6)
-    assert_same_weights(weights(runs["tmp"] / "two", "cvlp.pt"), weights(runs["tmp"] / "one", "cvlp.pt"), lr=5e-4)
+    assert_same_weights(weights(runs["tmp"] / "two", "cvlp.pt"), weights(runs["tmp"] / "one", "cvlp.pt"),
+                        lr=DATASETS["shapes_lt"]["cvlp_lr"])
 
 
 def test_lgr_on_two_ranks_averages_to_the_global_batch_loss_and_the_same_weights(runs):
@@ -144,7 +146,8 @@ def test_lgr_on_two_ranks_averages_to_the_global_batch_loss_and_the_same_weights
     mean = [(a + b) / 2 for a, b in zip(runs["two"][3, 0], runs["two"][3, 1])]
     assert len(mean) == STEPS and runs["two"][3, 0] != runs["two"][3, 1]     # the ranks saw different images
     assert mean == pytest.approx(runs["one_lgr"], abs=1e-6)
-    assert_same_weights(weights(runs["tmp"] / "two", "lgr_clip.pt"), weights(runs["tmp"] / "one", "lgr_clip.pt"), lr=1e-3)
+    assert_same_weights(weights(runs["tmp"] / "two", "lgr_clip.pt"), weights(runs["tmp"] / "one", "lgr_clip.pt"),
+                        lr=DATASETS["shapes_lt"]["lgr_lr"])
 
 
 def test_two_rank_run_stopped_and_resumed_equals_the_uninterrupted_one(runs):

@@ -1,6 +1,6 @@
 """Remake the shapes_lt CLIP stand-in kept in the repository (util/shapes_lt_standin_seed0.pt).
 
-    python -m tools.standin                 # trains seed 0's stand-in (450 steps, 2-4 minutes on a 2-core CPU),
+    python -m tools.standin                 # trains seed 0's stand-in (380 steps, shapes_lt.train_clip_standin),
                                             # writes the file and prints the line to put in util/shapes_lt.py
 
 The stand-in is trained as the first run of a stage trains it when the file is missing (shapes_lt.train_clip_standin),
