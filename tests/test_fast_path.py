@@ -193,6 +193,30 @@ def test_packed_text_equals_the_plain_full_context_forward(kind):
     assert_same_grads(got, expected)
 
 
+def test_packed_text_gives_bitwise_the_same_gradients_every_time_on_two_threads():
+    """A run is repeatable on the CPU only if no gradient is summed in the order threads happen to finish. The packed
+    rows read the positional table at repeated positions (every sentence has a position 0); read by indexing, its
+    backward adds those rows atomically across threads and two runs differed after a few steps (seen: cvlp.pt 4e-3
+    apart after 5 epochs on 2 threads). F.embedding's backward sums them in a fixed order."""
+    model = tiny("CLIP")
+    tokens = sentences_of_lengths([3, 7, 1, 12, 5, 20, 9, 2] * 64)    # 512 sentences: thousands of repeated positions
+    w = torch.randn(len(tokens), clip_models.embed_dim(model), generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for _ in range(8):
+            model.zero_grad()
+            (clip_models.encode_text_packed(model, clip_models.pack_sentences(tokens)) * w).sum().backward()
+            runs.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    finally:
+        torch.set_num_threads(threads)
+    assert "positional_embedding" in runs[0]
+    for other in runs[1:]:
+        assert all(torch.equal(runs[0][k], other[k]) for k in runs[0]), \
+            [k for k in runs[0] if not torch.equal(runs[0][k], other[k])]
+
+
 def test_pack_sentences_lays_out_the_rows_as_worked_by_hand():
     tokens = sentences_of_lengths([1, 0, 3], context=12)         # 3, 2 and 5 tokens (SOT .. EOT)
     p = clip_models.pack_sentences(tokens)

@@ -407,11 +407,14 @@ def encode_text_packed(model, packed):
     each sentence attends to its own rows only (packed_causal_attention). Every other layer works row by row."""
     tower = getattr(model, "text", model)
     cast = tower.transformer.get_cast_dtype()
-    x = tower.token_embedding(packed.tokens).to(cast) + tower.positional_embedding[packed.positions].to(cast)  # (P, W)
+    # Both tables are read with F.embedding: its backward sums the rows of a repeated index in a fixed order, where
+    # indexing's (index_put_ with accumulate) adds them atomically across threads, in whatever order they arrive.
+    pos = F.embedding(packed.positions, tower.positional_embedding)              # (P, W)
+    x = tower.token_embedding(packed.tokens).to(cast) + pos.to(cast)            # (P, W)
     for block in tower.transformer.resblocks:                  # open_clip's ResidualAttentionBlock.forward, on rows
         x = x + block.ls_1(packed_causal_attention(block.attn, block.ln_1(x), packed))
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
-    x = tower.ln_final(x[packed.eot])                          # (N, W): LayerNorm is per row, so pooling first is exact
+    x = tower.ln_final(x.index_select(0, packed.eot))          # (N, W): LayerNorm is per row, so pooling first is exact
     proj = tower.text_projection
     return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj if proj is not None else x   # (N, D)
 
