@@ -15,7 +15,7 @@ import data
 import evaluate
 import lgr
 import predict
-from tools import bench, bench_heads, experiments, gpu_check, rehearse, status
+from tools import bench, bench_heads, experiments, gpu_check, rehearse, status, time_demo
 from util import flags
 
 # Each range as a person states it: values outside it, one value at its edge (accepted, parsed to `edge`), and the
@@ -36,7 +36,7 @@ RANGES = {
     "--images-per-class": "count", "--chunk": "count", "--top": "count", "--demo-images": "count",
     "--image-size": "count", "--steps": "count", "--classes": "count", "--threads": "count",
     "--loader-batches": "count", "--decode-images": "count", "--anss-sentences": "count", "--anss-images": "count",
-    "--head-batch": "count",
+    "--head-batch": "count", "--repeat": "count",
     "--workers": "count or zero", "--stop-after-steps": "count or zero", "--sentences": "count or zero",
     "--lr": "positive", "--tau": "positive", "--budget": "positive",
     "--wd": "non-negative", "--warmup": "non-negative", "--min-lr": "non-negative", "--save-every": "non-negative", "--clip-grad": "non-negative",
@@ -57,7 +57,7 @@ SCRIPTS = {"cvlp.py": (cvlp.get_args, []), "anss.py": (anss.get_args, []), "lgr.
            "tools.experiments curves": (experiments.get_args, ["curves", "runs/a"]),
            "tools.experiments regroup": (experiments.get_args, ["regroup", "a.json"]),
            "tools.gpu_check": (gpu_check.get_args, ["out"]), "tools.rehearse": (rehearse.get_args, ["imagenet_lt"]),
-           "tools.status": (status.get_args, [])}
+           "tools.status": (status.get_args, []), "tools.time_demo": (time_demo.get_args, ["HEAD"])}
 
 
 class Caught(Exception):
