@@ -94,7 +94,7 @@ class LGRHead(nn.Module):
                thousand classes (DATASETS head_form);
       "gram":  the same values and gradients from the anchor side made once (anchor_side: LayerNorm's mean and std,
                the Gram matrices V V^T) without K or G: one (2B, D) x (D, C M) product and O(B C M) memory; iNat's
-               default. Why it is exact: gram_form; the proof that it is: tests/test_lgr_forms.py (values and
+               default. Why it is exact: gram_form; the proof that it is: tests/test_exact_forms.py (values and
                gradients, padded anchors, float64 against "paper") and tests/test_cuda.py (the same on a GPU).
     Both run in fp32 also under the training's bf16 autocast (TF32 matmuls on a GPU): in bf16, <E^I, V> and the
     Gram quadratic form moved logits_T by up to 0.07 on logits of 11, against 8e-4 in fp32 (C 200, D 512)."""

@@ -97,3 +97,16 @@ def test_the_pointer_check_catches_what_it_is_for(tmp_path):
             elif section and not re.search(rf"^## {section}\. ", open(target, encoding="utf-8").read(), re.M):
                 missing.append(f"{name} §{section}")
         assert not missing, missing
+
+
+
+TEST_FILE = re.compile(r"(open_clip's )?\b(tests/test_\w+\.py)")   # a test file named by its path (not open_clip's own)
+
+
+@pytest.mark.parametrize("path", MARKDOWN + PYTHON, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_test_file_the_project_names_is_in_the_repository(path):
+    with open(path, encoding="utf-8") as f:
+        missing = [f"{os.path.relpath(path, ROOT)}:{n}: {m.group(2)}" for n, line in enumerate(f, 1)
+                   for m in TEST_FILE.finditer(line)
+                   if not m.group(1) and not os.path.exists(os.path.join(ROOT, m.group(2)))]
+    assert not missing, missing
