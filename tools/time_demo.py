@@ -107,14 +107,15 @@ def run(args):
 def report(commits, runs):
     """Seconds per stage of every run (a column each) and the totals; each commit's mean time, and the first commit's
     mean over it (above 1: that commit is faster); then the end of what each run's last stage printed."""
-    lines = []
+    lines, totals = [], {}
     for commit in commits:
         mine = [s for c, s, _ in runs if c == commit]
+        totals[commit] = [sum(s.values()) for s in mine]
         lines.append(f"\n{commit}: seconds per stage, {len(mine)} run(s)")
         for stage in mine[0]:
             lines.append(f"  {stage:<40s}" + "".join(f"{s.get(stage, float('nan')):>9.1f}" for s in mine))
-        lines.append(f"  {'the first command':<40s}" + "".join(f"{sum(s.values()):>9.1f}" for s in mine))
-    means = {c: sum(sum(s.values()) for k, s, _ in runs if k == c) / sum(k == c for k, _, _ in runs) for c in commits}
+        lines.append(f"  {'the first command':<40s}" + "".join(f"{t:>9.1f}" for t in totals[commit]))
+    means = {c: sum(t) / len(t) for c, t in totals.items()}
     lines.append("")
     for commit in commits:
         lines.append(f"{commit}: mean {means[commit]:.1f} s; {means[commits[0]] / means[commit]:.2f}x the speed of "

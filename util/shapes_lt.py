@@ -11,6 +11,7 @@ per class the description sentences, about half informative and half noise, with
 The world also brings its own CLIP: a small open_clip model trained on image-caption pairs of all 100
 compositions (`train_clip_standin`), which stands in for OpenAI's CLIP as initial weights and frozen teacher.
 """
+import hashlib
 import os
 
 import numpy as np
@@ -306,7 +307,6 @@ def ensure_standin(root, seed, model, device):
 
 
 def file_sha256(path):
-    import hashlib
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
