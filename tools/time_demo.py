@@ -11,7 +11,6 @@ clones go to a new temporary folder, removed at the end (`--keep` keeps them, wi
 should run on the machine meanwhile.
 """
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ import torch
 
 from util import flags
 from util.engine import run_stage
+from util.records import device_name
 from util.errors import DataError
 
 INSTALL = "pip install -r requirements.txt && "
@@ -76,18 +76,9 @@ def time_stages(folder):
     return seconds, out
 
 
-def cpu_model():
-    """The CPU's model name as lscpu gives it (Linux), else platform's."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def run(args):
     work = tempfile.mkdtemp(prefix="time_demo_")
-    print(f"{cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; clones in {work}")
+    print(f"{device_name('cpu')}, {os.cpu_count()} cores; torch {torch.__version__}; clones in {work}")
     runs = []                                                    # (commit, {stage: seconds}, last output)
     try:
         for r in range(args.repeat):

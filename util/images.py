@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from util.clip_models import clip_preprocess
 from util.distributed import rank_world
@@ -176,7 +176,6 @@ def posterize_zero_bits_black(img, bits_to_keep, **_):
     """RandAugment's PosterizeIncreasing: keep the `bits_to_keep` high bits of each channel. At its strongest level
     (the magnitude noise of rand-m9-mstd0.5 reaches it now and then) timm asks for 0 bits, which PIL once turned into
     a black image and Pillow now refuses ("bits must be between or equal to 1 and 8"): 0 bits give the black image."""
-    from PIL import ImageOps
     if bits_to_keep >= 8:
         return img
     if bits_to_keep < 1:

@@ -46,10 +46,15 @@ def git_state(folder=ROOT):
 
 
 def device_name(device):
-    """The device in words: "NVIDIA H200" for a CUDA device, the processor (or machine) for the CPU."""
+    """The device in words: "NVIDIA H200" for a CUDA device; for the CPU its model name as /proc/cpuinfo gives it
+    (Linux), else the processor (or machine) platform names."""
     if str(device).startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    return platform.processor() or platform.machine() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "cpu"
 
 
 def run_header(args, stage):
